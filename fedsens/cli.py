@@ -1,0 +1,28 @@
+"""The `fedsens` command line: registration only; each command lives in fedsens/commands/."""
+
+from __future__ import annotations
+
+import typer
+
+from fedsens.commands import compare, data, report, split, sweep, train
+
+app = typer.Typer(
+    name="fedsens",
+    help="Where and how to personalize Vision Transformers in federated learning.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+data_app = typer.Typer(help="Datasets and client partitions.", no_args_is_help=True)
+data_app.command("download")(data.download)
+data_app.command("split")(split.split)
+app.add_typer(data_app, name="data")
+
+app.command("train")(train.train)
+app.command("sweep")(sweep.sweep)
+app.command("compare")(compare.compare)
+app.command("report")(report.report)
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,1 @@
+"""One module per command group; each translates options into a config and calls one library function."""

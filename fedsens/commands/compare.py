@@ -1,0 +1,5 @@
+"""`fedsens compare` (being written)."""
+
+
+def compare() -> None:
+    raise NotImplementedError

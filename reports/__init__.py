@@ -1,0 +1,1 @@
+"""Tables -> figures -> a self-contained HTML/Markdown report. Reads tables; never trains."""

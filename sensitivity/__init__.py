@@ -1,0 +1,1 @@
+"""The sensitivity sweep: a grid of federated runs, divergence metrics and the ranking."""
