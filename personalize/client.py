@@ -1,0 +1,128 @@
+"""What a method and a hook see inside a run: the run's context and one client's context.
+
+`ClientContext` carries the training primitives every method shares (batches, optimizer, one step
+with the non-finite check, evaluation), so a method only says what is different about it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Iterator
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from personalize.data import ImageSet
+from personalize.inputs import BatchPreparer, batches
+from personalize.partition import Partition
+
+if TYPE_CHECKING:  # annotation only: federation imports this module
+    from personalize.federation import RunConfig
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float
+    accuracy: float
+    n: int
+
+
+@dataclass
+class RunContext:
+    """What hooks and client contexts see of the run (built once)."""
+
+    config: RunConfig
+    model: nn.Module
+    device: torch.device
+    dataset: ImageSet
+    partition: Partition
+    parts: pd.DataFrame
+    prepare: BatchPreparer
+    images: torch.Tensor  # uint8, on the device
+    labels: torch.Tensor  # on the device
+    local_names: tuple[str, ...]
+    shared_names: tuple[str, ...]
+    out: Path
+
+    def autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+@dataclass
+class ClientContext:
+    """One client's view inside a round: its data, its extra state and the training primitives."""
+
+    run: RunContext
+    client: int
+    round: int
+    state: dict[str, torch.Tensor]
+    generator: torch.Generator
+    nonfinite: bool = False
+
+    @property
+    def model(self) -> nn.Module:
+        return self.run.model
+
+    @property
+    def config(self) -> RunConfig:
+        return self.run.config
+
+    @property
+    def train_size(self) -> int:
+        return len(self.run.partition.train[self.client])
+
+    def train_batches(self, *, epochs: int | None = None, steps: int | None = None,
+                      augment: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        cfg = self.config
+        if epochs is None and steps is None:
+            epochs, steps = cfg.local_epochs, cfg.local_steps
+        return batches(self.run.images, self.run.labels, self.run.partition.train[self.client], self.run.prepare,
+                       batch_size=cfg.batch_size, generator=self.generator, epochs=epochs or 1, steps=steps,
+                       augment=augment)
+
+    def test_batches(self, batch_size: int = 512) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return batches(self.run.images, self.run.labels, self.run.partition.test[self.client], self.run.prepare,
+                       batch_size=batch_size)
+
+    def optimizer(self, params: Iterable[nn.Parameter], lr: float | None = None) -> torch.optim.Optimizer:
+        cfg = self.config
+        if cfg.optimizer == "adamw":  # a fresh optimizer per client and round: no state crosses rounds
+            return torch.optim.AdamW(list(params), lr=lr or cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(list(params), lr=lr or cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
+        with self.run.autocast():
+            logits = (model or self.model)(x)
+        return F.cross_entropy(logits.float(), y)
+
+    def step(self, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One SGD step; a non-finite loss is remembered and fails the run after this client."""
+        loss = self.loss(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        self.nonfinite = self.nonfinite or not bool(torch.isfinite(loss.detach()))
+        return loss.detach()
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module | None = None) -> EvalResult:
+        net = model or self.model
+        net.eval()
+        loss_sum, correct, n = 0.0, 0, 0
+        for x, y in self.test_batches():
+            with self.run.autocast():
+                logits = net(x).float()
+            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+            n += len(y)
+        return EvalResult(loss_sum / n, correct / n, n) if n else EvalResult(float("nan"), float("nan"), 0)
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training diverged (NaN/inf loss): the run stops and says so instead of reporting garbage."""
