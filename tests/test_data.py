@@ -12,7 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from fedsens.cli import app
-from personalize import data
+from personalize import data, download
 from personalize.errors import UserError
 
 # --- writers of the real formats ----------------------------------------------------------------
@@ -300,11 +300,11 @@ def test_cli_download_errors_are_one_line():
 def test_cli_download_cifar100_asks_torchvision_to_download(tmp_path, monkeypatch):
     calls = []
 
-    class RecordingCIFAR100(data.CIFAR100):
+    class RecordingCIFAR100(download.CIFAR100):
         def __init__(self, root, train, download):
             calls.append((root, train, download))
 
-    monkeypatch.setattr(data, "CIFAR100", RecordingCIFAR100)
+    monkeypatch.setattr(download, "CIFAR100", RecordingCIFAR100)
     result = CliRunner().invoke(app, ["data", "download", "cifar100", "--root", str(tmp_path / "new")])
     assert result.exit_code == 0, result.output
     assert calls == [(str(tmp_path / "new"), True, True), (str(tmp_path / "new"), False, True)]
@@ -313,7 +313,7 @@ def test_cli_download_cifar100_asks_torchvision_to_download(tmp_path, monkeypatc
 
 def test_cli_download_organamnist_asks_medmnist_for_the_size(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(data, "OrganAMNIST", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(download, "OrganAMNIST", lambda **kwargs: calls.append(kwargs))
     result = CliRunner().invoke(app, ["data", "download", "organamnist", "--root", str(tmp_path), "--size", "64"])
     assert result.exit_code == 0, result.output
     assert calls == [{"split": "train", "download": True, "root": str(tmp_path), "size": 64}]
@@ -324,7 +324,7 @@ def test_cli_download_failure_names_the_manual_route(tmp_path, monkeypatch):
     def offline(**kwargs):
         raise RuntimeError("\n   Automatic download failed!\n   Please download it manually.\n")
 
-    monkeypatch.setattr(data, "OrganAMNIST", offline)
+    monkeypatch.setattr(download, "OrganAMNIST", offline)
     result = CliRunner().invoke(app, ["data", "download", "organamnist", "--root", str(tmp_path)])
     assert result.exit_code == 2 and result.output.strip().count("\n") == 0
     assert "zenodo.org" in result.output and str(tmp_path / "organamnist.npz") in result.output

@@ -8,16 +8,17 @@ from typing import Optional
 import typer
 
 from fedsens.commands._common import clean_errors
-from personalize import data
 
 
 @clean_errors
 def download(
-    name: str = typer.Argument(..., help=f"Dataset: {', '.join(data.names())}."),
+    name: str = typer.Argument(..., help="Dataset: digits, synthetic, cifar100, organamnist, officehome."),
     root: Optional[Path] = typer.Option(
         None, "--root", help="Folder to download into (cifar100, organamnist) or to lay Office-Home out in."
     ),
     size: int = typer.Option(28, "--size", help="OrganAMNIST image size: 28, 64, 128 or 224."),
 ) -> None:
     """Download CIFAR-100 or OrganAMNIST; print where to get Office-Home and its layout."""
-    typer.echo(data.download(name, root, size=size))
+    from personalize.download import download as fetch
+
+    typer.echo(fetch(name, root, size=size))
