@@ -49,7 +49,8 @@ def ranking_text(result: SweepResult) -> str:
             for metric, rows in divergence
         ])
         if len(summary):
-            lines.append("divergence in the FedAvg cells, most sensitive first, and its agreement with the gain ranking:")
+            lines.append("divergence in the FedAvg cells, most sensitive first, "
+                         "and its agreement with the gain ranking:")
             lines.append(summary.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:+.2f}"))
     return "\n".join(lines)
 
