@@ -71,7 +71,7 @@ class RunConfig:
     # Method options (read by personalize.methods; ignored by methods that do not use them).
     finetune_steps: int = 5
     apfl_alpha: float = 0.25
-    perfedavg_beta: float = 0.001
+    perfedavg_beta: float | None = None  # Per-FedAvg outer step; None = lr, as the public code does
     fedrep_head_epochs: int = 1
     plugin_mid_dim: int = 256
     plugin_scale: float = 1.5
@@ -277,7 +277,7 @@ def _write_outputs(ctx: RunContext, state: dict) -> dict[str, pd.DataFrame]:
     return frames
 
 
-def _summary(ctx: RunContext, state: dict, rounds: pd.DataFrame) -> dict:
+def _summary(ctx: RunContext, method: Method, state: dict, rounds: pd.DataFrame) -> dict:
     evaluated = rounds.dropna(subset=["acc_mean"])
     best = evaluated.loc[evaluated["acc_mean"].idxmax()] if len(evaluated) else None
     local = ctx.parts[ctx.parts["local"]]
@@ -287,7 +287,7 @@ def _summary(ctx: RunContext, state: dict, rounds: pd.DataFrame) -> dict:
         "acc_last": float(evaluated["acc_mean"].iloc[-1]) if len(evaluated) else None,
         "rounds": int(state["round"]), "seconds": round(state["seconds"], 2),
         "seconds_per_round": round(state["seconds"] / max(1, state["round"]), 3),
-        "local_params": int(local["numel"].sum()), "shared_params": int(ctx.parts["numel"].sum() - local["numel"].sum()),
+        "local_params": int(local["numel"].sum()) + method.personal_params(ctx.parts), "shared_params": int(ctx.parts["numel"].sum() - local["numel"].sum()),
         "comm_bytes_per_round": float((rounds["up_bytes"] + rounds["down_bytes"]).mean()) if len(rounds) else 0.0,
         "status": "done" if state["round"] >= ctx.config.rounds else "running",
     }
@@ -333,7 +333,7 @@ def run(config: RunConfig, hooks: Sequence = (), *, resume: bool = False, overwr
             bar.set_postfix(acc=f"{np.nanmean(acc):.3f}")
     bar.close()
     frames = _write_outputs(ctx, state)
-    summary = _summary(ctx, state, frames["rounds"])
+    summary = _summary(ctx, method, state, frames["rounds"])
     runio.write_json(out / "summary.json", summary)
     return RunResult(out, frames["rounds"], frames["metrics"], summary,
                      {k: v for k, v in frames.items() if k not in ("rounds", "metrics")})

@@ -12,7 +12,7 @@ from reports.report import build_report
 
 @clean_errors
 def report(
-    folder: Path = typer.Argument(..., help="A run, sweep or comparison folder (the --out of train / sweep / compare)."),
+    folder: Path = typer.Argument(..., help="A run, sweep or comparison folder (--out of train / sweep / compare)."),
     open_browser: bool = typer.Option(False, "--open", help="Open the report in the default browser."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:

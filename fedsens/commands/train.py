@@ -59,6 +59,10 @@ def train(
     plugin_scale: Optional[float] = typer.Option(None, help="FedPerfix/vanilla-prefix: scale of the K/V offsets"),
     plugin_mid_dim: Optional[int] = typer.Option(None, help="FedPerfix: adapter width"),
     plugin_depth: Optional[int] = typer.Option(None, help="FedPerfix: plugins in the last N blocks only"),
+    plugin_init: Optional[str] = typer.Option(None, help="vanilla-prefix: zero or random initial offsets"),
+    apfl_alpha: Optional[float] = typer.Option(None, help="APFL: initial mixing weight of the personal model"),
+    perfedavg_beta: Optional[float] = typer.Option(None, help="Per-FedAvg: outer step size (default: --lr)"),
+    fedrep_head_epochs: Optional[int] = typer.Option(None, help="FedRep: head epochs before the body's"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
 ) -> None:
     """Run one federated training; writes config.json, partition.json, parts.csv, metrics.csv, rounds.csv, summary.json."""
@@ -71,7 +75,8 @@ def train(
         "personalize": _resolve_auto(personalize, sweep_dir, top), "method": method, "seed": seed,
         "device": device, "eval_every": eval_every, "finetune_steps": finetune_steps,
         "fedperfix_local": fedperfix_local, "plugin_scale": plugin_scale, "plugin_mid_dim": plugin_mid_dim,
-        "plugin_depth": plugin_depth,
+        "plugin_depth": plugin_depth, "plugin_init": plugin_init, "apfl_alpha": apfl_alpha,
+        "perfedavg_beta": perfedavg_beta, "fedrep_head_epochs": fedrep_head_epochs,
     }
     config = RunConfig(out=str(out), **{k: v for k, v in given.items() if v is not None})
     result = run(config, resume=resume, overwrite=overwrite, quiet=quiet)
