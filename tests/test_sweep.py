@@ -15,7 +15,6 @@ from fedsens.cli import app
 from personalize import federation
 from personalize.errors import UserError
 from personalize.federation import RunConfig
-from sensitivity import sweep as sweep_lib
 from sensitivity.ranking import RANKING_COLUMNS, top_parts
 from sensitivity.sweep import SENSITIVITY_COLUMNS, Cell, SweepConfig, grid, preset, run_sweep
 
