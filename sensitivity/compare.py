@@ -14,9 +14,7 @@ table), and the runs' rounds.csv / metrics.csv concatenated with leading columns
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -24,10 +22,11 @@ from typing import Any, Mapping
 import pandas as pd
 from tqdm.auto import tqdm
 
-from personalize import federation, runio
+from personalize import runio
 from personalize.errors import UserError
 from personalize.federation import RunConfig
 from personalize.methods import METHODS
+from sensitivity import runs
 
 PAPER_METHODS = ("fedavg", "local", "fedbn", "fedper", "fedrep", "fedbabu", "apfl", "perfedavg",
                  "vanilla-attention", "vanilla-prefix", "fedperfix")
@@ -35,7 +34,6 @@ COMPARISON_COLUMNS = ["method", "seed", "acc_mean", "acc_std", "acc_p10", "local
                       "seconds", "seconds_per_round", "acc_best", "round_best", "rounds", "status"]
 SUMMARY_COLUMNS = ["method", "dataset", "accuracy", "acc_mean", "acc_sd", "acc_best", "client_std", "local_params",
                    "comm_mb_per_round", "seconds_per_round", "seeds", "failed"]
-_FREE_SETTINGS = ("device", "out", "rounds")  # a finished run may differ from the request in these
 
 
 @dataclass(frozen=True)
@@ -112,66 +110,20 @@ def preset(name: str) -> CompareConfig:
     return presets[name]()
 
 
-def _check_same_settings(folder: Path, wanted: RunConfig) -> None:
-    """A run folder holding a run with other settings is an error, never silently reused."""
-    if not (folder / "config.json").exists():
-        return
-    saved = runio.read_json(folder / "config.json")["config"]
-    differ = sorted(k for k, v in dataclasses.asdict(wanted).items() if k not in _FREE_SETTINGS and saved.get(k) != v)
-    if differ:
-        raise UserError(f"{folder} holds a run with other settings ({', '.join(differ)}); "
-                        "pass --fresh to redo the comparison or choose another --out")
-    summary = folder / "summary.json"
-    if summary.exists() and runio.read_json(summary).get("rounds", 0) > wanted.rounds:
-        raise UserError(f"{folder} ran more rounds than the {wanted.rounds} asked for; pass --fresh or another --out")
-
-
-def _is_finished(folder: Path, wanted: RunConfig) -> bool:
-    if not (folder / "summary.json").exists() or (folder / "error.txt").exists():
-        return False
-    summary = runio.read_json(folder / "summary.json")
-    return summary.get("status") == "done" and summary.get("rounds") == wanted.rounds
-
-
 def run_one(config: CompareConfig, method: str, seed: int) -> str:
     """Train (or continue) one method x seed; returns 'done', 'skipped' or 'failed'."""
-    wanted = run_config(config, method, seed)
-    folder = Path(wanted.out)
-    if config.fresh and folder.exists():
-        shutil.rmtree(folder)
-    if _is_finished(folder, wanted):
-        return "skipped"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "error.txt").unlink(missing_ok=True)
-    try:
-        federation.run(wanted, resume=True, quiet=config.quiet)
-    except Exception:  # noqa: BLE001 - one failing method is recorded; the others go on
-        (folder / "error.txt").write_text(traceback.format_exc())
-        return "failed"
-    return "done"
-
-
-def _read_csv(path: Path) -> pd.DataFrame:
-    return pd.read_csv(path) if path.exists() and path.stat().st_size > 1 else pd.DataFrame()
-
-
-def _status(folder: Path) -> str:
-    if (folder / "error.txt").exists():
-        return "failed"
-    if (folder / "summary.json").exists():
-        return runio.read_json(folder / "summary.json").get("status", "running")
-    return "pending"
+    return runs.run_resumable(run_config(config, method, seed), fresh=config.fresh, quiet=config.quiet)
 
 
 def _row(config: CompareConfig, method: str, seed: int) -> dict:
     """comparison.csv's row of one run: final-round accuracy over clients, best round, costs."""
     wanted = run_config(config, method, seed)
     folder = Path(wanted.out)
-    row = {"method": method, "seed": seed, "status": _status(folder)}
+    row = {"method": method, "seed": seed, "status": runs.status(folder)}
     if row["status"] != "done":
         return row
     summary = runio.read_json(folder / "summary.json")
-    evaluated = _read_csv(folder / "rounds.csv").dropna(subset=["acc_mean"])
+    evaluated = runs.read_csv(folder / "rounds.csv").dropna(subset=["acc_mean"])
     last = evaluated.iloc[-1]
     row.update(acc_mean=last["acc_mean"], acc_std=last["acc_std"], acc_p10=last["acc_p10"],
                local_params=summary["local_params"], comm_bytes_per_round=summary["comm_bytes_per_round"],
@@ -188,14 +140,14 @@ def _mean_sd(mean: float, sd: float, seeds: int) -> str:
 def summarize(comparison: pd.DataFrame, dataset: str) -> pd.DataFrame:
     """One row per method in run order: final accuracy (%) mean ± sd over seeds and the costs."""
     rows = []
-    for method, runs in comparison.groupby("method", sort=False):
-        done = runs[runs["status"] == "done"]
+    for method, method_runs in comparison.groupby("method", sort=False):
+        done = method_runs[method_runs["status"] == "done"]
         mean, sd = 100 * done["acc_mean"].mean(), 100 * (done["acc_mean"].std(ddof=1) if len(done) > 1 else 0.0)
         rows.append(dict(
             method=method, dataset=dataset, accuracy=_mean_sd(mean, sd, len(done)),
             acc_mean=mean, acc_sd=sd, acc_best=100 * done["acc_best"].mean(), client_std=100 * done["acc_std"].mean(),
             local_params=done["local_params"].max(), comm_mb_per_round=done["comm_bytes_per_round"].mean() / 1e6,
-            seconds_per_round=done["seconds_per_round"].mean(), seeds=len(done), failed=len(runs) - len(done),
+            seconds_per_round=done["seconds_per_round"].mean(), seeds=len(done), failed=len(method_runs) - len(done),
         ))
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
@@ -204,7 +156,7 @@ def _concatenated(config: CompareConfig, table: str) -> pd.DataFrame:
     frames = []
     for seed in config.seeds:
         for method in config.methods:
-            frame = _read_csv(Path(run_config(config, method, seed).out) / f"{table}.csv")
+            frame = runs.read_csv(Path(run_config(config, method, seed).out) / f"{table}.csv")
             if len(frame):
                 frames.append(pd.concat([pd.DataFrame({"method": [method] * len(frame), "seed": seed}), frame], axis=1))
     columns = ["method", "seed", *runio.TABLE_COLUMNS.get(table, [])]
@@ -251,16 +203,16 @@ def run_compare(config: CompareConfig) -> CompareResult:
     started = time.perf_counter()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = [(m, s) for s in config.seeds for m in config.methods]
+    todo = [(m, s) for s in config.seeds for m in config.methods]
     if not config.fresh:
-        for method, seed in runs:
+        for method, seed in todo:
             wanted = run_config(config, method, seed)
-            _check_same_settings(Path(wanted.out), wanted)
+            runs.check_same_settings(Path(wanted.out), wanted)
     runio.write_json(out / "compare.json", dataclasses.asdict(config))
     outcome: dict[str, list[str]] = {"done": [], "skipped": [], "failed": []}
-    for index, (method, seed) in enumerate(runs):
+    for index, (method, seed) in enumerate(todo):
         if not config.quiet:
-            tqdm.write(f"[{index + 1}/{len(runs)}] {method} seed {seed}")
+            tqdm.write(f"[{index + 1}/{len(todo)}] {method} seed {seed}")
         outcome[run_one(config, method, seed)].append(f"{method}-s{seed}")
     _check_same_partition(config)
     tables = write_tables(config)

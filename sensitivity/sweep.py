@@ -15,19 +15,18 @@ import dataclasses
 import hashlib
 import itertools
 import re
-import shutil
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 from tqdm.auto import tqdm
 
-from personalize import federation, runio
+from personalize import runio
 from personalize.errors import UserError
 from personalize.federation import RunConfig
 from sensitivity import ranking as ranking_lib
+from sensitivity import runs
 from sensitivity.divergence import METRICS, DivergenceRecorder, group_names
 
 DEFAULT_PARTS = ("none", "embed", "attn", "mlp", "norm", "head", "all")
@@ -37,8 +36,6 @@ SENSITIVITY_COLUMNS = [
     "acc_best", "gain_vs_fedavg", "local_params", "comm_bytes_per_round", "comm_saved",
     *(f"div_{m}" for m in METRICS), "cell", "rounds",
 ]
-# Settings a finished cell may differ in from the sweep asking for it (rounds is checked on its own).
-_FREE_SETTINGS = ("device", "out", "rounds")
 
 
 @dataclass(frozen=True)
@@ -156,28 +153,6 @@ def cell_config(config: SweepConfig, cell: Cell) -> RunConfig:
                               personalize=cell.local_part, out=str(Path(config.out) / "cells" / cell.name))
 
 
-def _check_same_settings(folder: Path, wanted: RunConfig) -> None:
-    """A cell folder that holds a run with other settings is an error, never silently reused."""
-    if not (folder / "config.json").exists():
-        return
-    saved = runio.read_json(folder / "config.json")["config"]
-    settings = {k: v for k, v in dataclasses.asdict(wanted).items() if k not in _FREE_SETTINGS}
-    differ = sorted(k for k, v in settings.items() if saved.get(k) != v)
-    if differ:
-        raise UserError(f"{folder} holds a run with other settings ({', '.join(differ)}); "
-                        "pass --fresh to redo the sweep or choose another --out")
-    if (folder / "summary.json").exists() and runio.read_json(folder / "summary.json").get("rounds", 0) > wanted.rounds:
-        raise UserError(f"{folder} ran more rounds than the {wanted.rounds} asked for; "
-                        "pass --fresh or choose another --out")
-
-
-def _is_finished(folder: Path, wanted: RunConfig) -> bool:
-    if not (folder / "summary.json").exists() or (folder / "error.txt").exists():
-        return False
-    summary = runio.read_json(folder / "summary.json")
-    return summary.get("status") == "done" and summary.get("rounds") == wanted.rounds
-
-
 class _Progress:
     """Wraps the cell's recorder so the sweep's one bar advances round by round (engine kept quiet)."""
 
@@ -201,21 +176,9 @@ class _Progress:
 
 def run_cell(config: SweepConfig, cell: Cell, bar: tqdm | None = None) -> str:
     """Train one cell (resuming its checkpoint); returns 'done', 'skipped' or 'failed'."""
-    wanted = cell_config(config, cell)
-    folder = Path(wanted.out)
-    if config.fresh and folder.exists():
-        shutil.rmtree(folder)
-    if _is_finished(folder, wanted):
-        return "skipped"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "error.txt").unlink(missing_ok=True)
     hook = DivergenceRecorder(every=config.div_every, probe_size=config.probe_size)
-    try:
-        federation.run(wanted, (_Progress(hook, bar) if bar is not None else hook,), resume=True, quiet=True)
-    except Exception:  # noqa: BLE001 - any failure of one cell is recorded; the sweep goes on
-        (folder / "error.txt").write_text(traceback.format_exc())
-        return "failed"
-    return "done"
+    return runs.run_resumable(cell_config(config, cell), (_Progress(hook, bar) if bar is not None else hook,),
+                              fresh=config.fresh, quiet=True)
 
 
 def run_sweep(config: SweepConfig) -> SweepResult:
@@ -227,7 +190,7 @@ def run_sweep(config: SweepConfig) -> SweepResult:
     if not config.fresh:
         for cell in cells:
             wanted = cell_config(config, cell)
-            _check_same_settings(Path(wanted.out), wanted)
+            runs.check_same_settings(Path(wanted.out), wanted)
     runio.write_json(out / "sweep.json", {**dataclasses.asdict(config), "cells": [c.name for c in cells]})
     outcome: dict[str, list[str]] = {"done": [], "skipped": [], "failed": []}
     rounds = config.run.rounds
@@ -247,22 +210,10 @@ def run_sweep(config: SweepConfig) -> SweepResult:
 # ---- tables --------------------------------------------------------------------------------------
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
-    return pd.read_csv(path) if path.exists() and path.stat().st_size > 0 else pd.DataFrame()
-
-
-def cell_status(folder: Path) -> str:
-    if (folder / "error.txt").exists():
-        return "failed"
-    if (folder / "summary.json").exists():
-        return runio.read_json(folder / "summary.json").get("status", "running")
-    return "running" if folder.exists() else "pending"
-
-
 def _concatenated(out: Path, cells: list[Cell], table: str) -> pd.DataFrame:
     frames = []
     for cell in cells:
-        frame = _read_csv(out / "cells" / cell.name / f"{table}.csv")
+        frame = runs.read_csv(out / "cells" / cell.name / f"{table}.csv")
         if len(frame):
             keys = dict(cell=cell.name, local_part=cell.local_part, seed=cell.seed, dataset=cell.dataset,
                         scheme=cell.scheme, alpha=cell.alpha)
@@ -298,9 +249,9 @@ def sensitivity_table(out: Path, cells: list[Cell]) -> pd.DataFrame:
     rows = []
     for cell in cells:
         folder = out / "cells" / cell.name
-        status = cell_status(folder)
+        status = runs.status(folder)
         summary = runio.read_json(folder / "summary.json") if (folder / "summary.json").exists() else {}
-        accuracy = _final_accuracy(_read_csv(folder / "rounds.csv") if status == "done" else pd.DataFrame())
+        accuracy = _final_accuracy(runs.read_csv(folder / "rounds.csv") if status == "done" else pd.DataFrame())
         if status == "done":
             accuracy["acc_best"] = summary.get("acc_best", accuracy["acc_best"])
         reference = out / "cells" / dataclasses.replace(cell, local_part="none").name
@@ -309,7 +260,7 @@ def sensitivity_table(out: Path, cells: list[Cell]) -> pd.DataFrame:
             status=status, **accuracy,
             local_params=summary.get("local_params", float("nan")),
             comm_bytes_per_round=summary.get("comm_bytes_per_round", float("nan")),
-            **_part_divergence(_read_csv(folder / "parts.csv"), _read_csv(reference / "divergence.csv")),
+            **_part_divergence(runs.read_csv(folder / "parts.csv"), runs.read_csv(reference / "divergence.csv")),
             cell=cell.name, rounds=summary.get("rounds", float("nan")),
         ))
     table = pd.DataFrame(rows, columns=[c for c in SENSITIVITY_COLUMNS if c not in ("gain_vs_fedavg", "comm_saved")])

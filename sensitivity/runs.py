@@ -1,0 +1,75 @@
+"""One federated run as an item of a grid (a sweep cell, a comparison run): resumable, failures recorded.
+
+A run folder is finished when its summary says "done" for the rounds asked for; a folder holding a
+run with other settings is an error before anything trains; a run that raises (a NaN loss, say)
+leaves `error.txt` and the grid goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import traceback
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from personalize import federation, runio
+from personalize.errors import UserError
+from personalize.federation import RunConfig
+
+# Settings a finished run may differ in from the grid asking for it (rounds is checked on its own).
+FREE_SETTINGS = ("device", "out", "rounds")
+
+
+def read_csv(path: Path) -> pd.DataFrame:
+    """A table, or an empty frame when the file is missing or holds no columns."""
+    return pd.read_csv(path) if path.exists() and path.stat().st_size > 1 else pd.DataFrame()
+
+
+def status(folder: Path) -> str:
+    """'failed', 'done', 'running' (started, not finished) or 'pending' (not started)."""
+    if (folder / "error.txt").exists():
+        return "failed"
+    if (folder / "summary.json").exists():
+        return runio.read_json(folder / "summary.json").get("status", "running")
+    return "running" if (folder / "config.json").exists() else "pending"
+
+
+def check_same_settings(folder: Path, wanted: RunConfig) -> None:
+    """A folder that holds a run with other settings is an error, never silently reused."""
+    if not (folder / "config.json").exists():
+        return
+    saved = runio.read_json(folder / "config.json")["config"]
+    differ = sorted(k for k, v in dataclasses.asdict(wanted).items() if k not in FREE_SETTINGS and saved.get(k) != v)
+    if differ:
+        raise UserError(f"{folder} holds a run with other settings ({', '.join(differ)}); "
+                        "pass --fresh to redo it or choose another --out")
+    summary = folder / "summary.json"
+    if summary.exists() and runio.read_json(summary).get("rounds", 0) > wanted.rounds:
+        raise UserError(f"{folder} ran more rounds than the {wanted.rounds} asked for; pass --fresh or another --out")
+
+
+def is_finished(folder: Path, wanted: RunConfig) -> bool:
+    if not (folder / "summary.json").exists() or (folder / "error.txt").exists():
+        return False
+    summary = runio.read_json(folder / "summary.json")
+    return summary.get("status") == "done" and summary.get("rounds") == wanted.rounds
+
+
+def run_resumable(wanted: RunConfig, hooks: Sequence = (), *, fresh: bool = False, quiet: bool = True) -> str:
+    """Train (or continue) the run in `wanted.out`; returns 'done', 'skipped' or 'failed'."""
+    folder = Path(wanted.out)
+    if fresh and folder.exists():
+        shutil.rmtree(folder)
+    if is_finished(folder, wanted):
+        return "skipped"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "error.txt").unlink(missing_ok=True)
+    try:
+        federation.run(wanted, hooks=hooks, resume=True, quiet=quiet)
+    except Exception:  # noqa: BLE001 - one failing run is recorded; the grid goes on
+        (folder / "error.txt").write_text(traceback.format_exc())
+        return "failed"
+    return "done"
