@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import pandas as pd
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from personalize import runio
 from personalize.errors import UserError

@@ -1,0 +1,323 @@
+"""One function per figure: long-form DataFrames in, a matplotlib Figure out.
+
+Figures are built on `matplotlib.figure.Figure` (no pyplot state), so they can be made in any
+thread and are freed when dropped. Single-panel functions take `ax=` to draw into an existing
+Axes; multi-panel ones take `axes=` (one Axes per panel). Only `reports.report` writes files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import EngFormatter, MaxNLocator
+
+from reports.tables import group_column
+
+# Part types in the order the model is built (input to output); unknown parts go last.
+PART_ORDER = ("embed", "attn", "mlp", "norm", "head", "plugin")
+STYLE = "whitegrid"
+PALETTE = "colorblind"
+
+
+def _new_axes(ncols: int, *, width: float, height: float, nrows: int = 1, width_ratios=None):
+    with sns.axes_style(STYLE):
+        fig = Figure(figsize=(width, height), layout="constrained")
+        axes = fig.subplots(nrows, ncols, squeeze=False, width_ratios=width_ratios)
+    return fig, list(axes.ravel())
+
+
+def _one_axes(ax: Axes | None, *, width: float, height: float) -> tuple[Figure, Axes]:
+    if ax is not None:
+        return ax.figure, ax
+    fig, axes = _new_axes(1, width=width, height=height)
+    return fig, axes[0]
+
+
+def _panel_axes(axes: Sequence[Axes] | None, count: int, *, width: float, height: float):
+    """`count` panels of width x height inches: in one row up to two, else two per row."""
+    if axes is None:
+        ncols = count if count <= 2 else 2
+        nrows = -(-count // ncols)
+        fig, made = _new_axes(ncols, nrows=nrows, width=width * ncols, height=height * nrows)
+        for spare in made[count:]:
+            spare.remove()
+        return fig, made[:count]
+    if len(axes) != count:
+        raise ValueError(f"this figure needs {count} axes, got {len(axes)}")
+    return axes[0].figure, list(axes)
+
+
+def _ordered(values: pd.Series) -> list:
+    """Distinct values in order of first appearance."""
+    return list(dict.fromkeys(values.tolist()))
+
+
+def _part_order(parts: pd.Series) -> list[str]:
+    present = _ordered(parts)
+    known = [part for part in PART_ORDER if part in present]
+    return known + [part for part in present if part not in PART_ORDER]
+
+
+def _colors(count: int) -> list:
+    return sns.color_palette(PALETTE, n_colors=max(count, 1))
+
+
+def plot_sensitivity(ranking: pd.DataFrame, *, ax: Axes | None = None) -> Figure:
+    """Accuracy gain over FedAvg per kept-local part, with its CI across seeds; rank 1 on top.
+
+    `ranking`: ranking.csv rows (`part, score, ci_low, ci_high, rank`); rows of other metrics
+    than `gain_vs_fedavg` are ignored.
+    """
+    rows = ranking[ranking["metric"] == "gain_vs_fedavg"] if "metric" in ranking.columns else ranking
+    rows = rows.sort_values("rank", na_position="last", kind="stable").reset_index(drop=True)
+    fig, ax = _one_axes(ax, width=6.4, height=0.45 * len(rows) + 1.4)
+    score = rows["score"].to_numpy(float)
+    below = score - rows["ci_low"].to_numpy(float)  # NaN (one seed: no interval) draws no error bar
+    above = rows["ci_high"].to_numpy(float) - score
+    ranked = rows["rank"].notna().to_numpy()
+    gain, loss = _colors(4)[0], _colors(4)[3]
+    colors = [(gain if value >= 0 else loss) if is_ranked else "0.7" for value, is_ranked in zip(score, ranked)]
+    positions = np.arange(len(rows))
+    ax.barh(positions, np.nan_to_num(score), xerr=np.vstack([below, above]), color=colors, capsize=3)
+    # Unranked rows (e.g. `all`: nothing shared) are shown for reference, grey and without a rank.
+    labels = [f"{int(r)}. {p}" if is_ranked else f"{p} (not ranked)"
+              for r, p, is_ranked in zip(rows["rank"], rows["part"], ranked)]
+    ax.set_yticks(positions, labels)
+    ax.invert_yaxis()
+    ax.axvline(0, color="0.3", linewidth=0.8)
+    ax.set_xlabel("accuracy gain over FedAvg (mean over seeds, CI across seeds)")
+    ax.set_ylabel("part kept local (rank)")
+    ax.set_title("Which part is most sensitive to heterogeneity")
+    return fig
+
+
+def _without_part_summaries(divergence: pd.DataFrame) -> pd.DataFrame:
+    """Drop the rows that summarise a part over its groups (group == part, block -1).
+
+    A part with a single group named after it (embed, head) keeps that row: it is the group itself.
+    The figures average the groups themselves, which gives the summaries' values back per part.
+    """
+    is_summary = divergence["group"] == divergence["part"]
+    has_groups = divergence.groupby("part")["group"].transform("nunique") > 1
+    return divergence[~(is_summary & has_groups)]
+
+
+def _divergence_table(divergence: pd.DataFrame, metric: str, rounds: str) -> pd.DataFrame:
+    rows = divergence[divergence["metric"] == metric]
+    if rounds == "last":
+        rows = rows[rows["round"] == rows["round"].max()]
+    table = rows.pivot_table(index="block", columns="part", values="value", aggfunc="mean")
+    return table[_part_order(rows["part"])].sort_index()
+
+
+def plot_divergence_heatmap(
+    divergence: pd.DataFrame, *, rounds: str = "mean", axes: Sequence[Axes] | None = None
+) -> Figure:
+    """One heatmap per divergence metric: block (rows) by part (columns).
+
+    `divergence`: divergence.csv rows (`round, group, part, block, metric, value`); values are averaged
+    over rounds (`rounds="mean"`) or taken at the last round (`rounds="last"`), and over any
+    groups, seeds or cells that share a block and part. Block -1 holds the parts outside the blocks.
+    """
+    if rounds not in ("mean", "last"):
+        raise ValueError(f"rounds must be 'mean' or 'last', got {rounds!r}")
+    divergence = _without_part_summaries(divergence)
+    metrics = _ordered(divergence["metric"])
+    blocks = divergence["block"].nunique()
+    fig, axes = _panel_axes(axes, len(metrics), width=3.8, height=0.35 * blocks + 1.8)
+    for ax, metric in zip(axes, metrics):
+        table = _divergence_table(divergence, metric, rounds)
+        small = table.size <= 80
+        sns.heatmap(table, ax=ax, cmap="viridis", annot=small, fmt=".2f", cbar_kws={"label": metric})
+        ax.grid(False)
+        ax.tick_params(axis="y", rotation=0)
+        ax.set_title(metric)
+        ax.set_xlabel("part")
+        ax.set_ylabel("block (-1: outside the blocks)")
+    return fig
+
+
+def plot_divergence_rounds(divergence: pd.DataFrame, *, axes: Sequence[Axes] | None = None) -> Figure:
+    """Each part's divergence metric over rounds (mean over its groups), one panel per metric."""
+    divergence = _without_part_summaries(divergence)
+    metrics = _ordered(divergence["metric"])
+    fig, axes = _panel_axes(axes, len(metrics), width=4.0, height=3.2)
+    parts = _part_order(divergence["part"])
+    colors = dict(zip(parts, _colors(len(parts))))
+    for ax, metric in zip(axes, metrics):
+        rows = divergence[divergence["metric"] == metric]
+        curves = rows.groupby(["part", "round"])["value"].mean()
+        for part in parts:
+            if part in curves.index.get_level_values(0):
+                curve = curves.loc[part]
+                ax.plot(curve.index, curve.to_numpy(), marker="o", markersize=3, label=part, color=colors[part])
+        ax.set_title(metric)
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(metric)
+    axes[-1].legend(title="part", fontsize="small")
+    return fig
+
+
+def plot_rank_agreement(ranking: pd.DataFrame, *, ax: Axes | None = None) -> Figure:
+    """Each divergence metric's ranking of the parts against the accuracy-gain ranking.
+
+    `ranking`: ranking.csv (`part, rank, metric` and, if present, `spearman_vs_gain`). Points on
+    the diagonal are parts a metric ranks exactly as the sweep's accuracy gains do.
+    """
+    gain = ranking[ranking["metric"] == "gain_vs_fedavg"][["part", "rank"]].dropna()
+    others = ranking[ranking["metric"] != "gain_vs_fedavg"].dropna(subset=["rank"])
+    metrics = _ordered(others["metric"])
+    fig, ax = _one_axes(ax, width=6.0, height=4.6)
+    colors = _colors(len(metrics))
+    markers = "osD^vP*X"
+    for index, metric in enumerate(metrics):
+        rows = others[others["metric"] == metric].merge(gain, on="part", suffixes=("", "_gain"))
+        rho = _spearman(rows)
+        dodge = (index - (len(metrics) - 1) / 2) * 0.08  # metrics that agree would hide each other
+        ax.scatter(
+            rows["rank_gain"] + dodge, rows["rank"], s=60, alpha=0.8, color=colors[index],
+            marker=markers[index % len(markers)],
+            label=f"{metric} (Spearman ρ = {rho:+.2f})" if np.isfinite(rho) else f"{metric} (Spearman ρ: n/a)",
+        )
+    top = len(gain)
+    ax.plot([1, top], [1, top], linestyle="--", color="0.5", linewidth=0.8)
+    ordered = gain.sort_values("rank")
+    ax.set_xticks(ordered["rank"], [f"{int(r)}\n{p}" for r, p in zip(ordered["rank"], ordered["part"])])
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("rank by accuracy gain over FedAvg")
+    ax.set_ylabel("rank by divergence metric (FedAvg cell)")
+    ax.set_title("Does FedAvg divergence predict the sweep's ranking?")
+    ax.legend(fontsize="small")
+    return fig
+
+
+def _spearman(rows: pd.DataFrame) -> float:
+    if "spearman_vs_gain" in rows.columns:  # the sweep's own value, NaN where it could not say
+        known = rows["spearman_vs_gain"].dropna()
+        return float(known.iloc[0]) if len(known) else float("nan")
+    if len(rows) < 3:  # as in sensitivity.ranking: fewer than 3 parts say nothing about an order
+        return float("nan")
+    return float(rows["rank"].corr(rows["rank_gain"], method="spearman"))
+
+
+def plot_training_curves(rounds: pd.DataFrame, *, hue: str | None = None, ax: Axes | None = None) -> Figure:
+    """Mean client test accuracy per round with a band of ± one std across clients.
+
+    `rounds`: rounds.csv (`round, acc_mean, acc_std`), optionally with a `hue` column (default:
+    `method` or `local_part`); rows of the same hue and round (seeds) are averaged.
+    """
+    hue = hue or group_column(rounds)
+    rows = rounds.dropna(subset=["acc_mean"])
+    fig, ax = _one_axes(ax, width=6.4, height=4.0)
+    groups = _ordered(rows[hue]) if hue else [None]
+    for color, group in zip(_colors(len(groups)), groups):
+        subset = rows if group is None else rows[rows[hue] == group]
+        curve = subset.groupby("round")[["acc_mean", "acc_std"]].mean()
+        mean, spread = curve["acc_mean"].to_numpy(), curve["acc_std"].fillna(0).to_numpy()
+        ax.plot(curve.index, mean, color=color, marker="o", markersize=3, label=group)
+        ax.fill_between(curve.index, mean - spread, mean + spread, color=color, alpha=0.18, linewidth=0)
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("mean client test accuracy")
+    ax.set_title("Training curves (band: ± std across clients)")
+    if hue:
+        ax.legend(title=hue, fontsize="small")
+    return fig
+
+
+def plot_fairness(final: pd.DataFrame, *, hue: str | None = None, ax: Axes | None = None) -> Figure:
+    """Per-client final test accuracy per method / part (box + points), each group's p10 marked.
+
+    `final`: one row per client and run with an `accuracy` column (see
+    `reports.tables.final_client_accuracy`), optionally with a `hue` column.
+    """
+    hue = hue or group_column(final)
+    data = final.assign(group=final[hue].astype(str) if hue else "run")
+    order = _ordered(data["group"])
+    fig, ax = _one_axes(ax, width=max(4.0, 1.1 * len(order) + 2.0), height=4.0)
+    values = [data.loc[data["group"] == group, "accuracy"].to_numpy(float) for group in order]
+    boxes = ax.boxplot(values, positions=np.arange(len(order)), widths=0.6, patch_artist=True,
+                       showfliers=False, medianprops={"color": "0.15"})
+    for patch, color in zip(boxes["boxes"], _colors(len(order))):
+        patch.set(facecolor=color, alpha=0.6)
+    sns.stripplot(data=data, x="group", y="accuracy", order=order, color="0.25", size=3,
+                  alpha=0.5, jitter=0.2, ax=ax, native_scale=False)
+    p10 = data.groupby("group")["accuracy"].quantile(0.1).reindex(order)
+    ax.scatter(np.arange(len(order)), p10.to_numpy(), marker="D", s=55, color="crimson",
+               zorder=5, label="worst 10% of clients (p10)", gid="p10")
+    ax.set_xticks(np.arange(len(order)), order)
+    ax.set_xlabel(hue or "")
+    ax.set_ylabel("client test accuracy (last evaluated round)")
+    ax.set_title("Fairness across clients")
+    ax.legend(fontsize="small", loc="best")
+    return fig
+
+
+def plot_cost(table: pd.DataFrame, *, hue: str | None = None, axes: Sequence[Axes] | None = None) -> Figure:
+    """Accuracy against communication bytes per round (left) and local parameter count (right).
+
+    `table`: comparison.csv or sensitivity.csv rows (`acc_mean, comm_bytes_per_round,
+    local_params` and a `hue` column); each group is drawn at its mean with ± std over seeds.
+    """
+    hue = hue or group_column(table)
+    rows = table.dropna(subset=["acc_mean"])
+    fig, axes = _panel_axes(axes, 2, width=4.4, height=3.8)
+    groups = _ordered(rows[hue]) if hue else [None]
+    columns = (("comm_bytes_per_round", "communication per round", "B"),
+               ("local_params", "local parameters per client", ""))
+    for color, group in zip(_colors(len(groups)), groups):
+        subset = rows if group is None else rows[rows[hue] == group]
+        accuracy = subset["acc_mean"].to_numpy(float)
+        spread = accuracy.std() if len(accuracy) > 1 else 0.0
+        for ax, (column, _, _) in zip(axes, columns):
+            x = subset[column].to_numpy(float).mean()
+            ax.errorbar([x], [accuracy.mean()], yerr=[spread], fmt="o", color=color, capsize=3,
+                        markersize=7, label=group)
+    for ax, (_, label, unit) in zip(axes, columns):
+        ax.set_xlabel(label)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
+        ax.xaxis.set_major_formatter(EngFormatter(unit=unit))
+        ax.set_ylabel("mean client test accuracy")
+    axes[0].set_title("Accuracy vs communication")
+    axes[1].set_title("Accuracy vs local parameters")
+    if hue:
+        axes[1].legend(title=hue, fontsize="small")
+    return fig
+
+
+def plot_partition(counts: pd.DataFrame, *, axes: Sequence[Axes] | None = None) -> Figure:
+    """Clients × classes heat map of sample counts, plus clients × domains where there are any.
+
+    `counts`: long form `client, axis ("class" / "domain"), name, count` (see
+    `reports.tables.partition_counts`).
+    """
+    kinds = [kind for kind in ("class", "domain") if (counts["axis"] == kind).any()]
+    tables = [_count_table(counts[counts["axis"] == kind]) for kind in kinds]
+    clients = tables[0].shape[0]
+    height = min(10.0, 0.22 * clients + 1.8)
+    if axes is None:
+        ratios = [max(table.shape[1], 2) + 2 for table in tables]
+        width = min(14.0, 0.22 * sum(ratios) + 2.5)
+        fig, axes = _new_axes(len(tables), width=max(width, 5.0), height=height, width_ratios=ratios)
+    else:
+        fig, axes = _panel_axes(axes, len(tables), width=0, height=0)
+    for ax, kind, table in zip(axes, kinds, tables):
+        annot = table.size <= 120
+        sns.heatmap(table, ax=ax, cmap="rocket_r", annot=annot, fmt="d", cbar_kws={"label": "samples"})
+        ax.grid(False)
+        ax.tick_params(axis="y", rotation=0)
+        ax.set_xlabel(kind)
+        ax.set_ylabel("client")
+        ax.set_title(f"samples per client and {kind}")
+    return fig
+
+
+def _count_table(rows: pd.DataFrame) -> pd.DataFrame:
+    table = rows.pivot_table(index="client", columns="name", values="count", aggfunc="sum", sort=False)
+    return table[_ordered(rows["name"])].fillna(0).astype(int)

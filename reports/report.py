@@ -1,0 +1,352 @@
+"""`build_report`: a run, sweep or comparison folder -> figures and one self-contained HTML report.
+
+It reads the folder's CSV / JSON tables only (never trains), makes every figure those tables allow,
+saves each as PNG and SVG under DIR/report/, and writes DIR/report/index.html and report.md.
+A missing table leaves its figures out with a note saying which file was missing.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import webbrowser
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.figure import Figure
+from tqdm import tqdm
+
+from reports import figures
+from reports.render import Block, FigureBlock, Heading, Note, Paragraph, Table, render_html, render_markdown
+from reports.tables import (
+    CONFIG_FILES,
+    by_partition,
+    FolderTables,
+    detect,
+    fedavg_divergence,
+    final_client_accuracy,
+    gain_ranking,
+    ok_rows,
+    partition_counts,
+    read_folder,
+)
+
+__all__ = ["build_report", "detect", "plan_figures"]
+
+PNG_DPI = 110  # sharp on screen while keeping index.html well under a few MB
+FIGURE_NAMES = ("sensitivity", "rank_agreement", "divergence_heatmap", "divergence_rounds", "training_curves",
+                "fairness", "cost", "partition")
+
+
+@dataclass(frozen=True)
+class PlannedFigure:
+    name: str  # file stem under DIR/report/
+    caption: str  # one line: what the figure shows
+    draw: Callable[[], Figure]
+
+
+def build_report(folder: str | Path, *, open_browser: bool = False, quiet: bool = False) -> Path:
+    """Write DIR/report/index.html (+ report.md, PNG and SVG figures) and return the HTML's path."""
+    tables = read_folder(folder)
+    planned, notes = plan_figures(tables)
+    out = tables.folder / "report"
+    out.mkdir(exist_ok=True)
+    for name in FIGURE_NAMES:  # a figure whose table has gone since the last build must not linger
+        for stale in [*out.glob(f"{name}*.png"), *out.glob(f"{name}*.svg")]:
+            stale.unlink()
+    figure_blocks = [_save(plan, out) for plan in tqdm(planned, desc="report figures", disable=quiet)]
+    blocks: list[Block] = [
+        *headline(tables),
+        *[Note(note) for note in notes],
+        *(key_tables(tables) if tables.kind == "comparison" else []),
+        Heading("Figures"),
+        *(figure_blocks or [Note("no figure could be made from this folder's tables")]),
+        *(key_tables(tables) if tables.kind != "comparison" else []),
+        *more_tables(tables),
+        Heading(f"Configuration ({CONFIG_FILES[tables.kind]})"),
+        Table("settings", config_table(tables.config)) if tables.config else Note("no configuration file found"),
+    ]
+    title = f"fedsens {tables.kind} report: {tables.folder.resolve().name}"
+    subtitle = f"{tables.folder.resolve()} · tables read: {', '.join(sorted(f'{n}.csv' for n in tables.frames))}"
+    index = out / "index.html"
+    index.write_text(render_html(title, subtitle, blocks), encoding="utf-8")
+    (out / "report.md").write_text(render_markdown(title, subtitle, blocks), encoding="utf-8")
+    if open_browser:
+        webbrowser.open(index.resolve().as_uri())
+    return index
+
+
+def _save(plan: PlannedFigure, out: Path) -> FigureBlock:
+    figure = plan.draw()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=PNG_DPI)
+    (out / f"{plan.name}.png").write_bytes(buffer.getvalue())
+    figure.savefig(out / f"{plan.name}.svg", format="svg")
+    return FigureBlock(plan.name, plan.caption, buffer.getvalue())
+
+
+def plan_figures(tables: FolderTables) -> tuple[list[PlannedFigure], list[str]]:
+    """The figures this folder's tables allow, in report order, and a note for each one left out."""
+    notes: list[str] = []
+
+    def need(available: bool, missing: str, figures_left_out: str) -> bool:
+        if not available:
+            notes.append(f"{missing} not found in {tables.folder.name}: {figures_left_out} left out.")
+        return available
+
+    planned = [
+        *(_ranking_figures(tables.frames, need) if tables.kind == "sweep" else []),
+        *(_divergence_figures(tables.frames, need) if tables.kind != "comparison" else []),
+        *_accuracy_figures(tables, need),
+        *_partition_figure(tables, need),
+    ]
+    return planned, notes
+
+
+def _ranking_figures(frames: dict[str, pd.DataFrame], need) -> list[PlannedFigure]:
+    ranking = frames.get("ranking")
+    gains = gain_ranking(ranking) if ranking is not None else None
+    if not need(gains is not None and len(gains) > 0, "ranking.csv (gain_vs_fedavg rows)", "the sensitivity bars"):
+        return []
+    planned = []
+    for label, rows in by_partition(ranking):
+        suffix, where = (f"-{_slug(label)}", f" ({label})") if label else ("", "")
+        planned.append(PlannedFigure(
+            f"sensitivity{suffix}",
+            f"Accuracy gain over FedAvg when each part is kept local and the rest aggregated{where}: mean over "
+            "seeds with its confidence interval across seeds; rank 1 (top) gains most from personalization.",
+            partial(figures.plot_sensitivity, rows)))
+        if need((rows["metric"] != "gain_vs_fedavg").any(), f"divergence rows in ranking.csv{where}",
+                "the divergence-vs-accuracy ranking figure"):
+            planned.append(PlannedFigure(
+                f"rank_agreement{suffix}",
+                f"Each divergence metric's ranking of the parts (FedAvg cell{where}) against their ranking by "
+                "accuracy gain; points on the dashed diagonal agree, the legend gives Spearman's rho.",
+                partial(figures.plot_rank_agreement, rows)))
+    return planned
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.=-]+", "_", text)
+
+
+def _divergence_figures(frames: dict[str, pd.DataFrame], need) -> list[PlannedFigure]:
+    if not need("divergence" in frames, "divergence.csv", "the divergence figures"):
+        return []
+    divergence = fedavg_divergence(frames["divergence"])
+    where = " in the FedAvg cells" if "local_part" in divergence.columns else ""
+    return [
+        PlannedFigure(
+            "divergence_heatmap",
+            f"How far the clients' models pull apart, per block (rows) and part (columns){where}, "
+            "averaged over rounds; one panel per divergence metric.",
+            partial(figures.plot_divergence_heatmap, divergence)),
+        PlannedFigure(
+            "divergence_rounds",
+            f"Each part's divergence metric per round (mean over its blocks){where}; one panel per metric.",
+            partial(figures.plot_divergence_rounds, divergence)),
+    ]
+
+
+def _accuracy_figures(tables: FolderTables, need) -> list[PlannedFigure]:
+    """Training curves, fairness and cost: one line / box / point per method or kept-local part."""
+    frames, planned = tables.frames, []
+    what = {"run": "the run", "sweep": "each kept-local part (none = FedAvg)", "comparison": "each method"}[tables.kind]
+    evaluated = "rounds" in frames and frames["rounds"]["acc_mean"].notna().any()
+    if need(evaluated, "rounds.csv with an evaluated round", "the training curves"):
+        rounds = frames["rounds"]
+        planned.append(PlannedFigure(
+            "training_curves",
+            f"Mean client test accuracy per round for {what}{_over_seeds(rounds)}; "
+            "the band is ± one standard deviation across clients.",
+            partial(figures.plot_training_curves, rounds)))
+    final = final_client_accuracy(frames["metrics"]) if "metrics" in frames else None
+    if need(final is not None and len(final) > 0, "metrics.csv with test rows", "the fairness figure"):
+        planned.append(PlannedFigure(
+            "fairness",
+            f"Each client's test accuracy at the last evaluated round for {what}{_over_seeds(final, 'pooled')}; "
+            "the red diamond marks the worst 10% of clients (10th percentile).",
+            partial(figures.plot_fairness, final)))
+    cost_table = {"sweep": "sensitivity", "comparison": "comparison"}.get(tables.kind)
+    if cost_table is None:  # a single run is one point: nothing to compare
+        return planned
+    cost = ok_rows(frames[cost_table]).dropna(subset=["acc_mean"]) if cost_table in frames else None
+    if need(cost is not None and len(cost) > 0, f"{cost_table}.csv with a finished row", "the cost figure"):
+        planned.append(PlannedFigure(
+            "cost",
+            f"Mean client accuracy against bytes communicated per round (left) and parameters kept local per "
+            f"client (right), for {what}; error bars are ± std over seeds.",
+            partial(figures.plot_cost, cost)))
+    return planned
+
+
+def _partition_figure(tables: FolderTables, need) -> list[PlannedFigure]:
+    if not need(tables.partition is not None, "partition.json", "the partition heat map"):
+        return []
+    counts = partition_counts(tables.partition)
+    domains = " and domain" if (counts["axis"] == "domain").any() else ""
+    return [PlannedFigure(
+        "partition",
+        f"Samples each client holds per class{domains} (train + test), from {tables.partition_source}"
+        f"{_partition_params(tables.partition)}.",
+        partial(figures.plot_partition, counts))]
+
+
+def _over_seeds(table: pd.DataFrame, verb: str = "averaged") -> str:
+    seeds = table["seed"].nunique() if "seed" in table.columns else 1
+    return f", {verb} over {seeds} seeds" if seeds > 1 else ""
+
+
+def _partition_params(partition: dict) -> str:
+    params = partition.get("params") or {}
+    shown = [f"{key}={params[key]}" for key in ("scheme", "alpha", "num_clients", "seed") if key in params]
+    return f" ({', '.join(shown)})" if shown else ""
+
+
+def headline(tables: FolderTables) -> list[Block]:
+    """The one or two sentences a reader should see first."""
+    frames = tables.frames
+    if tables.kind == "sweep":
+        return _sweep_headline(frames)
+    if tables.kind == "comparison":
+        return _comparison_headline(frames["comparison"])
+    return _run_headline(tables.summary, frames.get("rounds"))
+
+
+def _sweep_headline(frames: dict[str, pd.DataFrame]) -> list[Block]:
+    if "ranking" not in frames or not len(gain_ranking(frames["ranking"])):
+        return [Paragraph("This sweep has no ranking.csv yet: re-run `fedsens sweep` on it to finish it.", lead=True)]
+    blocks: list[Block] = []
+    for label, rows in by_partition(frames["ranking"]):
+        gains = gain_ranking(rows)
+        ranked = gains[gains["rank"].notna()]
+        if not len(ranked):
+            blocks.append(Paragraph(f"{label + ': ' if label else ''}no part could be ranked yet.", lead=True))
+            continue
+        top = ranked.iloc[0]
+        interval = (f" (CI {top['ci_low']:+.4f} to {top['ci_high']:+.4f})" if pd.notna(top["ci_low"])
+                    else " (one seed: no interval)")
+        text = (
+            f"{label + ': ' if label else ''}Most sensitive part: {top['part']} — keeping it local changes mean "
+            f"client accuracy by {top['score']:+.4f} over FedAvg{interval}. "
+            f"Ranking: {' > '.join(ranked['part'].astype(str))}."
+        )
+        unranked = gains[gains["rank"].isna() & gains["score"].notna()]
+        text += "".join(f" Not ranked: {row['part']} {row['score']:+.4f}." for _, row in unranked.iterrows())
+        blocks.append(Paragraph(text, lead=True))
+        divergence = rows[rows["metric"] != "gain_vs_fedavg"]
+        if len(divergence) and "spearman_vs_gain" in divergence.columns:
+            rho = divergence.groupby("metric", sort=False)["spearman_vs_gain"].first()
+            pairs = ", ".join(f"{metric} {value:+.2f}" if pd.notna(value) else f"{metric} n/a"
+                              for metric, value in rho.items())
+            blocks.append(Paragraph(
+                f"Spearman correlation of each divergence ranking with the accuracy ranking: {pairs}."))
+    return blocks
+
+
+def _comparison_headline(comparison: pd.DataFrame) -> list[Block]:
+    stats = ok_rows(comparison).groupby("method", sort=False)["acc_mean"].agg(["mean", "std", "count"])
+    stats = stats.dropna(subset=["mean"]).sort_values("mean", ascending=False)
+    if not len(stats):
+        return [Paragraph("No method has finished yet: run `fedsens compare` again to finish it.", lead=True)]
+    best, row = stats.index[0], stats.iloc[0]
+    spread = f" ± {row['std']:.4f}" if pd.notna(row["std"]) else ""
+    others = "; ".join(f"{method} {other['mean']:.4f}" for method, other in stats.iloc[1:].iterrows())
+    text = (f"Best mean client accuracy: {best} {row['mean']:.4f}{spread} over {int(row['count'])} seed(s)"
+            + (f" (then {others})." if others else "."))
+    return [Paragraph(text, lead=True)]
+
+
+def _run_headline(summary: dict | None, rounds: pd.DataFrame | None) -> list[Block]:
+    summary = summary or {}
+    if summary.get("acc_last") is not None:
+        text = f"Final mean client accuracy {summary['acc_last']:.4f}"
+        if summary.get("acc_best") is not None:
+            text += f" (best {summary['acc_best']:.4f} at round {summary.get('round_best', '?')})"
+        text += f" after {summary.get('rounds', '?')} rounds"
+        if summary.get("local_params") is not None:
+            text += f"; {int(summary['local_params']):,} parameters kept local per client"
+        if summary.get("comm_bytes_per_round") is not None:
+            text += f", {summary['comm_bytes_per_round'] / 1e6:.3f} MB communicated per round"
+        return [Paragraph(text + ".", lead=True)]
+    if rounds is not None and rounds["acc_mean"].notna().any():
+        last = rounds.dropna(subset=["acc_mean"]).iloc[-1]
+        return [Paragraph(f"Mean client accuracy {last['acc_mean']:.4f} at round {int(last['round'])} "
+                          "(summary.json has no final accuracy yet).", lead=True)]
+    return [Paragraph("This run has no evaluated round yet.", lead=True)]
+
+
+def key_tables(tables: FolderTables) -> list[Block]:
+    """The key tables: the ranking (after the figures), the comparison (before them), the run's summary."""
+    frames = tables.frames
+    blocks: list[Block] = []
+    if tables.kind == "sweep" and "ranking" in frames:
+        blocks.append(Heading("Ranking"))
+        for label, rows in by_partition(frames["ranking"]):
+            blocks.extend(_ranking_tables(rows, f" ({label})" if label else ""))
+    if tables.kind == "comparison":
+        blocks.append(Heading("Comparison"))
+        if "summary" in frames:
+            blocks.append(Table("mean ± std over seeds (summary.csv)", frames["summary"]))
+        blocks.append(Table("one row per method and seed (comparison.csv)", frames["comparison"], collapsed=True))
+    if tables.kind == "run":
+        blocks.append(Heading("Result"))
+        if tables.summary:
+            blocks.append(Table("summary.json", config_table(tables.summary)))
+        if "parts" in frames:
+            blocks.append(Table("parameters per part (parts.csv)", parts_summary(frames["parts"])))
+    return blocks
+
+
+def _ranking_tables(ranking: pd.DataFrame, where: str) -> list[Block]:
+    gains = gain_ranking(ranking)
+    columns = [c for c in ("rank", "part", "score", "ci_low", "ci_high") if c in gains.columns]
+    blocks: list[Block] = [Table(f"by accuracy gain over FedAvg{where} (score = mean gain over seeds)", gains[columns])]
+    divergence = ranking[ranking["metric"] != "gain_vs_fedavg"]
+    if len(divergence):
+        ranks = divergence.pivot_table(index="part", columns="metric", values="rank", sort=False)
+        ranks = ranks.reindex([p for p in gains["part"] if p in ranks.index]).reset_index()
+        ranks.columns.name = None
+        blocks.append(Table(f"by each divergence metric in the FedAvg cell{where} (rank)", ranks))
+    return blocks
+
+
+def more_tables(tables: FolderTables) -> list[Block]:
+    """Full tables, collapsed, below the figures."""
+    frames = tables.frames
+    blocks: list[Block] = [Heading("Tables")]
+    if tables.kind == "sweep" and "sensitivity" in frames:
+        blocks.append(Table("sensitivity.csv (one row per cell)", frames["sensitivity"], collapsed=True))
+    if tables.kind == "sweep" and "ranking" in frames:
+        blocks.append(Table("ranking.csv", frames["ranking"], collapsed=True))
+    if "rounds" in frames:
+        blocks.append(Table("rounds.csv", frames["rounds"], collapsed=True))
+    return blocks if len(blocks) > 1 else []
+
+
+def parts_summary(parts: pd.DataFrame) -> pd.DataFrame:
+    """parts.csv summed per part type and local / shared."""
+    keys = [column for column in ("part", "local") if column in parts.columns]
+    summary = parts.groupby(keys, sort=False).agg(tensors=("param", "count"), numel=("numel", "sum"),
+                                                  bytes=("bytes", "sum"))
+    return summary.reset_index()
+
+
+def config_table(config: dict) -> pd.DataFrame:
+    """A (nested) JSON object as a two-column setting / value table, nested keys joined by dots."""
+    rows = []
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict) and value:
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), inner)
+        else:
+            text = value if isinstance(value, str) else json.dumps(value)
+            rows.append({"setting": prefix, "value": text if len(text) <= 200 else text[:197] + "..."})
+
+    walk("", config)
+    return pd.DataFrame(rows, columns=["setting", "value"])

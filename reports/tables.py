@@ -1,0 +1,200 @@
+"""Reading a run, sweep or comparison folder into DataFrames, and shaping them for the figures.
+
+Only CSV and JSON are read here (the layouts in DESIGN.md and BRIEF.md); nothing is trained.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from personalize.errors import UserError
+
+# What each kind of folder's configuration file is called, and the tables it may hold.
+CONFIG_FILES = {"run": "config.json", "sweep": "sweep.json", "comparison": "compare.json"}
+TABLE_FILES = {
+    "run": ("rounds", "metrics", "divergence", "parts"),
+    "sweep": ("sensitivity", "ranking", "rounds", "metrics", "divergence"),
+    "comparison": ("comparison", "summary", "rounds", "metrics"),
+}
+# The column that tells the runs of a sweep or comparison apart in a figure (one line / box each).
+GROUP_COLUMNS = ("method", "local_part")
+
+
+def detect(folder: str | Path) -> str:
+    """Say whether `folder` is a "run", a "sweep" or a "comparison" folder, by the tables it holds."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise UserError(f"report folder {path} does not exist; pass a run, sweep or comparison folder")
+    if (path / "comparison.csv").is_file():
+        return "comparison"
+    if (path / "sensitivity.csv").is_file():
+        return "sweep"
+    if (path / "config.json").is_file() and (path / "rounds.csv").is_file():
+        return "run"
+    unfinished = (("sweep.json", "sensitivity.csv", "sweep"), ("compare.json", "comparison.csv", "compare"))
+    for config, table, command in unfinished:
+        if (path / config).is_file():
+            raise UserError(f"{path} is an unfinished {command}: {table} is written when `fedsens {command}` "
+                            f"completes; run it again with the same --out to finish (finished runs are kept)")
+    raise UserError(
+        f"{path} is not a run, sweep or comparison folder: looked for comparison.csv (comparison), "
+        "sensitivity.csv (sweep) or config.json with rounds.csv (run); "
+        "pass the --out folder of `fedsens train`, `sweep` or `compare`"
+    )
+
+
+@dataclass(frozen=True)
+class FolderTables:
+    """Everything a report reads from one folder; tables that are absent are simply not in `frames`."""
+
+    folder: Path
+    kind: str
+    config: dict
+    frames: dict[str, pd.DataFrame]
+    summary: dict | None = None
+    partition: dict | None = None
+    partition_source: str | None = None
+    missing: tuple[str, ...] = field(default=())
+
+    def has(self, *names: str) -> bool:
+        return all(name in self.frames for name in names)
+
+
+def read_folder(folder: str | Path) -> FolderTables:
+    """Detect the folder's kind and read its configuration, tables, summary and one partition."""
+    path = Path(folder)
+    kind = detect(path)
+    frames, missing = {}, []
+    for name in TABLE_FILES[kind]:
+        table = _read_csv(path / f"{name}.csv")
+        if table is None:
+            missing.append(f"{name}.csv")
+        else:
+            frames[name] = table
+    partition_path = _partition_path(path, kind)
+    if partition_path is None:
+        missing.append("partition.json")
+    return FolderTables(
+        folder=path,
+        kind=kind,
+        config=_read_json(path / CONFIG_FILES[kind]) or {},
+        frames=frames,
+        summary=_read_json(path / "summary.json") if kind == "run" else None,
+        partition=_read_json(partition_path) if partition_path else None,
+        partition_source=str(partition_path.relative_to(path)) if partition_path else None,
+        missing=tuple(missing),
+    )
+
+
+def _read_csv(path: Path) -> pd.DataFrame | None:
+    if not path.is_file():
+        return None
+    try:
+        table = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        return None
+    return table if len(table) else None
+
+
+def _read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON ({err}); re-run the command that wrote it") from None
+
+
+def _partition_path(folder: Path, kind: str) -> Path | None:
+    """A run's own partition.json, or the first cell's / run's for a sweep / comparison."""
+    if kind == "run":
+        candidates = [folder / "partition.json"]
+    else:
+        sub = folder / ("cells" if kind == "sweep" else "runs")
+        candidates = sorted(sub.glob("*/partition.json")) if sub.is_dir() else []
+    return next((path for path in candidates if path.is_file()), None)
+
+
+def group_column(table: pd.DataFrame) -> str | None:
+    """The column whose values are the methods / kept-local parts to compare, if the table has one."""
+    return next((column for column in GROUP_COLUMNS if column in table.columns), None)
+
+
+def run_columns(table: pd.DataFrame) -> list[str]:
+    """The columns that together name one federated run in a concatenated table."""
+    if "cell" in table.columns:
+        return ["cell"]
+    return [column for column in ("method", "seed") if column in table.columns]
+
+
+def final_client_accuracy(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Each client's test accuracy at its run's last evaluated round (one row per run and client)."""
+    test = metrics[metrics["split"] == "test"].dropna(subset=["accuracy"])
+    keys = run_columns(test)
+    if not keys:
+        return test[test["round"] == test["round"].max()].reset_index(drop=True)
+    last = test.groupby(keys)["round"].transform("max")
+    return test[test["round"] == last].reset_index(drop=True)
+
+
+def partition_counts(partition: dict) -> pd.DataFrame:
+    """partition.json's histograms as long form: client, axis ("class" / "domain"), name, count."""
+    pieces = [_histogram_rows(partition["label_histogram"], partition.get("classes"), "class")]
+    if partition.get("domain_histogram") is not None:
+        pieces.append(
+            _histogram_rows(partition["domain_histogram"], partition.get("domain_names"), "domain")
+        )
+    return pd.concat(pieces, ignore_index=True)
+
+
+def _histogram_rows(histogram: list[list[int]], names: list[str] | None, axis: str) -> pd.DataFrame:
+    counts = np.asarray(histogram, dtype=np.int64)
+    names = list(names) if names and len(names) == counts.shape[1] else [str(i) for i in range(counts.shape[1])]
+    clients, columns = np.meshgrid(np.arange(counts.shape[0]), np.arange(counts.shape[1]), indexing="ij")
+    return pd.DataFrame(
+        {
+            "client": clients.ravel(),
+            "axis": axis,
+            "name": [names[c] for c in columns.ravel()],
+            "count": counts.ravel(),
+        }
+    )
+
+
+def fedavg_divergence(divergence: pd.DataFrame) -> pd.DataFrame:
+    """A sweep's divergence rows from its FedAvg cells (local_part "none"); a run's rows unchanged."""
+    if "local_part" not in divergence.columns:
+        return divergence
+    fedavg = divergence[divergence["local_part"] == "none"]
+    return fedavg if len(fedavg) else divergence
+
+
+def gain_ranking(ranking: pd.DataFrame) -> pd.DataFrame:
+    """The accuracy-gain rows of ranking.csv, most sensitive part first, unranked parts (`all`) last."""
+    rows = ranking[ranking["metric"] == "gain_vs_fedavg"]
+    return rows.sort_values("rank", na_position="last", kind="stable").reset_index(drop=True)
+
+
+PARTITION_COLUMNS = ("dataset", "scheme", "alpha")
+
+
+def by_partition(table: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """Split a sweep table by partition (dataset, scheme, alpha): [(label, rows)], label "" for one."""
+    keys = [column for column in PARTITION_COLUMNS if column in table.columns]
+    groups = list(table.groupby(keys, sort=False)) if keys else []
+    if len(groups) <= 1:
+        return [("", table)]
+    return [("/".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values), rows.reset_index(drop=True))
+            for values, rows in groups]
+
+
+def ok_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """Drop the rows of failed cells / runs (status "failed"), which carry no accuracy."""
+    if "status" not in table.columns:
+        return table
+    return table[table["status"].fillna("done") != "failed"].reset_index(drop=True)
