@@ -25,15 +25,6 @@ from sensitivity.divergence import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread, and far faster when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _gram_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     """The HSIC form with centred Gram matrices, as in Kornblith et al. (2019), eq. for linear CKA."""
     x, y = x.double(), y.double()

@@ -8,7 +8,6 @@ import shutil
 
 import pandas as pd
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from fedsens.cli import app
@@ -21,15 +20,6 @@ from sensitivity.sweep import SENSITIVITY_COLUMNS, Cell, SweepConfig, grid, pres
 TINY_RUN = RunConfig(dataset="synthetic", model="vit-nano", clients=4, join_ratio=0.5, rounds=2, local_epochs=1,
                      device="cpu")
 TIMING = ["seconds"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread, and far faster when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny(out, **changes) -> SweepConfig:
