@@ -128,10 +128,10 @@ def _split_names(model: nn.Module, local_params: Sequence[str]) -> tuple[tuple[s
     """Local tensors = the spec's parameters plus the buffers of modules that own a local parameter."""
     local_params = set(local_params)
     owners = {name.rsplit(".", 1)[0] for name in local_params}
+    params = {name for name, _ in model.named_parameters()}
     local, shared = [], []
     for name in _tensors(model):
-        is_local = name in local_params or (name not in dict(model.named_parameters())
-                                            and name.rsplit(".", 1)[0] in owners)
+        is_local = name in local_params or (name not in params and name.rsplit(".", 1)[0] in owners)
         (local if is_local else shared).append(name)
     return tuple(local), tuple(shared)
 
