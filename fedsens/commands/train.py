@@ -81,6 +81,7 @@ def train(
     config = RunConfig(out=str(out), **{k: v for k, v in given.items() if v is not None})
     result = run(config, resume=resume, overwrite=overwrite, quiet=quiet)
     s = result.summary
-    typer.echo(f"{config.method} personalize={config.personalize}: mean client accuracy last {s['acc_last']:.3f}, "
+    what = f"personalize={config.personalize}" if config.method == "fedavg" else f"method={config.method}"
+    typer.echo(f"{what}: mean client accuracy last {s['acc_last']:.3f}, "
                f"best {s['acc_best']:.3f} (round {s['round_best']}); {s['seconds_per_round']:.2f} s/round; "
                f"{s['local_params']:,} local params; tables in {result.out}")
