@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from fedsens.commands._common import clean_errors
 from personalize.errors import UserError
-from sensitivity.compare import CompareConfig, CompareResult, preset, run_compare
+
+if TYPE_CHECKING:  # the library is imported when the command runs, so `fedsens --help` stays quick
+    from sensitivity.compare import CompareConfig, CompareResult
 
 
 def _split(text: str, kind, option: str) -> tuple:
@@ -23,6 +25,8 @@ def _split(text: str, kind, option: str) -> tuple:
 
 def build_config(name: str, *, run: dict, compare: dict) -> CompareConfig:
     """The preset with every explicitly given option (not None) laid over it."""
+    from sensitivity.compare import preset
+
     base = preset(name)
     run_config = base.run.replace(**{k: v for k, v in run.items() if v is not None})
     return dataclasses.replace(base, run=run_config, **{k: v for k, v in compare.items() if v is not None})
@@ -60,6 +64,8 @@ def compare(
     Writes comparison.csv, summary.csv and the runs' rounds/metrics tables under --out and prints
     the summary: final-round mean client accuracy (mean ± sd over seeds) and each method's costs.
     """
+    from sensitivity.compare import run_compare
+
     config = build_config(
         preset_name,
         run=dict(dataset=dataset, data_root=data_root, model=model, rounds=rounds, clients=clients, alpha=alpha,

@@ -7,7 +7,6 @@ from pathlib import Path
 import typer
 
 from fedsens.commands._common import clean_errors
-from reports.report import build_report
 
 
 @clean_errors
@@ -17,6 +16,8 @@ def report(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Write DIR/report/index.html (figures embedded, works offline) and DIR/report/report.md."""
+    from reports.report import build_report
+
     index = build_report(folder, open_browser=open_browser, quiet=quiet)
     size = index.stat().st_size
     typer.echo(f"report: {index} ({size / 1024:.0f} KiB); figures and report.md beside it")

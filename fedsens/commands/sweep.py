@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
-import pandas as pd
 import typer
 
 from fedsens.commands._common import clean_errors
 from personalize.errors import UserError
-from sensitivity import ranking as ranking_lib
-from sensitivity.sweep import DEFAULT_PARTS, SweepConfig, SweepResult, preset, run_sweep
+
+if TYPE_CHECKING:  # the library is imported when the command runs, so `fedsens --help` stays quick
+    from sensitivity.sweep import SweepConfig, SweepResult
 
 PRESET_NOTE = "Explicit options override the preset's values (a preset never overrides an option you give)."
 
@@ -26,6 +26,8 @@ def _split(text: str, kind, option: str) -> tuple:
 
 def build_config(name: str, *, run: dict, sweep: dict) -> SweepConfig:
     """The preset with every explicitly given option (not None) laid over it."""
+    from sensitivity.sweep import preset
+
     base = preset(name)
     run_config = base.run.replace(**{k: v for k, v in run.items() if v is not None})
     return dataclasses.replace(base, run=run_config, **{k: v for k, v in sweep.items() if v is not None})
@@ -33,6 +35,10 @@ def build_config(name: str, *, run: dict, sweep: dict) -> SweepConfig:
 
 def ranking_text(result: SweepResult) -> str:
     """The accuracy ranking with its intervals, and how well each divergence metric predicts it."""
+    import pandas as pd
+
+    from sensitivity import ranking as ranking_lib
+
     lines = []
     ranking = result.ranking
     for (dataset, scheme, alpha), table in ranking.groupby(["dataset", "scheme", "alpha"], sort=False):
@@ -64,7 +70,7 @@ def sweep(
     model: Optional[str] = typer.Option(None, help="Model preset, e.g. vit-micro or vit_small_patch16_224."),
     parts: Optional[List[str]] = typer.Option(
         None, "--parts", help="An extra cell's part spec, e.g. attn,head or attn@9-11 or blocks.3 (repeat the option "
-        f"for several). Added to the default cells ({', '.join(DEFAULT_PARTS)}) unless --only-parts."),
+        "for several). Added to the default cells (FedAvg, each part type, local only) unless --only-parts."),
     only_parts: bool = typer.Option(False, "--only-parts", help="Run FedAvg and the --parts cells only."),
     seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds, e.g. 0,1,2 (quick preset: 0,1,2)."),
     scheme: Optional[str] = typer.Option(None, help="Partition scheme(s): dirichlet, pathological, iid, domain."),
@@ -83,6 +89,8 @@ def sweep(
 
     Writes sensitivity.csv, ranking.csv and the cells' tables under --out and prints the ranking.
     """
+    from sensitivity.sweep import DEFAULT_PARTS, run_sweep
+
     if only_parts and not parts:
         raise UserError("--only-parts needs at least one --parts spec")
     cell_parts = tuple(parts or ()) if only_parts else (*DEFAULT_PARTS, *(parts or ()))
