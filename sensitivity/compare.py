@@ -153,14 +153,9 @@ def summarize(comparison: pd.DataFrame, dataset: str) -> pd.DataFrame:
 
 
 def _concatenated(config: CompareConfig, table: str) -> pd.DataFrame:
-    frames = []
-    for seed in config.seeds:
-        for method in config.methods:
-            frame = runs.read_csv(Path(run_config(config, method, seed).out) / f"{table}.csv")
-            if len(frame):
-                frames.append(pd.concat([pd.DataFrame({"method": [method] * len(frame), "seed": seed}), frame], axis=1))
-    columns = ["method", "seed", *runio.TABLE_COLUMNS.get(table, [])]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+    folders = [(dict(method=method, seed=seed), Path(run_config(config, method, seed).out))
+               for seed in config.seeds for method in config.methods]
+    return runs.concatenated(folders, table, ["method", "seed"])
 
 
 def _check_same_partition(config: CompareConfig) -> None:

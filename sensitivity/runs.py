@@ -73,3 +73,15 @@ def run_resumable(wanted: RunConfig, hooks: Sequence = (), *, fresh: bool = Fals
         (folder / "error.txt").write_text(traceback.format_exc())
         return "failed"
     return "done"
+
+
+def concatenated(folders: Sequence[tuple[dict, Path]], table: str, key_columns: list[str]) -> pd.DataFrame:
+    """One table of every run folder's `<table>.csv`, each row led by its run's keys (cell, method, seed ...)."""
+    frames = []
+    for keys, folder in folders:
+        frame = read_csv(folder / f"{table}.csv")
+        if len(frame):
+            lead = pd.DataFrame({k: [keys[k]] * len(frame) for k in key_columns})
+            frames.append(pd.concat([lead, frame], axis=1))
+    columns = [*key_columns, *runio.TABLE_COLUMNS.get(table, [])]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)

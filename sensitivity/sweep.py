@@ -211,15 +211,9 @@ def run_sweep(config: SweepConfig) -> SweepResult:
 
 
 def _concatenated(out: Path, cells: list[Cell], table: str) -> pd.DataFrame:
-    frames = []
-    for cell in cells:
-        frame = runs.read_csv(out / "cells" / cell.name / f"{table}.csv")
-        if len(frame):
-            keys = dict(cell=cell.name, local_part=cell.local_part, seed=cell.seed, dataset=cell.dataset,
-                        scheme=cell.scheme, alpha=cell.alpha)
-            frames.append(pd.concat([pd.DataFrame({k: [v] * len(frame) for k, v in keys.items()}), frame], axis=1))
-    columns = CELL_COLUMNS + runio.TABLE_COLUMNS.get(table, [])
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+    folders = [(dict(cell=cell.name, local_part=cell.local_part, seed=cell.seed, dataset=cell.dataset,
+                     scheme=cell.scheme, alpha=cell.alpha), out / "cells" / cell.name) for cell in cells]
+    return runs.concatenated(folders, table, CELL_COLUMNS)
 
 
 def _final_accuracy(rounds: pd.DataFrame) -> dict[str, float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Callable, TypeVar
 
@@ -24,3 +25,21 @@ def clean_errors(command: F) -> F:
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def comma_list(text: str | None, kind: type, option: str, example: str) -> tuple | None:
+    """'0,1,2' -> (0, 1, 2) for an option; None (not given) stays None so the preset's value is kept."""
+    if text is None:
+        return None
+    try:
+        return tuple(kind(item.strip()) for item in text.split(",") if item.strip())
+    except ValueError:
+        raise UserError(f"{option} {text!r} is not a comma-separated list of {kind.__name__}s; "
+                        f"write e.g. {example}") from None
+
+
+def overlay(base, *, run: dict, grid: dict):
+    """A grid preset (a sweep or compare config holding a RunConfig in `run`) with every option the user
+    gave (not None) laid over it: a preset never overrides an explicit option."""
+    run_config = base.run.replace(**{k: v for k, v in run.items() if v is not None})
+    return dataclasses.replace(base, run=run_config, **{k: v for k, v in grid.items() if v is not None})

@@ -2,34 +2,21 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from fedsens.commands._common import clean_errors
-from personalize.errors import UserError
+from fedsens.commands._common import clean_errors, comma_list, overlay
 
 if TYPE_CHECKING:  # the library is imported when the command runs, so `fedsens --help` stays quick
     from sensitivity.compare import CompareConfig, CompareResult
-
-
-def _split(text: str, kind, option: str) -> tuple:
-    try:
-        items = tuple(kind(item.strip()) for item in text.split(",") if item.strip())
-    except ValueError:
-        raise UserError(f"{option} {text!r} is not a comma-separated list; write e.g. "
-                        f"{'0,1,2' if kind is int else 'fedavg,fedperfix'}") from None
-    return items
 
 
 def build_config(name: str, *, run: dict, compare: dict) -> CompareConfig:
     """The preset with every explicitly given option (not None) laid over it."""
     from sensitivity.compare import preset
 
-    base = preset(name)
-    run_config = base.run.replace(**{k: v for k, v in run.items() if v is not None})
-    return dataclasses.replace(base, run=run_config, **{k: v for k, v in compare.items() if v is not None})
+    return overlay(preset(name), run=run, grid=compare)
 
 
 def summary_text(result: CompareResult) -> str:
@@ -71,8 +58,8 @@ def compare(
         run=dict(dataset=dataset, data_root=data_root, model=model, rounds=rounds, clients=clients, alpha=alpha,
                  device=device),
         compare=dict(
-            methods=_split(methods, str, "--methods") if methods is not None else None,
-            seeds=_split(seeds, int, "--seeds") if seeds is not None else None,
+            methods=comma_list(methods, str, "--methods", "fedavg,fedperfix"),
+            seeds=comma_list(seeds, int, "--seeds", "0,1,2"),
             out=out, fresh=fresh, quiet=quiet,
         ),
     )

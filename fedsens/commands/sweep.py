@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING, List, Optional
 
 import typer
 
-from fedsens.commands._common import clean_errors
+from fedsens.commands._common import clean_errors, comma_list, overlay
 from personalize.errors import UserError
 
 if TYPE_CHECKING:  # the library is imported when the command runs, so `fedsens --help` stays quick
@@ -16,21 +15,11 @@ if TYPE_CHECKING:  # the library is imported when the command runs, so `fedsens 
 PRESET_NOTE = "Explicit options override the preset's values (a preset never overrides an option you give)."
 
 
-def _split(text: str, kind, option: str) -> tuple:
-    try:
-        return tuple(kind(item.strip()) for item in text.split(",") if item.strip())
-    except ValueError:
-        raise UserError(f"{option} {text!r} is not a comma-separated list of {kind.__name__}s; write e.g. "
-                        f"{'0,1,2' if kind is int else '0.1,0.5'}") from None
-
-
 def build_config(name: str, *, run: dict, sweep: dict) -> SweepConfig:
     """The preset with every explicitly given option (not None) laid over it."""
     from sensitivity.sweep import preset
 
-    base = preset(name)
-    run_config = base.run.replace(**{k: v for k, v in run.items() if v is not None})
-    return dataclasses.replace(base, run=run_config, **{k: v for k, v in sweep.items() if v is not None})
+    return overlay(preset(name), run=run, grid=sweep)
 
 
 def ranking_text(result: SweepResult) -> str:
@@ -100,10 +89,10 @@ def sweep(
                  local_epochs=local_epochs, device=device),
         sweep=dict(
             parts=cell_parts, out=out, fresh=fresh, quiet=quiet, div_every=div_every,
-            seeds=_split(seeds, int, "--seeds") if seeds is not None else None,
-            datasets=_split(dataset, str, "--dataset") if dataset is not None else None,
-            schemes=_split(scheme, str, "--scheme") if scheme is not None else None,
-            alphas=_split(alphas, float, "--alphas") if alphas is not None else None,
+            seeds=comma_list(seeds, int, "--seeds", "0,1,2"),
+            datasets=comma_list(dataset, str, "--dataset", "digits,synthetic"),
+            schemes=comma_list(scheme, str, "--scheme", "dirichlet,iid"),
+            alphas=comma_list(alphas, float, "--alphas", "0.1,0.5"),
         ),
     )
     result = run_sweep(config)
