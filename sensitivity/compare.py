@@ -123,9 +123,8 @@ def _row(config: CompareConfig, method: str, seed: int) -> dict:
     if row["status"] != "done":
         return row
     summary = runio.read_json(folder / "summary.json")
-    evaluated = runs.read_csv(folder / "rounds.csv").dropna(subset=["acc_mean"])
-    last = evaluated.iloc[-1]
-    row.update(acc_mean=last["acc_mean"], acc_std=last["acc_std"], acc_p10=last["acc_p10"],
+    final = runs.final_accuracy(runs.read_csv(folder / "rounds.csv"))
+    row.update(acc_mean=final["acc_mean"], acc_std=final["acc_std"], acc_p10=final["acc_p10"],
                local_params=summary["local_params"], comm_bytes_per_round=summary["comm_bytes_per_round"],
                seconds=summary["seconds"], seconds_per_round=summary["seconds_per_round"],
                acc_best=summary["acc_best"], round_best=summary["round_best"], rounds=summary["rounds"])

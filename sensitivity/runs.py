@@ -28,6 +28,17 @@ def read_csv(path: Path) -> pd.DataFrame:
     return pd.read_csv(path) if path.exists() and path.stat().st_size > 1 else pd.DataFrame()
 
 
+def final_accuracy(rounds: pd.DataFrame) -> dict[str, float]:
+    """The last evaluated round's client-accuracy statistics and the best mean over rounds (NaN if none)."""
+    evaluated = rounds.dropna(subset=["acc_mean"]) if "acc_mean" in rounds else rounds
+    if not len(evaluated):
+        return dict(acc_mean=float("nan"), acc_std=float("nan"), acc_p10=float("nan"), acc_last=float("nan"),
+                    acc_best=float("nan"))
+    last = evaluated.iloc[-1]
+    return dict(acc_mean=float(last["acc_mean"]), acc_std=float(last["acc_std"]), acc_p10=float(last["acc_p10"]),
+                acc_last=float(last["acc_mean"]), acc_best=float(evaluated["acc_mean"].max()))
+
+
 def status(folder: Path) -> str:
     """'failed', 'done', 'running' (started, not finished) or 'pending' (not started)."""
     if (folder / "error.txt").exists():

@@ -216,16 +216,6 @@ def _concatenated(out: Path, cells: list[Cell], table: str) -> pd.DataFrame:
     return runs.concatenated(folders, table, CELL_COLUMNS)
 
 
-def _final_accuracy(rounds: pd.DataFrame) -> dict[str, float]:
-    evaluated = rounds.dropna(subset=["acc_mean"]) if "acc_mean" in rounds else rounds
-    if not len(evaluated):
-        return dict(acc_mean=float("nan"), acc_std=float("nan"), acc_p10=float("nan"), acc_last=float("nan"),
-                    acc_best=float("nan"))
-    last = evaluated.iloc[-1]
-    return dict(acc_mean=float(last["acc_mean"]), acc_std=float(last["acc_std"]), acc_p10=float(last["acc_p10"]),
-                acc_last=float(last["acc_mean"]), acc_best=float(evaluated["acc_mean"].max()))
-
-
 def _part_divergence(parts: pd.DataFrame, reference: pd.DataFrame) -> dict[str, float]:
     """The FedAvg cell's divergence over the groups a cell keeps local (mean over groups and rounds)."""
     nan = {f"div_{m}": float("nan") for m in METRICS}
@@ -245,7 +235,7 @@ def sensitivity_table(out: Path, cells: list[Cell]) -> pd.DataFrame:
         folder = out / "cells" / cell.name
         status = runs.status(folder)
         summary = runio.read_json(folder / "summary.json") if (folder / "summary.json").exists() else {}
-        accuracy = _final_accuracy(runs.read_csv(folder / "rounds.csv") if status == "done" else pd.DataFrame())
+        accuracy = runs.final_accuracy(runs.read_csv(folder / "rounds.csv") if status == "done" else pd.DataFrame())
         if status == "done":
             accuracy["acc_best"] = summary.get("acc_best", accuracy["acc_best"])
         reference = out / "cells" / dataclasses.replace(cell, local_part="none").name
