@@ -15,12 +15,17 @@ app = typer.Typer(
 )
 
 
-
 @app.callback()
-def main(threads: int = typer.Option(
-        1, "--threads", min=1, envvar="FEDSENS_THREADS",
+def main(
+    threads: int = typer.Option(
+        1,
+        "--threads",
+        min=1,
+        envvar="FEDSENS_THREADS",
         help="CPU threads for torch. 1 by default: the CPU presets are too small to gain from more, and "
-             "on a busy 2-core machine 2 threads made a 5-round run 13x slower (132 s vs 10 s).")) -> None:
+        "on a busy 2-core machine 2 threads made a 5-round run 13x slower (132 s vs 10 s).",
+    ),
+) -> None:
     """Where and how to personalize Vision Transformers in federated learning."""
     import torch
 

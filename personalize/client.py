@@ -7,21 +7,19 @@ with the non-finite check, evaluation), so a method only says what is different 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from personalize.data import ImageSet
-from personalize.inputs import BatchPreparer, batches
-from personalize.partition import Partition
-
-if TYPE_CHECKING:  # annotation only: federation imports this module
-    from personalize.federation import RunConfig
+from fedsens.personalize.config import RunConfig
+from fedsens.personalize.data import ImageSet
+from fedsens.personalize.inputs import BatchPreparer, batches
+from fedsens.personalize.partition import Partition
 
 
 @dataclass(frozen=True)
@@ -77,18 +75,32 @@ class ClientContext:
     def train_size(self) -> int:
         return len(self.run.partition.train[self.client])
 
-    def train_batches(self, *, epochs: int | None = None, steps: int | None = None,
-                      augment: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def train_batches(
+        self, *, epochs: int | None = None, steps: int | None = None, augment: bool = True
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         cfg = self.config
         if epochs is None and steps is None:
             epochs, steps = cfg.local_epochs, cfg.local_steps
-        return batches(self.run.images, self.run.labels, self.run.partition.train[self.client], self.run.prepare,
-                       batch_size=cfg.batch_size, generator=self.generator, epochs=epochs or 1, steps=steps,
-                       augment=augment)
+        return batches(
+            self.run.images,
+            self.run.labels,
+            self.run.partition.train[self.client],
+            self.run.prepare,
+            batch_size=cfg.batch_size,
+            generator=self.generator,
+            epochs=epochs or 1,
+            steps=steps,
+            augment=augment,
+        )
 
     def test_batches(self, batch_size: int = 512) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return batches(self.run.images, self.run.labels, self.run.partition.test[self.client], self.run.prepare,
-                       batch_size=batch_size)
+        return batches(
+            self.run.images,
+            self.run.labels,
+            self.run.partition.test[self.client],
+            self.run.prepare,
+            batch_size=batch_size,
+        )
 
     def optimizer(self, params: Iterable[nn.Parameter], lr: float | None = None) -> torch.optim.Optimizer:
         cfg = self.config
@@ -97,8 +109,9 @@ class ClientContext:
         fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params) or None
         if cfg.optimizer == "adamw":  # a fresh optimizer per client and round: no state crosses rounds
             return torch.optim.AdamW(params, lr=lr or cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
-        return torch.optim.SGD(params, lr=lr or cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                               fused=fused)
+        return torch.optim.SGD(
+            params, lr=lr or cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused
+        )
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
         with self.run.autocast():

@@ -13,10 +13,10 @@ import os
 import pickle
 import warnings
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from sklearn.datasets import load_digits
 from torchvision.datasets import CIFAR100, ImageFolder
 from tqdm import tqdm
 
-from personalize.errors import UserError
+from fedsens.personalize.errors import UserError
 
 OFFICEHOME_URL = "https://www.hemanthdv.org/officeHomeDataset.html"
 # The four Office-Home domains in their canonical order, each with the spellings seen in the wild.
@@ -71,7 +71,10 @@ def _image_set_problem(data: ImageSet) -> str | None:
     n = data.images.shape[:1]
     if data.images.dtype != torch.uint8 or data.images.ndim != 4:
         return f"images must be uint8 N x C x H x W, got {data.images.dtype} {tuple(data.images.shape)}"
-    for field, ids, count in (("labels", data.labels, len(data.classes)), ("domains", data.domains, len(data.domain_names))):
+    for field, ids, count in (
+        ("labels", data.labels, len(data.classes)),
+        ("domains", data.domains, len(data.domain_names)),
+    ):
         if ids is not None and (ids.dtype != torch.int64 or ids.shape != n):
             return f"{field} must be int64 with one per image, got {ids.dtype} {tuple(ids.shape)}"
         if ids is not None and len(ids) and not 0 <= int(ids.min()) <= int(ids.max()) < count:
@@ -94,7 +97,9 @@ def load(name: str, root: str | Path | None = None, **options) -> ImageSet:
     known = [param for param in inspect.signature(loader).parameters if param != "root"]
     unknown = sorted(set(options) - set(known))
     if unknown:
-        raise UserError(f"unknown option(s) {', '.join(unknown)} for dataset {name!r}; it takes: {', '.join(known) or 'none'}")
+        raise UserError(
+            f"unknown option(s) {', '.join(unknown)} for dataset {name!r}; it takes: {', '.join(known) or 'none'}"
+        )
     return loader(None if root is None else Path(root).expanduser(), **options)
 
 
@@ -103,7 +108,12 @@ def dataset_defaults(name: str) -> dict:
     _loader(name)
     if name == "officehome":
         return {"test_fraction": 0.15, "domains": True, "scheme": "domain", "needs_root": True}
-    return {"test_fraction": 0.25, "domains": False, "scheme": "dirichlet", "needs_root": name in ("cifar100", "organamnist")}
+    return {
+        "test_fraction": 0.25,
+        "domains": False,
+        "scheme": "dirichlet",
+        "needs_root": name in ("cifar100", "organamnist"),
+    }
 
 
 def _loaders() -> dict[str, Callable[..., ImageSet]]:
@@ -125,15 +135,19 @@ def _loader(name: str) -> Callable[..., ImageSet]:
 
 def _how_to_get(name: str, root: Path | str = "DIR", size: int = 28) -> str:
     if name == "officehome":
-        return (f"download Office-Home from {OFFICEHOME_URL} and unzip it so that {root}/Art/<class>/*.jpg exists "
-                f"(`fedsens data download officehome --root {root}` shows the layout)")
+        return (
+            f"download Office-Home from {OFFICEHOME_URL} and unzip it so that {root}/Art/<class>/*.jpg exists "
+            f"(`fedsens data download officehome --root {root}` shows the layout)"
+        )
     size_flag = f" --size {size}" if name == "organamnist" and size != 28 else ""
     return f"run `fedsens data download {name} --root {root}{size_flag}`"
 
 
 def _require_root(name: str, root: Path | None, size: int = 28) -> Path:
     if root is None:
-        raise UserError(f"dataset {name!r} needs a data root folder; {_how_to_get(name, size=size)} and pass that DIR as the root")
+        raise UserError(
+            f"dataset {name!r} needs a data root folder; {_how_to_get(name, size=size)} and pass that DIR as the root"
+        )
     return root
 
 
@@ -148,11 +162,25 @@ def _load_digits(root: Path | None) -> ImageSet:
     return ImageSet("digits", torch.from_numpy(images), torch.from_numpy(bunch.target.astype(np.int64)), classes)
 
 
-def _load_synthetic(root: Path | None, *, num_samples: int = 512, num_classes: int = 10, image_size: int = 16,
-                    channels: int = 3, seed: int = 0, noise: float = 0.25, num_domains: int = 0) -> ImageSet:
+def _load_synthetic(
+    root: Path | None,
+    *,
+    num_samples: int = 512,
+    num_classes: int = 10,
+    image_size: int = 16,
+    channels: int = 3,
+    seed: int = 0,
+    noise: float = 0.25,
+    num_domains: int = 0,
+) -> ImageSet:
     """Each class is a blocky random template plus Gaussian noise; each domain adds its own shift."""
-    for option, value, least in (("num_samples", num_samples, 1), ("num_classes", num_classes, 1),
-                                 ("image_size", image_size, 1), ("channels", channels, 1), ("num_domains", num_domains, 0)):
+    for option, value, least in (
+        ("num_samples", num_samples, 1),
+        ("num_classes", num_classes, 1),
+        ("image_size", image_size, 1),
+        ("channels", channels, 1),
+        ("num_domains", num_domains, 0),
+    ):
         if value < least:
             raise UserError(f"synthetic option {option}={value} must be at least {least}")
     if noise < 0:
@@ -210,7 +238,9 @@ def _load_cifar100(root: Path | None, *, verify: bool = True) -> ImageSet:
         ) from None
     except (KeyError, ValueError, TypeError, EOFError, pickle.UnpicklingError) as err:
         fix = _how_to_get("cifar100", root)
-        raise UserError(f"malformed CIFAR-100 pickles in {folder} ({_one_line(err)}); delete that folder and {fix}") from None
+        raise UserError(
+            f"malformed CIFAR-100 pickles in {folder} ({_one_line(err)}); delete that folder and {fix}"
+        ) from None
 
 
 # --- OrganAMNIST: medmnist's npz file ---------------------------------------------------------
@@ -244,7 +274,9 @@ def _load_organamnist(root: Path | None, *, size: int = 28) -> ImageSet:
             raise ValueError(f"images are {images.dtype} {images.shape}, expected uint8 N x H x W")
         names_by_id = INFO["organamnist"]["label"]
         classes = tuple(names_by_id[str(index)] for index in range(len(names_by_id)))
-        return ImageSet("organamnist", torch.from_numpy(images[:, None]), torch.from_numpy(labels.astype(np.int64)), classes)
+        return ImageSet(
+            "organamnist", torch.from_numpy(images[:, None]), torch.from_numpy(labels.astype(np.int64)), classes
+        )
     except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
         fix = _how_to_get("organamnist", root, size)
         raise UserError(f"malformed OrganAMNIST file {path} ({_one_line(err)}); delete it and {fix}") from None
@@ -272,7 +304,9 @@ def _load_officehome(root: Path | None, *, size: int = 64, quiet: bool = False) 
 
 def _officehome_folders(root: Path, size: int) -> dict[str, ImageFolder]:
     """Domain folder name -> ImageFolder over its class folders, in the canonical domain order."""
-    spelled = [next((root / name for name in spellings if (root / name).is_dir()), None) for spellings in OFFICEHOME_DOMAINS]
+    spelled = [
+        next((root / name for name in spellings if (root / name).is_dir()), None) for spellings in OFFICEHOME_DOMAINS
+    ]
     found = [path for path in spelled if path is not None]
     if not found:
         fix = _how_to_get("officehome", root)
@@ -283,7 +317,9 @@ def _officehome_folders(root: Path, size: int) -> dict[str, ImageFolder]:
             # allow_empty: a domain may lack a class; the class list is the union over domains.
             folders[path.name] = ImageFolder(str(path), loader=partial(_read_small_rgb, size=size), allow_empty=True)
         except FileNotFoundError:
-            raise UserError(f"Office-Home domain {path} has no class folders; {_how_to_get('officehome', root)}") from None
+            raise UserError(
+                f"Office-Home domain {path} has no class folders; {_how_to_get('officehome', root)}"
+            ) from None
     if not any(folder.samples for folder in folders.values()):
         raise UserError(f"Office-Home folders in {root} hold no images; {_how_to_get('officehome', root)}")
     return folders
@@ -318,7 +354,9 @@ def _decode_officehome(folders: dict[str, ImageFolder], size: int, quiet: bool) 
                 try:
                     image = folder.loader(path)
                 except OSError as err:
-                    raise UserError(f"cannot read Office-Home image {path} ({_one_line(err)}); replace or delete that file") from None
+                    raise UserError(
+                        f"cannot read Office-Home image {path} ({_one_line(err)}); replace or delete that file"
+                    ) from None
                 images[row] = torch.from_numpy(np.array(image)).permute(2, 0, 1)
                 labels[row] = class_id[folder.classes[local_label]]
                 domains[row] = domain
@@ -346,7 +384,10 @@ def _write_cache(path: Path, payload: dict) -> None:
         os.replace(partial_file, path)  # atomic: a reader never sees half a cache
     except OSError as err:
         partial_file.unlink(missing_ok=True)
-        warnings.warn(f"could not write the Office-Home cache {path} ({err}); the next load decodes the images again")
+        warnings.warn(
+            f"could not write the Office-Home cache {path} ({err}); the next load decodes the images again",
+            stacklevel=2,
+        )
 
 
 def _one_line(err: BaseException) -> str:

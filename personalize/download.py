@@ -8,8 +8,15 @@ from medmnist import OrganAMNIST
 from medmnist.info import INFO
 from torchvision.datasets import CIFAR100
 
-from personalize.data import OFFICEHOME_DOMAINS, OFFICEHOME_URL, _check_medmnist_size, _loader, _one_line, medmnist_file
-from personalize.errors import UserError
+from fedsens.personalize.data import (
+    OFFICEHOME_DOMAINS,
+    OFFICEHOME_URL,
+    _check_medmnist_size,
+    _loader,
+    _one_line,
+    medmnist_file,
+)
+from fedsens.personalize.errors import UserError
 
 
 def download(name: str, root: str | Path | None = None, *, size: int = 28) -> str:

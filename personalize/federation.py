@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -20,84 +20,18 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from personalize import data as data_lib
-from personalize import model as model_lib
-from personalize import partition as partition_lib
-from personalize import runio
-from personalize.client import ClientContext, EvalResult, NonFiniteLoss, RunContext
-from personalize.errors import UserError
-from personalize.inputs import BatchPreparer, seeded_generator
-from personalize.methods import Method, get_method
+from fedsens.personalize import data as data_lib
+from fedsens.personalize import model as model_lib
+from fedsens.personalize import partition as partition_lib
+from fedsens.personalize import runio
+from fedsens.personalize.client import ClientContext, EvalResult, NonFiniteLoss, RunContext
+from fedsens.personalize.config import RunConfig
+from fedsens.personalize.errors import UserError
+from fedsens.personalize.inputs import BatchPreparer, seeded_generator
+from fedsens.personalize.methods import Method, get_method
 
-# Methods and hooks import these from here as well as from personalize.client.
+# Re-exported: the public names of one run, importable from the loop as before.
 __all__ = ["ClientContext", "EvalResult", "NonFiniteLoss", "RunConfig", "RunContext", "RunResult", "run"]
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """Everything that defines one federated run.
-
-    The defaults are the embedded-default preset (digits, vit-micro, 20 clients, Dirichlet 0.3),
-    tuned so that plain FedAvg clearly learns on a 2-core CPU in about a minute: with the paper's
-    SGD (lr 0.05, momentum 0.9) FedAvg reached 0.51 mean client accuracy after 30 rounds, with
-    AdamW (lr 3e-3, fresh per client and round) 0.81. The paper presets (sweep/compare) set SGD.
-    """
-
-    dataset: str = "digits"
-    data_root: str | None = None
-    scheme: str = "dirichlet"  # iid | dirichlet | pathological | domain | path to a partition.json
-    alpha: float = 0.3
-    clients: int = 20
-    classes_per_client: int = 2
-    test_fraction: float | None = None  # None: the dataset's default (0.25; Office-Home 0.15)
-    join_ratio: float = 0.5
-    rounds: int = 40
-    local_epochs: int = 2
-    local_steps: int | None = None  # overrides local_epochs when set
-    batch_size: int = 32
-    optimizer: str = "adamw"  # adamw | sgd (the paper's)
-    lr: float = 0.003
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    augment_shift: float = 0.125  # random translation (fraction of the side) while training; 0 = off
-    augment_scale: float = 0.1
-    model: str = "vit-micro"
-    personalize: str = "none"
-    method: str = "fedavg"
-    seed: int = 0
-    device: str = "auto"
-    eval_every: int = 1
-    out: str = "runs/train"
-    # Method options (read by personalize.methods; ignored by methods that do not use them).
-    finetune_steps: int = 5
-    apfl_alpha: float = 0.25
-    perfedavg_beta: float | None = None  # Per-FedAvg outer step; None = lr, as the public code does
-    fedrep_head_epochs: int = 1
-    plugin_mid_dim: int = 256
-    plugin_scale: float = 1.5
-    plugin_depth: int | None = None
-    plugin_init: str = "zero"
-    fedperfix_local: str = ""
-
-    def __post_init__(self):
-        checks = [
-            (self.alpha > 0, f"alpha must be > 0 (got {self.alpha}); small alpha = strong label skew"),
-            (self.clients >= 1, f"--clients must be at least 1 (got {self.clients})"),
-            (0 < self.join_ratio <= 1, f"--join-ratio must be in (0, 1] (got {self.join_ratio})"),
-            (self.rounds >= 1, f"--rounds must be at least 1 (got {self.rounds})"),
-            (self.local_epochs >= 1, f"--local-epochs must be at least 1 (got {self.local_epochs})"),
-            (self.local_steps is None or self.local_steps >= 1, f"--local-steps must be >= 1 (got {self.local_steps})"),
-            (self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})"),
-            (self.lr > 0, f"--lr must be > 0 (got {self.lr})"),
-            (self.optimizer in ("sgd", "adamw"), f"--optimizer must be sgd or adamw (got {self.optimizer!r})"),
-            (self.eval_every >= 1, f"--eval-every must be at least 1 (got {self.eval_every})"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
-
-    def replace(self, **changes: Any) -> "RunConfig":
-        return dataclasses.replace(self, **changes)
 
 
 @dataclass(frozen=True)
@@ -119,19 +53,20 @@ def resolve_device(name: str) -> torch.device:
 
 def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and persistent floating buffer by name: what a client state is made of."""
-    named = dict(model.named_parameters())
+    named: dict[str, torch.Tensor] = dict(model.named_parameters())
     named.update({n: b for n, b in model.named_buffers() if n not in named})
     return named
 
 
 def _split_names(model: nn.Module, local_params: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Local tensors = the spec's parameters plus the buffers of modules that own a local parameter."""
-    local_params = set(local_params)
-    owners = {name.rsplit(".", 1)[0] for name in local_params}
+    wanted = set(local_params)
+    owners = {name.rsplit(".", 1)[0] for name in wanted}
     params = {name for name, _ in model.named_parameters()}
-    local, shared = [], []
+    local: list[str] = []
+    shared: list[str] = []
     for name in _tensors(model):
-        is_local = name in local_params or (name not in params and name.rsplit(".", 1)[0] in owners)
+        is_local = name in wanted or (name not in params and name.rsplit(".", 1)[0] in owners)
         (local if is_local else shared).append(name)
     return tuple(local), tuple(shared)
 
@@ -158,9 +93,14 @@ def accuracy_stats(acc: np.ndarray) -> dict[str, float]:
     acc = acc[~np.isnan(acc)]
     if len(acc) == 0:
         return {k: float("nan") for k in ("acc_mean", "acc_std", "acc_p10", "acc_min", "jain")}
-    squares = float((acc ** 2).sum())
-    return {"acc_mean": float(acc.mean()), "acc_std": float(acc.std()), "acc_p10": float(np.percentile(acc, 10)),
-            "acc_min": float(acc.min()), "jain": float(acc.sum() ** 2 / (len(acc) * squares)) if squares else 1.0}
+    squares = float((acc**2).sum())
+    return {
+        "acc_mean": float(acc.mean()),
+        "acc_std": float(acc.std()),
+        "acc_p10": float(np.percentile(acc, 10)),
+        "acc_min": float(acc.min()),
+        "jain": float(acc.sum() ** 2 / (len(acc) * squares)) if squares else 1.0,
+    }
 
 
 def _load_partition(config: RunConfig, dataset: data_lib.ImageSet, out: Path) -> partition_lib.Partition:
@@ -175,10 +115,19 @@ def _load_partition(config: RunConfig, dataset: data_lib.ImageSet, out: Path) ->
     else:
         test_fraction = config.test_fraction or data_lib.dataset_defaults(config.dataset)["test_fraction"]
         part = partition_lib.load_or_make(
-            target, dataset.labels, dataset.domains, scheme=config.scheme, num_clients=config.clients,
-            seed=config.seed, alpha=config.alpha, classes_per_client=config.classes_per_client,
-            test_fraction=test_fraction, dataset=config.dataset, classes=dataset.classes,
-            domain_names=dataset.domain_names)
+            target,
+            dataset.labels,
+            dataset.domains,
+            scheme=config.scheme,
+            num_clients=config.clients,
+            seed=config.seed,
+            alpha=config.alpha,
+            classes_per_client=config.classes_per_client,
+            test_fraction=test_fraction,
+            dataset=config.dataset,
+            classes=dataset.classes,
+            domain_names=dataset.domain_names,
+        )
     if part.num_clients != config.clients:
         raise UserError(f"the partition has {part.num_clients} clients but --clients is {config.clients}")
     return part
@@ -189,8 +138,9 @@ def _build_context(config: RunConfig, method: Method, out: Path) -> RunContext:
     dataset = data_lib.load(config.dataset, config.data_root)
     part = _load_partition(config, dataset, out)
     spec = model_lib.input_spec(config.model, data_channels=dataset.channels, data_size=dataset.image_size)
-    model = model_lib.build(config.model, dataset.num_classes, spec.in_chans, spec.img_size,
-                            patch_size=spec.patch_size, seed=config.seed)
+    model = model_lib.build(
+        config.model, dataset.num_classes, spec.in_chans, spec.img_size, patch_size=spec.patch_size, seed=config.seed
+    )
     with torch.random.fork_rng(devices=[]):  # plugins are initialised from the run's seed too
         torch.manual_seed(config.seed + 1)
         method.prepare_model(model)
@@ -198,16 +148,32 @@ def _build_context(config: RunConfig, method: Method, out: Path) -> RunContext:
     table = model_lib.manifest(model, method.local_spec())
     local, shared = _split_names(model, table.loc[table["local"], "param"].tolist())
     prepare = BatchPreparer(spec, config.augment_shift, config.augment_scale)
-    return RunContext(config, model, device, dataset, part, table, prepare, dataset.images.to(device),
-                      dataset.labels.to(device), local, shared, out)
+    return RunContext(
+        config,
+        model,
+        device,
+        dataset,
+        part,
+        table,
+        prepare,
+        dataset.images.to(device),
+        dataset.labels.to(device),
+        local,
+        shared,
+        out,
+    )
 
 
 def _fresh_state(ctx: RunContext, method: Method) -> dict:
     local0 = snapshot(ctx.model, ctx.local_names)
-    return {"round": 0, "seconds": 0.0, "shared": snapshot(ctx.model, ctx.shared_names),
-            "local": [{n: t.clone() for n, t in local0.items()} for _ in range(ctx.config.clients)],
-            "extra": [method.init_client(c, ctx.model) for c in range(ctx.config.clients)],
-            "tables": {}}
+    return {
+        "round": 0,
+        "seconds": 0.0,
+        "shared": snapshot(ctx.model, ctx.shared_names),
+        "local": [{n: t.clone() for n, t in local0.items()} for _ in range(ctx.config.clients)],
+        "extra": [method.init_client(c, ctx.model) for c in range(ctx.config.clients)],
+        "tables": {},
+    }
 
 
 def _comparable(config: RunConfig) -> dict:
@@ -241,8 +207,17 @@ def _evaluate_all(ctx: RunContext, method: Method, state: dict, round_: int, par
         assign(ctx.model, state["local"][c])
         client = ClientContext(ctx, c, round_, state["extra"][c], seeded_generator(ctx.config.seed, round_, c, 2))
         result = method.evaluate_client(client)
-        rows.append({"round": round_, "client": c, "split": "test", "loss": result.loss,
-                     "accuracy": result.accuracy, "n": result.n, "participated": c in participants})
+        rows.append(
+            {
+                "round": round_,
+                "client": c,
+                "split": "test",
+                "loss": result.loss,
+                "accuracy": result.accuracy,
+                "n": result.n,
+                "participated": c in participants,
+            }
+        )
     return rows
 
 
@@ -285,25 +260,32 @@ def _summary(ctx: RunContext, method: Method, state: dict, rounds: pd.DataFrame)
         "acc_best": float(best["acc_mean"]) if best is not None else None,
         "round_best": int(best["round"]) if best is not None else None,
         "acc_last": float(evaluated["acc_mean"].iloc[-1]) if len(evaluated) else None,
-        "rounds": int(state["round"]), "seconds": round(state["seconds"], 2),
+        "rounds": int(state["round"]),
+        "seconds": round(state["seconds"], 2),
         "seconds_per_round": round(state["seconds"] / max(1, state["round"]), 3),
-        "local_params": int(local["numel"].sum()) + method.personal_params(ctx.parts), "shared_params": int(ctx.parts["numel"].sum() - local["numel"].sum()),
+        "local_params": int(local["numel"].sum()) + method.personal_params(ctx.parts),
+        "shared_params": int(ctx.parts["numel"].sum() - local["numel"].sum()),
         "comm_bytes_per_round": float((rounds["up_bytes"] + rounds["down_bytes"]).mean()) if len(rounds) else 0.0,
         "status": "done" if state["round"] >= ctx.config.rounds else "running",
     }
 
 
-def run(config: RunConfig, hooks: Sequence = (), *, resume: bool = False, overwrite: bool = False,
-        quiet: bool = False) -> RunResult:
+def run(
+    config: RunConfig, hooks: Sequence = (), *, resume: bool = False, overwrite: bool = False, quiet: bool = False
+) -> RunResult:
     """One federated run into `config.out`; resumable from the checkpoint written after every round."""
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     method = get_method(config)
     ctx = _build_context(config, method, out)
     state = _start_state(ctx, method, resume, overwrite)
-    runio.write_json(out / "config.json", {"config": dataclasses.asdict(config), "versions": runio.versions(),
-                                           "git_revision": runio.git_revision()})
-    runio.write_table(out / "parts.csv", ctx.parts.to_dict("records"), ["param", "part", "block", "numel", "bytes", "local"])
+    runio.write_json(
+        out / "config.json",
+        {"config": dataclasses.asdict(config), "versions": runio.versions(), "git_revision": runio.git_revision()},
+    )
+    runio.write_table(
+        out / "parts.csv", ctx.parts.to_dict("records"), ["param", "part", "block", "numel", "bytes", "local"]
+    )
     if not quiet:
         tqdm.write(f"{out}: {model_lib.describe(ctx.parts)}")
     for hook in hooks:
@@ -323,8 +305,15 @@ def run(config: RunConfig, hooks: Sequence = (), *, resume: bool = False, overwr
         for hook in hooks:
             tables[hook.table].extend(hook.on_round_end(round_))
         seconds = time.perf_counter() - started
-        tables["rounds"].append({"round": round_, **accuracy_stats(acc), "up_bytes": exchanged,
-                                 "down_bytes": exchanged, "seconds": round(seconds, 4)})
+        tables["rounds"].append(
+            {
+                "round": round_,
+                **accuracy_stats(acc),
+                "up_bytes": exchanged,
+                "down_bytes": exchanged,
+                "seconds": round(seconds, 4),
+            }
+        )
         state["round"], state["seconds"] = round_, state["seconds"] + seconds
         runio.save_checkpoint(out / "checkpoint.pt", state)
         _write_outputs(ctx, state)
@@ -335,5 +324,10 @@ def run(config: RunConfig, hooks: Sequence = (), *, resume: bool = False, overwr
     frames = _write_outputs(ctx, state)
     summary = _summary(ctx, method, state, frames["rounds"])
     runio.write_json(out / "summary.json", summary)
-    return RunResult(out, frames["rounds"], frames["metrics"], summary,
-                     {k: v for k, v in frames.items() if k not in ("rounds", "metrics")})
+    return RunResult(
+        out,
+        frames["rounds"],
+        frames["metrics"],
+        summary,
+        {k: v for k, v in frames.items() if k not in ("rounds", "metrics")},
+    )

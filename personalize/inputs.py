@@ -7,14 +7,14 @@ as the public FedPerfix code does) and, while training, randomly shifted/scaled.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from personalize.model import InputSpec
+from fedsens.personalize.model import InputSpec
 
 
 def seeded_generator(*keys: int) -> torch.Generator:
@@ -36,8 +36,13 @@ class BatchPreparer:
         if x.shape[1] == 1 and self.spec.in_chans == 3:
             x = x.expand(-1, 3, -1, -1)
         if x.shape[-1] != self.spec.img_size or x.shape[-2] != self.spec.img_size:
-            x = F.interpolate(x, size=(self.spec.img_size, self.spec.img_size), mode="bilinear",
-                              align_corners=False, antialias=x.shape[-1] > self.spec.img_size)
+            x = F.interpolate(
+                x,
+                size=(self.spec.img_size, self.spec.img_size),
+                mode="bilinear",
+                align_corners=False,
+                antialias=x.shape[-1] > self.spec.img_size,
+            )
         if generator is not None and (self.augment_shift > 0 or self.augment_scale > 0):
             x = self._random_affine(x, generator)
         return (x - 0.5) / 0.5
@@ -55,9 +60,18 @@ class BatchPreparer:
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def batches(images: torch.Tensor, labels: torch.Tensor, indices: np.ndarray, prepare: BatchPreparer, *,
-            batch_size: int, generator: torch.Generator | None = None, epochs: int = 1,
-            steps: int | None = None, augment: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def batches(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    indices: np.ndarray,
+    prepare: BatchPreparer,
+    *,
+    batch_size: int,
+    generator: torch.Generator | None = None,
+    epochs: int = 1,
+    steps: int | None = None,
+    augment: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Shuffled (when a generator is given) mini-batches of a client's split; `steps` overrides epochs."""
     index = torch.as_tensor(indices, dtype=torch.long)
     if len(index) == 0:
@@ -66,7 +80,7 @@ def batches(images: torch.Tensor, labels: torch.Tensor, indices: np.ndarray, pre
     while True:
         order = index[torch.randperm(len(index), generator=generator)] if generator is not None else index
         for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size].to(images.device)
+            chunk = order[start : start + batch_size].to(images.device)
             x = prepare(images[chunk], generator=generator if augment else None)
             yield x, labels[chunk]
             done += 1

@@ -17,19 +17,20 @@ public FedPerfix code differ, the classes follow the code and their docstrings s
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from personalize import plugins
-from personalize.errors import UserError
+from fedsens.personalize import plugins
+from fedsens.personalize.client import ClientContext, EvalResult
+from fedsens.personalize.config import RunConfig
+from fedsens.personalize.errors import UserError
 
-if TYPE_CHECKING:  # only for annotations: federation imports this module
+if TYPE_CHECKING:
     import pandas as pd
-
-    from personalize.federation import ClientContext, EvalResult, RunConfig
 
 
 def weighted_mean(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
@@ -56,7 +57,7 @@ class Method:
 
     name = "fedavg"
 
-    def __init__(self, config: "RunConfig"):
+    def __init__(self, config: RunConfig):
         self.config = config
 
     def prepare_model(self, model: nn.Module) -> None:
@@ -69,26 +70,28 @@ class Method:
         """Extra per-client state beyond its local parameters (kept in the checkpoint); default none."""
         return {}
 
-    def personal_params(self, parts: "pd.DataFrame") -> int:
+    def personal_params(self, parts: pd.DataFrame) -> int:
         """Parameters each client keeps beyond its local parts (extra state such as APFL's personal
         model), given the run's parts table; reported beside `local_params`. Default none."""
         return 0
 
-    def train_client(self, ctx: "ClientContext") -> None:
+    def train_client(self, ctx: ClientContext) -> None:
         """Plain local SGD over the client's train split for the configured epochs/steps."""
         optimizer = ctx.optimizer(p for p in ctx.model.parameters() if p.requires_grad)
         ctx.model.train()
         for x, y in ctx.train_batches():
             ctx.step(optimizer, x, y)
 
-    def evaluate_client(self, ctx: "ClientContext") -> "EvalResult":
+    def evaluate_client(self, ctx: ClientContext) -> EvalResult:
         return ctx.evaluate()
 
-    def aggregate(self, states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+    def aggregate(
+        self, states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]
+    ) -> dict[str, torch.Tensor]:
         return weighted_mean(states, weights)
 
 
-def _part_names(ctx: "ClientContext", part: str) -> set[str]:
+def _part_names(ctx: ClientContext, part: str) -> set[str]:
     """Parameter names of one part type (from the run's resolved manifest)."""
     table = ctx.run.parts
     return set(table.loc[table["part"] == part, "param"])
@@ -107,14 +110,14 @@ def _only_trainable(model: nn.Module, names: set[str]) -> Iterator[list[nn.Param
             p.requires_grad_(before[name])
 
 
-def _train_steps(ctx: "ClientContext", params: list[nn.Parameter], **batch_options) -> None:
+def _train_steps(ctx: ClientContext, params: list[nn.Parameter], **batch_options) -> None:
     optimizer = ctx.optimizer(params)
     ctx.model.train()
     for x, y in ctx.train_batches(**batch_options):
         ctx.step(optimizer, x, y)
 
 
-def _evaluate_adapted(ctx: "ClientContext", adapt: Callable[["ClientContext"], None]) -> "EvalResult":
+def _evaluate_adapted(ctx: ClientContext, adapt: Callable[[ClientContext], None]) -> EvalResult:
     """Adapt the client's model, evaluate it, and put the weights back (hooks may read them next)."""
     saved = {name: t.detach().clone() for name, t in ctx.model.state_dict().items()}
     adapt(ctx)
@@ -168,14 +171,14 @@ class FedRep(FixedParts):
 
     name, parts = "fedrep", "head"
 
-    def train_client(self, ctx: "ClientContext") -> None:
+    def train_client(self, ctx: ClientContext) -> None:
         head = _part_names(ctx, "head")
         body = {name for name, _ in ctx.model.named_parameters()} - head
         self.train_phase(ctx, head, epochs=self.config.fedrep_head_epochs)
         self.train_phase(ctx, body)
 
     @staticmethod
-    def train_phase(ctx: "ClientContext", names: set[str], **batch_options) -> None:
+    def train_phase(ctx: ClientContext, names: set[str], **batch_options) -> None:
         with _only_trainable(ctx.model, names) as params:
             _train_steps(ctx, params, **batch_options)
 
@@ -192,15 +195,15 @@ class FedBABU(FixedParts):
 
     name, parts = "fedbabu", "head"
 
-    def train_client(self, ctx: "ClientContext") -> None:
+    def train_client(self, ctx: ClientContext) -> None:
         body = {name for name, _ in ctx.model.named_parameters()} - _part_names(ctx, "head")
         with _only_trainable(ctx.model, body) as params:
             _train_steps(ctx, params)
 
-    def evaluate_client(self, ctx: "ClientContext") -> "EvalResult":
+    def evaluate_client(self, ctx: ClientContext) -> EvalResult:
         return _evaluate_adapted(ctx, self.fine_tune)
 
-    def fine_tune(self, ctx: "ClientContext") -> None:
+    def fine_tune(self, ctx: ClientContext) -> None:
         _train_steps(ctx, list(ctx.model.parameters()), steps=self.config.finetune_steps)
 
 
@@ -225,13 +228,13 @@ class APFL(Method):
         personal = {self.PERSONAL + name: p.detach().clone() for name, p in model.named_parameters()}
         return {"alpha": torch.tensor(float(self.config.apfl_alpha)), **personal}
 
-    def personal_params(self, parts: "pd.DataFrame") -> int:
+    def personal_params(self, parts: pd.DataFrame) -> int:
         return int(parts["numel"].sum())  # a whole personal model per client
 
-    def personal(self, ctx: "ClientContext") -> dict[str, torch.Tensor]:
-        return {name[len(self.PERSONAL):]: t for name, t in ctx.state.items() if name.startswith(self.PERSONAL)}
+    def personal(self, ctx: ClientContext) -> dict[str, torch.Tensor]:
+        return {name[len(self.PERSONAL) :]: t for name, t in ctx.state.items() if name.startswith(self.PERSONAL)}
 
-    def train_client(self, ctx: "ClientContext") -> None:
+    def train_client(self, ctx: ClientContext) -> None:
         model, lr = ctx.model, self.config.lr
         model.train()
         shared = dict(model.named_parameters())
@@ -254,8 +257,8 @@ class APFL(Method):
                 ctx.state[self.PERSONAL + name] = (1 - alpha) * shared[name].detach() + alpha * v.detach()
         ctx.state["alpha"] = torch.tensor(alpha)
 
-    def evaluate_client(self, ctx: "ClientContext") -> "EvalResult":
-        def load_personal(ctx: "ClientContext") -> None:
+    def evaluate_client(self, ctx: ClientContext) -> EvalResult:
+        def load_personal(ctx: ClientContext) -> None:
             with torch.no_grad():
                 for name, p in ctx.model.named_parameters():
                     p.copy_(self.personal(ctx)[name])
@@ -263,11 +266,19 @@ class APFL(Method):
         return _evaluate_adapted(ctx, load_personal)
 
 
-def alpha_step(alpha: float, lr: float, shared: Mapping[str, torch.Tensor], personal: Mapping[str, torch.Tensor],
-               decay: float = 0.02) -> float:
+def alpha_step(
+    alpha: float,
+    lr: float,
+    shared: Mapping[str, torch.Tensor],
+    personal: Mapping[str, torch.Tensor],
+    decay: float = 0.02,
+) -> float:
     """One APFL mixing-weight step from the current gradients of w and v, clamped to [0, 1]."""
-    terms = [((personal[name].detach() - w.detach()) * (alpha * personal[name].grad + (1 - alpha) * w.grad)).sum()
-             for name, w in shared.items() if w.grad is not None and personal[name].grad is not None]
+    terms = [
+        ((personal[name].detach() - w.detach()) * (alpha * grad_v + (1 - alpha) * grad_w)).sum()
+        for name, w in shared.items()
+        if (grad_w := w.grad) is not None and (grad_v := personal[name].grad) is not None
+    ]
     grad = decay * alpha + (float(torch.stack(terms).sum()) if terms else 0.0)  # one device sync per step
     return min(1.0, max(0.0, alpha - lr * grad))
 
@@ -288,7 +299,7 @@ class PerFedAvg(Method):
     def local_spec(self) -> str:
         return "none"
 
-    def train_client(self, ctx: "ClientContext") -> None:
+    def train_client(self, ctx: ClientContext) -> None:
         params = [p for p in ctx.model.parameters() if p.requires_grad]
         beta = self.config.perfedavg_beta if self.config.perfedavg_beta is not None else self.config.lr
         ctx.model.train()
@@ -301,24 +312,23 @@ class PerFedAvg(Method):
                 for p, p0, g in zip(params, start, grads):
                     p.copy_(p0 - beta * g)
 
-    def evaluate_client(self, ctx: "ClientContext") -> "EvalResult":
+    def evaluate_client(self, ctx: ClientContext) -> EvalResult:
         return _evaluate_adapted(ctx, self.adapt)
 
-    def adapt(self, ctx: "ClientContext") -> None:
+    def adapt(self, ctx: ClientContext) -> None:
         params = [p for p in ctx.model.parameters() if p.requires_grad]
         ctx.model.train()
         for x, y in ctx.train_batches(steps=1):
             _sgd_step(ctx, params, x, y, self.config.lr)
 
 
-def _gradients(ctx: "ClientContext", params: list[nn.Parameter], x: torch.Tensor,
-               y: torch.Tensor) -> list[torch.Tensor]:
+def _gradients(ctx: ClientContext, params: list[nn.Parameter], x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
     loss = ctx.loss(x, y)
     ctx.nonfinite = ctx.nonfinite or not bool(torch.isfinite(loss.detach()))
     return list(torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True))
 
 
-def _sgd_step(ctx: "ClientContext", params: list[nn.Parameter], x: torch.Tensor, y: torch.Tensor, lr: float) -> None:
+def _sgd_step(ctx: ClientContext, params: list[nn.Parameter], x: torch.Tensor, y: torch.Tensor, lr: float) -> None:
     grads = _gradients(ctx, params, x, y)
     with torch.no_grad():
         for p, g in zip(params, grads):
@@ -338,8 +348,15 @@ class FedPerfix(Method):
 
     def prepare_model(self, model: nn.Module) -> None:
         cfg = self.config
-        plugins.install(model, self.plugin, mid_dim=cfg.plugin_mid_dim, scale=cfg.plugin_scale,
-                        depth=cfg.plugin_depth, init=cfg.plugin_init, seed=cfg.seed + 1)
+        plugins.install(
+            model,
+            self.plugin,
+            mid_dim=cfg.plugin_mid_dim,
+            scale=cfg.plugin_scale,
+            depth=cfg.plugin_depth,
+            init=cfg.plugin_init,
+            seed=cfg.seed + 1,
+        )
 
     def local_spec(self) -> str:
         return ",".join(term for term in ("plugin", "head", self.config.fedperfix_local) if term)
@@ -358,16 +375,29 @@ class VanillaPrefix(FedPerfix):
 
 METHODS: dict[str, type[Method]] = {
     method.name: method
-    for method in (Method, Local, FedBN, FedPer, FedRep, FedBABU, APFL, PerFedAvg, VanillaAttention, VanillaPrefix,
-                   FedPerfix)
+    for method in (
+        Method,
+        Local,
+        FedBN,
+        FedPer,
+        FedRep,
+        FedBABU,
+        APFL,
+        PerFedAvg,
+        VanillaAttention,
+        VanillaPrefix,
+        FedPerfix,
+    )
 }
 
 
-def get_method(config: "RunConfig") -> Method:
+def get_method(config: RunConfig) -> Method:
     """The method object for a run; unknown names are a user error."""
     if config.method not in METHODS:
         raise UserError(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}")
     if config.method != "fedavg" and config.personalize != "none":
-        raise UserError(f"--method {config.method} fixes which parts are local; drop --personalize "
-                        f"{config.personalize!r} or use --method fedavg with it")
+        raise UserError(
+            f"--method {config.method} fixes which parts are local; drop --personalize "
+            f"{config.personalize!r} or use --method fedavg with it"
+        )
     return METHODS[config.method](config)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 import timm
@@ -16,7 +17,7 @@ import torch
 from timm.layers import Mlp
 from torch import nn
 
-from personalize.errors import UserError
+from fedsens.personalize.errors import UserError
 
 PART_TYPES = ("embed", "attn", "mlp", "norm", "head", "plugin")
 EMBED_PARAMS = ("cls_token", "pos_embed", "reg_token")
@@ -75,18 +76,21 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]
 
 
-def build(preset: str, num_classes: int, in_chans: int, img_size: int, *, patch_size: int | None = None,
-          seed: int = 0) -> nn.Module:
+def build(
+    preset: str, num_classes: int, in_chans: int, img_size: int, *, patch_size: int | None = None, seed: int = 0
+) -> nn.Module:
     """A timm ViT trained from scratch; the init is seeded without touching the global RNG."""
     p = get_preset(preset)
-    overrides = {k: v for k, v in (("embed_dim", p.embed_dim), ("depth", p.depth), ("num_heads", p.num_heads))
-                 if v is not None}
+    overrides: dict[str, Any] = {
+        k: v for k, v in (("embed_dim", p.embed_dim), ("depth", p.depth), ("num_heads", p.num_heads)) if v is not None
+    }
     if patch_size is not None or p.patch_size is not None:
-        overrides["patch_size"] = patch_size or p.patch_size
+        overrides["patch_size"] = patch_size if patch_size is not None else p.patch_size
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return timm.create_model(p.timm_name, pretrained=False, num_classes=num_classes, in_chans=in_chans,
-                                 img_size=img_size, **overrides)
+        return timm.create_model(
+            p.timm_name, pretrained=False, num_classes=num_classes, in_chans=in_chans, img_size=img_size, **overrides
+        )
 
 
 def _part_of_module(model: nn.Module, path: str, module: nn.Module) -> str | None:
@@ -136,8 +140,13 @@ def parts(model: nn.Module) -> pd.DataFrame:
     """One row per parameter: `param, part, block, numel, bytes`, in the model's order."""
     modules = dict(model.named_modules())
     rows = [
-        {"param": name, "part": _classify(model, name, modules), "block": _block_of(name),
-         "numel": p.numel(), "bytes": p.numel() * p.element_size()}
+        {
+            "param": name,
+            "part": _classify(model, name, modules),
+            "block": _block_of(name),
+            "numel": p.numel(),
+            "bytes": p.numel() * p.element_size(),
+        }
         for name, p in model.named_parameters()
     ]
     return pd.DataFrame(rows, columns=["param", "part", "block", "numel", "bytes"])
@@ -185,8 +194,10 @@ def resolve(model: nn.Module, spec: str) -> list[str]:
         if not matched.any():
             blocks = table.loc[table["block"] >= 0, "block"]
             span = f"blocks 0-{blocks.max()}" if len(blocks) else "no blocks"
-            raise UserError(f"part spec term {term!r} matches no parameter of this model "
-                            f"(parts: {', '.join(sorted(set(table['part'])))}; {span})")
+            raise UserError(
+                f"part spec term {term!r} matches no parameter of this model "
+                f"(parts: {', '.join(sorted(set(table['part'])))}; {span})"
+            )
         selected |= matched
     return table.loc[selected, "param"].tolist()
 

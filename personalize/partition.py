@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from personalize.errors import UserError
+from fedsens.personalize.errors import UserError
 
 SCHEMES = ("iid", "dirichlet", "pathological", "domain")
 
@@ -93,10 +93,19 @@ def make(
     """
     labels = _as_ints(labels, "labels")
     domains = None if domains is None else _as_ints(domains, "domains")
-    params = _resolve_params(labels, domains, scheme=scheme, num_clients=num_clients, seed=seed,
-                             alpha=alpha, classes_per_client=classes_per_client,
-                             test_fraction=test_fraction, min_samples=min_samples,
-                             max_redraws=max_redraws, dataset=dataset)
+    params = _resolve_params(
+        labels,
+        domains,
+        scheme=scheme,
+        num_clients=num_clients,
+        seed=seed,
+        alpha=alpha,
+        classes_per_client=classes_per_client,
+        test_fraction=test_fraction,
+        min_samples=min_samples,
+        max_redraws=max_redraws,
+        dataset=dataset,
+    )
     rng = np.random.default_rng(seed)
     encoded = _encode_by_first_appearance(labels)
     if scheme == "iid":
@@ -120,9 +129,20 @@ def default_min_samples(test_fraction: float) -> int:
     return max(2, math.ceil(1 / min(test_fraction, 1 - test_fraction) - 1e-9))
 
 
-def _resolve_params(labels: np.ndarray, domains: np.ndarray | None, *, scheme, num_clients, seed,
-                    alpha, classes_per_client, test_fraction, min_samples, max_redraws,
-                    dataset) -> dict:
+def _resolve_params(
+    labels: np.ndarray,
+    domains: np.ndarray | None,
+    *,
+    scheme,
+    num_clients,
+    seed,
+    alpha,
+    classes_per_client,
+    test_fraction,
+    min_samples,
+    max_redraws,
+    dataset,
+) -> dict:
     """Validate the arguments and return the JSON-ready parameters that identify a partition."""
     n = len(labels)
     if scheme not in SCHEMES:
@@ -132,7 +152,9 @@ def _resolve_params(labels: np.ndarray, domains: np.ndarray | None, *, scheme, n
     if num_clients > n:
         raise UserError(f"num_clients={num_clients} is more than the {n} samples; use at most {n} clients")
     if not alpha > 0:
-        raise UserError(f"alpha={alpha!r} must be > 0 (small = strong label skew, e.g. 0.1; large = near iid, e.g. 100)")
+        raise UserError(
+            f"alpha={alpha!r} must be > 0 (small = strong label skew, e.g. 0.1; large = near iid, e.g. 100)"
+        )
     if not 0 < test_fraction < 1:
         raise UserError(f"test_fraction={test_fraction!r} must lie strictly between 0 and 1, e.g. 0.25")
     if max_redraws < 0:
@@ -148,19 +170,31 @@ def _resolve_params(labels: np.ndarray, domains: np.ndarray | None, *, scheme, n
         raise UserError(f"classes_per_client={classes_per_client!r} must lie between 1 and the {num_classes} classes")
     if scheme == "domain":
         if domains is None:
-            raise UserError("the 'domain' scheme needs per-sample domains; use a dataset with domains "
-                            "(e.g. officehome) or another scheme such as dirichlet")
+            raise UserError(
+                "the 'domain' scheme needs per-sample domains; use a dataset with domains "
+                "(e.g. officehome) or another scheme such as dirichlet"
+            )
         num_domains = len(np.unique(domains))
         if num_clients < num_domains:
-            raise UserError(f"num_clients={num_clients} is fewer than the {num_domains} domains; "
-                            f"use at least {num_domains} clients (ideally a multiple)")
+            raise UserError(
+                f"num_clients={num_clients} is fewer than the {num_domains} domains; "
+                f"use at least {num_domains} clients (ideally a multiple)"
+            )
     if num_clients * min_samples > n:
-        raise UserError(f"{num_clients} clients x min_samples={min_samples} needs more than the {n} samples; "
-                        f"use at most {n // min_samples} clients or lower min_samples")
+        raise UserError(
+            f"{num_clients} clients x min_samples={min_samples} needs more than the {n} samples; "
+            f"use at most {n // min_samples} clients or lower min_samples"
+        )
     params = {
-        "scheme": scheme, "num_clients": int(num_clients), "seed": int(seed), "alpha": float(alpha),
-        "classes_per_client": int(classes_per_client), "test_fraction": float(test_fraction),
-        "min_samples": int(min_samples), "max_redraws": int(max_redraws), "num_samples": int(n),
+        "scheme": scheme,
+        "num_clients": int(num_clients),
+        "seed": int(seed),
+        "alpha": float(alpha),
+        "classes_per_client": int(classes_per_client),
+        "test_fraction": float(test_fraction),
+        "min_samples": int(min_samples),
+        "max_redraws": int(max_redraws),
+        "num_samples": int(n),
         "data_hash": _data_hash(labels, domains if scheme == "domain" else None),
     }
     if dataset is not None:
@@ -168,8 +202,9 @@ def _resolve_params(labels: np.ndarray, domains: np.ndarray | None, *, scheme, n
     return params
 
 
-def _dirichlet(pool: np.ndarray, encoded: np.ndarray, num_clients: int, params: dict,
-               rng: np.random.Generator) -> list[np.ndarray]:
+def _dirichlet(
+    pool: np.ndarray, encoded: np.ndarray, num_clients: int, params: dict, rng: np.random.Generator
+) -> list[np.ndarray]:
     """Split the sample ids in `pool` with Dirichlet label skew, redrawing small clients."""
     pool_labels = encoded[pool]
     classes = np.unique(pool_labels)
@@ -184,7 +219,8 @@ def _dirichlet(pool: np.ndarray, encoded: np.ndarray, num_clients: int, params: 
         raise UserError(
             f"no Dirichlet draw in {params['max_redraws'] + 1} gave every client >= min_samples="
             f"{params['min_samples']} samples (alpha={params['alpha']}, num_clients={num_clients}, "
-            f"{len(pool)} samples, smallest client {smallest}); raise alpha, use fewer clients or lower min_samples")
+            f"{len(pool)} samples, smallest client {smallest}); raise alpha, use fewer clients or lower min_samples"
+        )
     clients: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
     for c, row in zip(classes, counts):
         members = rng.permutation(pool[pool_labels == c])
@@ -216,23 +252,28 @@ def _pathological(encoded: np.ndarray, num_clients: int, k: int, rng: np.random.
     for cls in sorted(holders):
         members = rng.permutation(np.flatnonzero(encoded == cls))
         if len(members) < len(holders[cls]):
-            raise UserError(f"a class with {len(members)} samples cannot be shared by {len(holders[cls])} clients; "
-                            "use fewer clients or a smaller classes_per_client")
+            raise UserError(
+                f"a class with {len(members)} samples cannot be shared by {len(holders[cls])} clients; "
+                "use fewer clients or a smaller classes_per_client"
+            )
         for client, shard in zip(holders[cls], np.array_split(members, len(holders[cls]))):
             clients[client].append(shard)
     return [np.concatenate(parts) for parts in clients]
 
 
-def _domain(encoded: np.ndarray, domain_ids: np.ndarray, num_clients: int, params: dict,
-            rng: np.random.Generator) -> list[np.ndarray]:
+def _domain(
+    encoded: np.ndarray, domain_ids: np.ndarray, num_clients: int, params: dict, rng: np.random.Generator
+) -> list[np.ndarray]:
     """Consecutive blocks of clients per domain (as even as possible), Dirichlet skew inside each."""
     num_domains = int(domain_ids.max()) + 1
     clients: list[np.ndarray] = []
     for domain, block in enumerate(np.array_split(np.arange(num_clients), num_domains)):
         pool = np.flatnonzero(domain_ids == domain)
         if len(block) * params["min_samples"] > len(pool):
-            raise UserError(f"a domain with {len(pool)} samples cannot give {len(block)} clients "
-                            f"min_samples={params['min_samples']} each; use fewer clients or lower min_samples")
+            raise UserError(
+                f"a domain with {len(pool)} samples cannot give {len(block)} clients "
+                f"min_samples={params['min_samples']} each; use fewer clients or lower min_samples"
+            )
         clients.extend(_dirichlet(pool, encoded, len(block), params, rng))
     return clients
 
@@ -240,12 +281,15 @@ def _domain(encoded: np.ndarray, domain_ids: np.ndarray, num_clients: int, param
 def _check_min_samples(clients: list[np.ndarray], params: dict) -> None:
     smallest = min(len(c) for c in clients)
     if smallest < params["min_samples"]:
-        raise UserError(f"the {params['scheme']} partition gives a client only {smallest} samples "
-                        f"(min_samples={params['min_samples']}); use fewer clients or lower min_samples")
+        raise UserError(
+            f"the {params['scheme']} partition gives a client only {smallest} samples "
+            f"(min_samples={params['min_samples']}); use fewer clients or lower min_samples"
+        )
 
 
-def _split_client(idx: np.ndarray, encoded: np.ndarray, test_fraction: float,
-                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _split_client(
+    idx: np.ndarray, encoded: np.ndarray, test_fraction: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Split one client's samples into train/test, stratified by label (largest-remainder quotas)."""
     n = len(idx)
     if n < 2:
@@ -260,7 +304,7 @@ def _split_client(idx: np.ndarray, encoded: np.ndarray, test_fraction: float,
     quota[np.argsort(-(exact - quota), kind="stable")[:leftover]] += 1
     order = np.argsort(lab, kind="stable")
     group = np.searchsorted(classes, lab[order])
-    rank_in_class = np.arange(n) - np.searchsorted(lab[order], classes)[group]
+    rank_in_class = np.arange(n) - np.asarray(np.searchsorted(lab[order], classes))[group]
     is_test = rank_in_class < quota[group]
     ordered = shuffled[order]
     return np.sort(ordered[~is_test]).astype(np.int64), np.sort(ordered[is_test]).astype(np.int64)
@@ -304,6 +348,7 @@ def _content_hash(params: dict, train: list[np.ndarray], test: list[np.ndarray])
 
 # ---- the manifest on disk -----------------------------------------------------------------------
 
+
 def manifest_path(path: str | Path) -> Path:
     """`path` itself when it names a .json file, else `path/partition.json`."""
     path = Path(path)
@@ -314,8 +359,10 @@ def save(partition: Partition, path: str | Path, *, labels, domains=None, classe
     """Write the manifest (indices, parameters, seed, hash, histograms) and return its path."""
     labels = _as_ints(labels, "labels")
     if len(labels) != partition.params["num_samples"]:
-        raise UserError(f"labels has {len(labels)} entries but the partition was made for "
-                        f"{partition.params['num_samples']} samples; pass the labels it was made from")
+        raise UserError(
+            f"labels has {len(labels)} entries but the partition was made for "
+            f"{partition.params['num_samples']} samples; pass the labels it was made from"
+        )
     domain_hist = None
     if domains is not None:
         domain_hist = partition.domain_histogram(domains, num_domains=len(domain_names) or None).tolist()
@@ -380,17 +427,20 @@ def _with_make_defaults(labels: np.ndarray, domains: np.ndarray | None, make_kwa
 
 # ---- a readable per-client view -----------------------------------------------------------------
 
+
 def summary_table(partition: Partition, labels, domains=None, domain_names=()) -> pd.DataFrame:
     """One row per client: client, train, test, classes (present), dominant_share, [domain]."""
     hist = partition.label_histogram(labels)
     totals = hist.sum(axis=1)
-    table = pd.DataFrame({
-        "client": np.arange(partition.num_clients),
-        "train": [len(idx) for idx in partition.train],
-        "test": [len(idx) for idx in partition.test],
-        "classes": (hist > 0).sum(axis=1),
-        "dominant_share": np.round(hist.max(axis=1) / np.maximum(totals, 1), 3),
-    })
+    table = pd.DataFrame(
+        {
+            "client": np.arange(partition.num_clients),
+            "train": [len(idx) for idx in partition.train],
+            "test": [len(idx) for idx in partition.test],
+            "classes": (hist > 0).sum(axis=1),
+            "dominant_share": np.round(hist.max(axis=1) / np.maximum(totals, 1), 3),
+        }
+    )
     if domains is not None:
         most_common = partition.domain_histogram(domains).argmax(axis=1)
         table["domain"] = [domain_names[d] if d < len(domain_names) else str(d) for d in most_common]

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from timm.layers import Attention
 from torch import nn
 
-from personalize.errors import UserError
+from fedsens.personalize.errors import UserError
 
 KINDS = ("fedperfix", "vanilla-prefix", "prefix-tokens")
 INITS = ("zero", "random")
@@ -242,12 +242,13 @@ def install(
     _check_options(kind, mid_dim=mid_dim, depth=depth, init=init, length=length, available=len(attentions))
     generator = torch.Generator().manual_seed(seed)
     before = {name for name, _ in model.named_parameters()}
-    for name in attentions[len(attentions) - (depth or len(attentions)):]:
+    for name in attentions[len(attentions) - (depth or len(attentions)) :]:
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         original = getattr(parent, child_name)
-        prefix = _make_prefix(kind, original, mid_dim=mid_dim, scale=scale, init=init, length=length,
-                              generator=generator)
+        prefix = _make_prefix(
+            kind, original, mid_dim=mid_dim, scale=scale, init=init, length=length, generator=generator
+        )
         weight = original.qkv.weight
         setattr(parent, child_name, AttentionWithPlugin(original, prefix.to(device=weight.device, dtype=weight.dtype)))
     return [name for name, _ in model.named_parameters() if name not in before]

@@ -19,8 +19,7 @@ import torch
 # The column order of the engine's tables (DESIGN.md "Tables"): readers depend on these names.
 TABLE_COLUMNS = {
     "metrics": ["round", "client", "split", "loss", "accuracy", "n", "participated"],
-    "rounds": ["round", "acc_mean", "acc_std", "acc_p10", "acc_min", "jain", "up_bytes", "down_bytes",
-               "seconds"],
+    "rounds": ["round", "acc_mean", "acc_std", "acc_p10", "acc_min", "jain", "up_bytes", "down_bytes", "seconds"],
     "divergence": ["round", "group", "part", "block", "metric", "value"],
 }
 
@@ -56,8 +55,9 @@ def load_checkpoint(path: Path) -> dict:
 
 def git_revision() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
@@ -73,5 +73,11 @@ def versions() -> dict[str, str]:
         fedsens_version = version("fedsens")
     except PackageNotFoundError:  # running from a source tree that was never installed
         fedsens_version = "unknown"
-    return {"fedsens": fedsens_version, "python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "timm": timm.__version__, "pandas": pd.__version__}
+    return {
+        "fedsens": fedsens_version,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+        "pandas": pd.__version__,
+    }

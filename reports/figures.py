@@ -16,7 +16,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, MaxNLocator
 
-from reports.tables import group_column
+from fedsens.reports.tables import group_column
 
 # Part types in the order the model is built (input to output); unknown parts go last.
 PART_ORDER = ("embed", "attn", "mlp", "norm", "head", "plugin")
@@ -33,7 +33,7 @@ def _new_axes(ncols: int, *, width: float, height: float, nrows: int = 1, width_
 
 def _one_axes(ax: Axes | None, *, width: float, height: float) -> tuple[Figure, Axes]:
     if ax is not None:
-        return ax.figure, ax
+        return ax.figure, ax  # type: ignore[return-value]
     fig, axes = _new_axes(1, width=width, height=height)
     return fig, axes[0]
 
@@ -85,8 +85,10 @@ def plot_sensitivity(ranking: pd.DataFrame, *, ax: Axes | None = None) -> Figure
     positions = np.arange(len(rows))
     ax.barh(positions, np.nan_to_num(score), xerr=np.vstack([below, above]), color=colors, capsize=3)
     # Unranked rows (e.g. `all`: nothing shared) are shown for reference, grey and without a rank.
-    labels = [f"{int(r)}. {p}" if is_ranked else f"{p} (not ranked)"
-              for r, p, is_ranked in zip(rows["rank"], rows["part"], ranked)]
+    labels = [
+        f"{int(r)}. {p}" if is_ranked else f"{p} (not ranked)"
+        for r, p, is_ranked in zip(rows["rank"], rows["part"], ranked)
+    ]
     ax.set_yticks(positions, labels)
     ax.invert_yaxis()
     ax.axvline(0, color="0.3", linewidth=0.8)
@@ -181,7 +183,11 @@ def plot_rank_agreement(ranking: pd.DataFrame, *, ax: Axes | None = None) -> Fig
         rho = _spearman(rows)
         dodge = (index - (len(metrics) - 1) / 2) * 0.08  # metrics that agree would hide each other
         ax.scatter(
-            rows["rank_gain"] + dodge, rows["rank"], s=60, alpha=0.8, color=colors[index],
+            rows["rank_gain"] + dodge,
+            rows["rank"],
+            s=60,
+            alpha=0.8,
+            color=colors[index],
             marker=markers[index % len(markers)],
             label=f"{metric} (Spearman ρ = {rho:+.2f})" if np.isfinite(rho) else f"{metric} (Spearman ρ: n/a)",
         )
@@ -242,15 +248,39 @@ def plot_fairness(final: pd.DataFrame, *, hue: str | None = None, ax: Axes | Non
     order = _ordered(data["group"])
     fig, ax = _one_axes(ax, width=max(4.0, 1.1 * len(order) + 2.0), height=4.0)
     values = [data.loc[data["group"] == group, "accuracy"].to_numpy(float) for group in order]
-    boxes = ax.boxplot(values, positions=np.arange(len(order)), widths=0.6, patch_artist=True,
-                       showfliers=False, medianprops={"color": "0.15"})
+    boxes = ax.boxplot(
+        values,
+        positions=np.arange(len(order)),
+        widths=0.6,
+        patch_artist=True,
+        showfliers=False,
+        medianprops={"color": "0.15"},
+    )
     for patch, color in zip(boxes["boxes"], _colors(len(order))):
         patch.set(facecolor=color, alpha=0.6)
-    sns.stripplot(data=data, x="group", y="accuracy", order=order, color="0.25", size=3,
-                  alpha=0.5, jitter=0.2, ax=ax, native_scale=False)
+    sns.stripplot(
+        data=data,
+        x="group",
+        y="accuracy",
+        order=order,
+        color="0.25",
+        size=3,
+        alpha=0.5,
+        jitter=0.2,
+        ax=ax,
+        native_scale=False,
+    )
     p10 = data.groupby("group")["accuracy"].quantile(0.1).reindex(order)
-    ax.scatter(np.arange(len(order)), p10.to_numpy(), marker="D", s=55, color="crimson",
-               zorder=5, label="worst 10% of clients (p10)", gid="p10")
+    ax.scatter(
+        np.arange(len(order)),
+        p10.to_numpy(),
+        marker="D",
+        s=55,
+        color="crimson",
+        zorder=5,
+        label="worst 10% of clients (p10)",
+        gid="p10",
+    )
     ax.set_xticks(np.arange(len(order)), order)
     ax.set_xlabel(hue or "")
     ax.set_ylabel("client test accuracy (last evaluated round)")
@@ -269,16 +299,19 @@ def plot_cost(table: pd.DataFrame, *, hue: str | None = None, axes: Sequence[Axe
     rows = table.dropna(subset=["acc_mean"])
     fig, axes = _panel_axes(axes, 2, width=4.4, height=3.8)
     groups = _ordered(rows[hue]) if hue else [None]
-    columns = (("comm_bytes_per_round", "communication per round", "B"),
-               ("local_params", "local parameters per client", ""))
+    columns = (
+        ("comm_bytes_per_round", "communication per round", "B"),
+        ("local_params", "local parameters per client", ""),
+    )
     for color, group in zip(_colors(len(groups)), groups):
         subset = rows if group is None else rows[rows[hue] == group]
         accuracy = subset["acc_mean"].to_numpy(float)
         spread = accuracy.std() if len(accuracy) > 1 else 0.0
         for ax, (column, _, _) in zip(axes, columns):
             x = subset[column].to_numpy(float).mean()
-            ax.errorbar([x], [accuracy.mean()], yerr=[spread], fmt="o", color=color, capsize=3,
-                        markersize=7, label=group)
+            ax.errorbar(
+                [x], [accuracy.mean()], yerr=[spread], fmt="o", color=color, capsize=3, markersize=7, label=group
+            )
     for ax, (_, label, unit) in zip(axes, columns):
         ax.set_xlabel(label)
         ax.xaxis.set_major_locator(MaxNLocator(nbins=5))

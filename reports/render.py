@@ -64,7 +64,6 @@ details summary { cursor: pointer; font-weight: 600; margin: .4rem 0; }
 """
 
 
-
 def format_float(value: float) -> str:
     """Four significant digits, but big counts (bytes, parameters) in full with thousands commas."""
     if abs(value) >= 1e4 and float(value).is_integer():
@@ -72,14 +71,13 @@ def format_float(value: float) -> str:
     return f"{value:.4g}"
 
 
-
 def render_html(title: str, subtitle: str, blocks: list[Block]) -> str:
     """One self-contained HTML page: inline CSS, figures as PNG data URIs."""
     body = "\n".join(_html_block(block) for block in blocks)
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         f"<title>{html.escape(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
-        f"<h1>{html.escape(title)}</h1>\n<p class=\"sub\">{html.escape(subtitle)}</p>\n"
+        f'<h1>{html.escape(title)}</h1>\n<p class="sub">{html.escape(subtitle)}</p>\n'
         f"{body}\n</body>\n</html>\n"
     )
 
@@ -93,8 +91,9 @@ def _html_block(block: Block) -> str:
     if isinstance(block, Note):
         return f'<p class="note">{html.escape(block.text)}</p>'
     if isinstance(block, Table):
-        table = block.frame.to_html(index=False, classes="frame", border=0, float_format=format_float,
-                                    na_rep="", escape=True)
+        table = block.frame.to_html(
+            index=False, classes="frame", border=0, float_format=format_float, na_rep="", escape=True
+        )
         if block.collapsed:
             return f"<details><summary>{html.escape(block.title)}</summary>\n{table}\n</details>"
         return f"<h3>{html.escape(block.title)}</h3>\n{table}"

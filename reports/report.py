@@ -20,12 +20,12 @@ import pandas as pd
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from reports import figures
-from reports.render import Block, FigureBlock, Heading, Note, Paragraph, Table, render_html, render_markdown
-from reports.tables import (
+from fedsens.reports import figures
+from fedsens.reports.render import Block, FigureBlock, Heading, Note, Paragraph, Table, render_html, render_markdown
+from fedsens.reports.tables import (
     CONFIG_FILES,
-    by_partition,
     FolderTables,
+    by_partition,
     detect,
     fedavg_divergence,
     final_client_accuracy,
@@ -38,8 +38,16 @@ from reports.tables import (
 __all__ = ["build_report", "detect", "plan_figures"]
 
 PNG_DPI = 110  # sharp on screen while keeping index.html well under a few MB
-FIGURE_NAMES = ("sensitivity", "rank_agreement", "divergence_heatmap", "divergence_rounds", "training_curves",
-                "fairness", "cost", "partition")
+FIGURE_NAMES = (
+    "sensitivity",
+    "rank_agreement",
+    "divergence_heatmap",
+    "divergence_rounds",
+    "training_curves",
+    "fairness",
+    "cost",
+    "partition",
+)
 
 
 @dataclass(frozen=True)
@@ -115,18 +123,27 @@ def _ranking_figures(frames: dict[str, pd.DataFrame], need) -> list[PlannedFigur
     planned = []
     for label, rows in by_partition(ranking):
         suffix, where = (f"-{_slug(label)}", f" ({label})") if label else ("", "")
-        planned.append(PlannedFigure(
-            f"sensitivity{suffix}",
-            f"Accuracy gain over FedAvg when each part is kept local and the rest aggregated{where}: mean over "
-            "seeds with its confidence interval across seeds; rank 1 (top) gains most from personalization.",
-            partial(figures.plot_sensitivity, rows)))
-        if need((rows["metric"] != "gain_vs_fedavg").any(), f"divergence rows in ranking.csv{where}",
-                "the divergence-vs-accuracy ranking figure"):
-            planned.append(PlannedFigure(
-                f"rank_agreement{suffix}",
-                f"Each divergence metric's ranking of the parts (FedAvg cell{where}) against their ranking by "
-                "accuracy gain; points on the dashed diagonal agree, the legend gives Spearman's rho.",
-                partial(figures.plot_rank_agreement, rows)))
+        planned.append(
+            PlannedFigure(
+                f"sensitivity{suffix}",
+                f"Accuracy gain over FedAvg when each part is kept local and the rest aggregated{where}: mean over "
+                "seeds with its confidence interval across seeds; rank 1 (top) gains most from personalization.",
+                partial(figures.plot_sensitivity, rows),
+            )
+        )
+        if need(
+            (rows["metric"] != "gain_vs_fedavg").any(),
+            f"divergence rows in ranking.csv{where}",
+            "the divergence-vs-accuracy ranking figure",
+        ):
+            planned.append(
+                PlannedFigure(
+                    f"rank_agreement{suffix}",
+                    f"Each divergence metric's ranking of the parts (FedAvg cell{where}) against their ranking by "
+                    "accuracy gain; points on the dashed diagonal agree, the legend gives Spearman's rho.",
+                    partial(figures.plot_rank_agreement, rows),
+                )
+            )
     return planned
 
 
@@ -144,11 +161,13 @@ def _divergence_figures(frames: dict[str, pd.DataFrame], need) -> list[PlannedFi
             "divergence_heatmap",
             f"How far the clients' models pull apart, per block (rows) and part (columns){where}, "
             "averaged over rounds; one panel per divergence metric.",
-            partial(figures.plot_divergence_heatmap, divergence)),
+            partial(figures.plot_divergence_heatmap, divergence),
+        ),
         PlannedFigure(
             "divergence_rounds",
             f"Each part's divergence metric per round (mean over its blocks){where}; one panel per metric.",
-            partial(figures.plot_divergence_rounds, divergence)),
+            partial(figures.plot_divergence_rounds, divergence),
+        ),
     ]
 
 
@@ -159,28 +178,37 @@ def _accuracy_figures(tables: FolderTables, need) -> list[PlannedFigure]:
     evaluated = "rounds" in frames and frames["rounds"]["acc_mean"].notna().any()
     if need(evaluated, "rounds.csv with an evaluated round", "the training curves"):
         rounds = frames["rounds"]
-        planned.append(PlannedFigure(
-            "training_curves",
-            f"Mean client test accuracy per round for {what}{_over_seeds(rounds)}; "
-            "the band is ± one standard deviation across clients.",
-            partial(figures.plot_training_curves, rounds)))
+        planned.append(
+            PlannedFigure(
+                "training_curves",
+                f"Mean client test accuracy per round for {what}{_over_seeds(rounds)}; "
+                "the band is ± one standard deviation across clients.",
+                partial(figures.plot_training_curves, rounds),
+            )
+        )
     final = final_client_accuracy(frames["metrics"]) if "metrics" in frames else None
     if need(final is not None and len(final) > 0, "metrics.csv with test rows", "the fairness figure"):
-        planned.append(PlannedFigure(
-            "fairness",
-            f"Each client's test accuracy at the last evaluated round for {what}{_over_seeds(final, 'pooled')}; "
-            "the red diamond marks the worst 10% of clients (10th percentile).",
-            partial(figures.plot_fairness, final)))
+        planned.append(
+            PlannedFigure(
+                "fairness",
+                f"Each client's test accuracy at the last evaluated round for {what}{_over_seeds(final, 'pooled')}; "
+                "the red diamond marks the worst 10% of clients (10th percentile).",
+                partial(figures.plot_fairness, final),
+            )
+        )
     cost_table = {"sweep": "sensitivity", "comparison": "comparison"}.get(tables.kind)
     if cost_table is None:  # a single run is one point: nothing to compare
         return planned
     cost = ok_rows(frames[cost_table]).dropna(subset=["acc_mean"]) if cost_table in frames else None
     if need(cost is not None and len(cost) > 0, f"{cost_table}.csv with a finished row", "the cost figure"):
-        planned.append(PlannedFigure(
-            "cost",
-            f"Mean client accuracy against bytes communicated per round (left) and parameters kept local per "
-            f"client (right), for {what}; error bars are ± std over seeds.",
-            partial(figures.plot_cost, cost)))
+        planned.append(
+            PlannedFigure(
+                "cost",
+                f"Mean client accuracy against bytes communicated per round (left) and parameters kept local per "
+                f"client (right), for {what}; error bars are ± std over seeds.",
+                partial(figures.plot_cost, cost),
+            )
+        )
     return planned
 
 
@@ -189,11 +217,14 @@ def _partition_figure(tables: FolderTables, need) -> list[PlannedFigure]:
         return []
     counts = partition_counts(tables.partition)
     domains = " and domain" if (counts["axis"] == "domain").any() else ""
-    return [PlannedFigure(
-        "partition",
-        f"Samples each client holds per class{domains} (train + test), from {tables.partition_source}"
-        f"{_partition_params(tables.partition)}.",
-        partial(figures.plot_partition, counts))]
+    return [
+        PlannedFigure(
+            "partition",
+            f"Samples each client holds per class{domains} (train + test), from {tables.partition_source}"
+            f"{_partition_params(tables.partition)}.",
+            partial(figures.plot_partition, counts),
+        )
+    ]
 
 
 def _over_seeds(table: pd.DataFrame, verb: str = "averaged") -> str:
@@ -228,8 +259,11 @@ def _sweep_headline(frames: dict[str, pd.DataFrame]) -> list[Block]:
             blocks.append(Paragraph(f"{label + ': ' if label else ''}no part could be ranked yet.", lead=True))
             continue
         top = ranked.iloc[0]
-        interval = (f" (CI {top['ci_low']:+.4f} to {top['ci_high']:+.4f})" if pd.notna(top["ci_low"])
-                    else " (one seed: no interval)")
+        interval = (
+            f" (CI {top['ci_low']:+.4f} to {top['ci_high']:+.4f})"
+            if pd.notna(top["ci_low"])
+            else " (one seed: no interval)"
+        )
         text = (
             f"{label + ': ' if label else ''}Most sensitive part: {top['part']} — keeping it local changes mean "
             f"client accuracy by {top['score']:+.4f} over FedAvg{interval}. "
@@ -241,10 +275,12 @@ def _sweep_headline(frames: dict[str, pd.DataFrame]) -> list[Block]:
         divergence = rows[rows["metric"] != "gain_vs_fedavg"]
         if len(divergence) and "spearman_vs_gain" in divergence.columns:
             rho = divergence.groupby("metric", sort=False)["spearman_vs_gain"].first()
-            pairs = ", ".join(f"{metric} {value:+.2f}" if pd.notna(value) else f"{metric} n/a"
-                              for metric, value in rho.items())
-            blocks.append(Paragraph(
-                f"Spearman correlation of each divergence ranking with the accuracy ranking: {pairs}."))
+            pairs = ", ".join(
+                f"{metric} {value:+.2f}" if pd.notna(value) else f"{metric} n/a" for metric, value in rho.items()
+            )
+            blocks.append(
+                Paragraph(f"Spearman correlation of each divergence ranking with the accuracy ranking: {pairs}.")
+            )
     return blocks
 
 
@@ -256,8 +292,9 @@ def _comparison_headline(comparison: pd.DataFrame) -> list[Block]:
     best, row = stats.index[0], stats.iloc[0]
     spread = f" ± {row['std']:.4f}" if pd.notna(row["std"]) else ""
     others = "; ".join(f"{method} {other['mean']:.4f}" for method, other in stats.iloc[1:].iterrows())
-    text = (f"Best mean client accuracy: {best} {row['mean']:.4f}{spread} over {int(row['count'])} seed(s)"
-            + (f" (then {others})." if others else "."))
+    text = f"Best mean client accuracy: {best} {row['mean']:.4f}{spread} over {int(row['count'])} seed(s)" + (
+        f" (then {others})." if others else "."
+    )
     return [Paragraph(text, lead=True)]
 
 
@@ -275,8 +312,13 @@ def _run_headline(summary: dict | None, rounds: pd.DataFrame | None) -> list[Blo
         return [Paragraph(text + ".", lead=True)]
     if rounds is not None and rounds["acc_mean"].notna().any():
         last = rounds.dropna(subset=["acc_mean"]).iloc[-1]
-        return [Paragraph(f"Mean client accuracy {last['acc_mean']:.4f} at round {int(last['round'])} "
-                          "(summary.json has no final accuracy yet).", lead=True)]
+        return [
+            Paragraph(
+                f"Mean client accuracy {last['acc_mean']:.4f} at round {int(last['round'])} "
+                "(summary.json has no final accuracy yet).",
+                lead=True,
+            )
+        ]
     return [Paragraph("This run has no evaluated round yet.", lead=True)]
 
 
@@ -331,8 +373,9 @@ def more_tables(tables: FolderTables) -> list[Block]:
 def parts_summary(parts: pd.DataFrame) -> pd.DataFrame:
     """parts.csv summed per part type and local / shared."""
     keys = [column for column in ("part", "local") if column in parts.columns]
-    summary = parts.groupby(keys, sort=False).agg(tensors=("param", "count"), numel=("numel", "sum"),
-                                                  bytes=("bytes", "sum"))
+    summary = parts.groupby(keys, sort=False).agg(
+        tensors=("param", "count"), numel=("numel", "sum"), bytes=("bytes", "sum")
+    )
     return summary.reset_index()
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from personalize.errors import UserError
+from fedsens.personalize.errors import UserError
 
 # What each kind of folder's configuration file is called, and the tables it may hold.
 CONFIG_FILES = {"run": "config.json", "sweep": "sweep.json", "comparison": "compare.json"}
@@ -39,8 +39,10 @@ def detect(folder: str | Path) -> str:
     unfinished = (("sweep.json", "sensitivity.csv", "sweep"), ("compare.json", "comparison.csv", "compare"))
     for config, table, command in unfinished:
         if (path / config).is_file():
-            raise UserError(f"{path} is an unfinished {command}: {table} is written when `fedsens {command}` "
-                            f"completes; run it again with the same --out to finish (finished runs are kept)")
+            raise UserError(
+                f"{path} is an unfinished {command}: {table} is written when `fedsens {command}` "
+                f"completes; run it again with the same --out to finish (finished runs are kept)"
+            )
     raise UserError(
         f"{path} is not a run, sweep or comparison folder: looked for comparison.csv (comparison), "
         "sensitivity.csv (sweep) or config.json with rounds.csv (run); "
@@ -146,9 +148,7 @@ def partition_counts(partition: dict) -> pd.DataFrame:
     """partition.json's histograms as long form: client, axis ("class" / "domain"), name, count."""
     pieces = [_histogram_rows(partition["label_histogram"], partition.get("classes"), "class")]
     if partition.get("domain_histogram") is not None:
-        pieces.append(
-            _histogram_rows(partition["domain_histogram"], partition.get("domain_names"), "domain")
-        )
+        pieces.append(_histogram_rows(partition["domain_histogram"], partition.get("domain_names"), "domain"))
     return pd.concat(pieces, ignore_index=True)
 
 
@@ -189,8 +189,10 @@ def by_partition(table: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     groups = list(table.groupby(keys, sort=False)) if keys else []
     if len(groups) <= 1:
         return [("", table)]
-    return [("/".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values), rows.reset_index(drop=True))
-            for values, rows in groups]
+    return [
+        ("/".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values), rows.reset_index(drop=True))
+        for values, rows in groups
+    ]
 
 
 def ok_rows(table: pd.DataFrame) -> pd.DataFrame:

@@ -15,25 +15,62 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import pandas as pd
 from tqdm import tqdm
 
-from personalize import runio
-from personalize.errors import UserError
-from personalize.federation import RunConfig
-from personalize.methods import METHODS
-from sensitivity import runs
+from fedsens.personalize import runio
+from fedsens.personalize.errors import UserError
+from fedsens.personalize.federation import RunConfig
+from fedsens.personalize.methods import METHODS
+from fedsens.sensitivity import runs
 
-PAPER_METHODS = ("fedavg", "local", "fedbn", "fedper", "fedrep", "fedbabu", "apfl", "perfedavg",
-                 "vanilla-attention", "vanilla-prefix", "fedperfix")
-COMPARISON_COLUMNS = ["method", "seed", "acc_mean", "acc_std", "acc_p10", "local_params", "comm_bytes_per_round",
-                      "seconds", "seconds_per_round", "acc_best", "round_best", "rounds", "status"]
-SUMMARY_COLUMNS = ["method", "dataset", "accuracy", "acc_mean", "acc_sd", "acc_best", "client_std", "local_params",
-                   "comm_mb_per_round", "seconds_per_round", "seeds", "failed"]
+PAPER_METHODS = (
+    "fedavg",
+    "local",
+    "fedbn",
+    "fedper",
+    "fedrep",
+    "fedbabu",
+    "apfl",
+    "perfedavg",
+    "vanilla-attention",
+    "vanilla-prefix",
+    "fedperfix",
+)
+COMPARISON_COLUMNS = [
+    "method",
+    "seed",
+    "acc_mean",
+    "acc_std",
+    "acc_p10",
+    "local_params",
+    "comm_bytes_per_round",
+    "seconds",
+    "seconds_per_round",
+    "acc_best",
+    "round_best",
+    "rounds",
+    "status",
+]
+SUMMARY_COLUMNS = [
+    "method",
+    "dataset",
+    "accuracy",
+    "acc_mean",
+    "acc_sd",
+    "acc_best",
+    "client_std",
+    "local_params",
+    "comm_mb_per_round",
+    "seconds_per_round",
+    "seeds",
+    "failed",
+]
 
 
 @dataclass(frozen=True)
@@ -80,11 +117,30 @@ def _paper(dataset: str, **changes: Any) -> CompareConfig:
     round, 50 rounds, 10 local epochs, batch 64, plain SGD at lr 0.01 (Per-FedAvg: 0.001, and beta
     = lr as the code sets it), FedBABU fine-tuned for 1 step (the code's default), FedPerfix with
     mid_dim 256 and scale 1.5, no augmentation, seed 1."""
-    run = RunConfig(dataset=dataset, model="vit_small_patch16_224", scheme="dirichlet", alpha=0.5, clients=64,
-                    join_ratio=0.125, rounds=50, local_epochs=10, batch_size=64, lr=0.01, momentum=0.0,
-                    augment_shift=0.0, augment_scale=0.0, finetune_steps=1, plugin_mid_dim=256, plugin_scale=1.5)
-    return CompareConfig(run=run.replace(**changes), seeds=(1,), out=f"runs/compare-{dataset}",
-                         method_overrides={"perfedavg": {"lr": 0.001}})
+    run = RunConfig(
+        dataset=dataset,
+        model="vit_small_patch16_224",
+        scheme="dirichlet",
+        alpha=0.5,
+        clients=64,
+        join_ratio=0.125,
+        rounds=50,
+        local_epochs=10,
+        batch_size=64,
+        lr=0.01,
+        momentum=0.0,
+        augment_shift=0.0,
+        augment_scale=0.0,
+        finetune_steps=1,
+        plugin_mid_dim=256,
+        plugin_scale=1.5,
+    )
+    return CompareConfig(
+        run=run.replace(**changes),
+        seeds=(1,),
+        out=f"runs/compare-{dataset}",
+        method_overrides={"perfedavg": {"lr": 0.001}},
+    )
 
 
 def preset(name: str) -> CompareConfig:
@@ -124,10 +180,18 @@ def _row(config: CompareConfig, method: str, seed: int) -> dict:
         return row
     summary = runio.read_json(folder / "summary.json")
     final = runs.final_accuracy(runs.read_csv(folder / "rounds.csv"))
-    row.update(acc_mean=final["acc_mean"], acc_std=final["acc_std"], acc_p10=final["acc_p10"],
-               local_params=summary["local_params"], comm_bytes_per_round=summary["comm_bytes_per_round"],
-               seconds=summary["seconds"], seconds_per_round=summary["seconds_per_round"],
-               acc_best=summary["acc_best"], round_best=summary["round_best"], rounds=summary["rounds"])
+    row.update(
+        acc_mean=final["acc_mean"],
+        acc_std=final["acc_std"],
+        acc_p10=final["acc_p10"],
+        local_params=summary["local_params"],
+        comm_bytes_per_round=summary["comm_bytes_per_round"],
+        seconds=summary["seconds"],
+        seconds_per_round=summary["seconds_per_round"],
+        acc_best=summary["acc_best"],
+        round_best=summary["round_best"],
+        rounds=summary["rounds"],
+    )
     return row
 
 
@@ -142,18 +206,31 @@ def summarize(comparison: pd.DataFrame, dataset: str) -> pd.DataFrame:
     for method, method_runs in comparison.groupby("method", sort=False):
         done = method_runs[method_runs["status"] == "done"]
         mean, sd = 100 * done["acc_mean"].mean(), 100 * (done["acc_mean"].std(ddof=1) if len(done) > 1 else 0.0)
-        rows.append(dict(
-            method=method, dataset=dataset, accuracy=_mean_sd(mean, sd, len(done)),
-            acc_mean=mean, acc_sd=sd, acc_best=100 * done["acc_best"].mean(), client_std=100 * done["acc_std"].mean(),
-            local_params=done["local_params"].max(), comm_mb_per_round=done["comm_bytes_per_round"].mean() / 1e6,
-            seconds_per_round=done["seconds_per_round"].mean(), seeds=len(done), failed=len(method_runs) - len(done),
-        ))
+        rows.append(
+            dict(
+                method=method,
+                dataset=dataset,
+                accuracy=_mean_sd(mean, sd, len(done)),
+                acc_mean=mean,
+                acc_sd=sd,
+                acc_best=100 * done["acc_best"].mean(),
+                client_std=100 * done["acc_std"].mean(),
+                local_params=done["local_params"].max(),
+                comm_mb_per_round=done["comm_bytes_per_round"].mean() / 1e6,
+                seconds_per_round=done["seconds_per_round"].mean(),
+                seeds=len(done),
+                failed=len(method_runs) - len(done),
+            )
+        )
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
 def _concatenated(config: CompareConfig, table: str) -> pd.DataFrame:
-    folders = [(dict(method=method, seed=seed), Path(run_config(config, method, seed).out))
-               for seed in config.seeds for method in config.methods]
+    folders = [
+        (dict(method=method, seed=seed), Path(run_config(config, method, seed).out))
+        for seed in config.seeds
+        for method in config.methods
+    ]
     return runs.concatenated(folders, table, ["method", "seed"])
 
 
@@ -183,10 +260,15 @@ class CompareResult:
 def write_tables(config: CompareConfig) -> dict[str, pd.DataFrame]:
     """comparison.csv, summary.csv and the concatenated rounds.csv / metrics.csv."""
     out = Path(config.out)
-    comparison = pd.DataFrame([_row(config, m, s) for s in config.seeds for m in config.methods],
-                              columns=COMPARISON_COLUMNS)
-    tables = {"comparison": comparison, "summary": summarize(comparison, config.run.dataset),
-              "rounds": _concatenated(config, "rounds"), "metrics": _concatenated(config, "metrics")}
+    comparison = pd.DataFrame(
+        [_row(config, m, s) for s in config.seeds for m in config.methods], columns=COMPARISON_COLUMNS
+    )
+    tables = {
+        "comparison": comparison,
+        "summary": summarize(comparison, config.run.dataset),
+        "rounds": _concatenated(config, "rounds"),
+        "metrics": _concatenated(config, "metrics"),
+    }
     for name, frame in tables.items():
         runio.write_table(out / f"{name}.csv", frame.to_dict("records"), list(frame.columns))
     return tables
@@ -210,5 +292,12 @@ def run_compare(config: CompareConfig) -> CompareResult:
         outcome[run_one(config, method, seed)].append(f"{method}-s{seed}")
     _check_same_partition(config)
     tables = write_tables(config)
-    return CompareResult(out, tables["comparison"], tables["summary"], tuple(outcome["done"]),
-                         tuple(outcome["skipped"]), tuple(outcome["failed"]), time.perf_counter() - started)
+    return CompareResult(
+        out,
+        tables["comparison"],
+        tables["summary"],
+        tuple(outcome["done"]),
+        tuple(outcome["skipped"]),
+        tuple(outcome["failed"]),
+        time.perf_counter() - started,
+    )

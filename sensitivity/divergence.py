@@ -20,7 +20,7 @@ summarised by the mean over its groups, in rows with `group` = the part name and
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -144,8 +144,7 @@ def token_rows(output: Tensor) -> Tensor:
 
 def _plugin_roots(model: nn.Module) -> list[str]:
     """Paths of the outermost modules marked `fedsens_part = "plugin"`."""
-    marked = [name for name, module in model.named_modules()
-              if getattr(type(module), "fedsens_part", None) == "plugin"]
+    marked = [name for name, module in model.named_modules() if getattr(type(module), "fedsens_part", None) == "plugin"]
     return [name for name in marked if not any(name.startswith(other + ".") for other in marked)]
 
 
@@ -174,8 +173,9 @@ def _group_module(names: Sequence[str], group: str, part: str, block: int, modul
     return ""
 
 
-def group_names(parts: pd.DataFrame, *, part_names: set[str] | None = None,
-                plugin_roots: Sequence[str] = ()) -> list[str]:
+def group_names(
+    parts: pd.DataFrame, *, part_names: set[str] | None = None, plugin_roots: Sequence[str] = ()
+) -> list[str]:
     """The group of each row of a parts table (columns param, part, block).
 
     Without `plugin_roots` (the plugin modules' paths, which only the model knows) a plugin
@@ -213,8 +213,10 @@ def group_moments(starts: Sequence[Params], ends: Sequence[Params], names: Seque
     """The moments of a group of parameters, summed parameter by parameter."""
     total: dict[str, Tensor] = {}
     for name in names:
-        stats = moments(torch.stack([s[name].detach().reshape(-1) for s in starts]),
-                        torch.stack([e[name].detach().reshape(-1) for e in ends]))
+        stats = moments(
+            torch.stack([s[name].detach().reshape(-1) for s in starts]),
+            torch.stack([e[name].detach().reshape(-1) for e in ends]),
+        )
         total = {k: total[k] + v if k in total else v for k, v in stats.items()}
     return total
 
@@ -298,8 +300,9 @@ class DivergenceRecorder:
 
     def __init__(self, every: int = 1, probe_size: int = 64, max_rows: int = 512):
         if every < 1 or probe_size < 2 or max_rows < 2:
-            raise ValueError(f"every={every}, probe_size={probe_size}, max_rows={max_rows}: "
-                             "need every >= 1 and sizes >= 2")
+            raise ValueError(
+                f"every={every}, probe_size={probe_size}, max_rows={max_rows}: need every >= 1 and sizes >= 2"
+            )
         self.every, self.probe_size, self.max_rows = every, probe_size, max_rows
 
     def on_run_start(self, ctx) -> None:

@@ -20,14 +20,24 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from personalize.errors import UserError
+from fedsens.personalize.errors import UserError
 
 GAIN = "gain_vs_fedavg"
 DIVERGENCE_METRICS = ("update_cos", "rel_drift", "weight_div", "cka")
 # Whether a larger value of the metric means the clients pull the part further apart.
 HIGHER_IS_MORE_SENSITIVE = {"update_cos": False, "rel_drift": True, "weight_div": True, "cka": False}
-RANKING_COLUMNS = ["part", "score", "ci_low", "ci_high", "rank", "metric", "spearman_vs_gain", "dataset", "scheme",
-                   "alpha"]
+RANKING_COLUMNS = [
+    "part",
+    "score",
+    "ci_low",
+    "ci_high",
+    "rank",
+    "metric",
+    "spearman_vs_gain",
+    "dataset",
+    "scheme",
+    "alpha",
+]
 UNRANKED = ("none", "all")
 
 
@@ -110,16 +120,20 @@ def top_parts(sweep_dir: str | Path, k: int) -> str:
     """
     path = Path(sweep_dir) / "ranking.csv"
     if not path.is_file():
-        raise UserError(f"{sweep_dir} is not a finished sweep folder (no ranking.csv); "
-                        f"run `fedsens sweep --out {sweep_dir}` first")
+        raise UserError(
+            f"{sweep_dir} is not a finished sweep folder (no ranking.csv); run `fedsens sweep --out {sweep_dir}` first"
+        )
     if k < 1:
         raise UserError(f"--top must be at least 1 (got {k})")
     order = accuracy_order(pd.read_csv(path))
     if len(order) == 0:
-        raise UserError(f"the sweep in {sweep_dir} ranked no part (no finished cell beside FedAvg); "
-                        "finish the sweep first")
+        raise UserError(
+            f"the sweep in {sweep_dir} ranked no part (no finished cell beside FedAvg); finish the sweep first"
+        )
     if k > len(order):
-        raise UserError(f"--top {k} but the sweep in {sweep_dir} ranks only {len(order)} parts "
-                        f"({', '.join(order.index)}); use --top {len(order)} or less")
+        raise UserError(
+            f"--top {k} but the sweep in {sweep_dir} ranks only {len(order)} parts "
+            f"({', '.join(order.index)}); use --top {len(order)} or less"
+        )
     terms = [term.strip() for part in order.index[:k] for term in str(part).split(",")]
     return ",".join(dict.fromkeys(terms))

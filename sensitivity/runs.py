@@ -10,14 +10,14 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import pandas as pd
 
-from personalize import federation, runio
-from personalize.errors import UserError
-from personalize.federation import RunConfig
+from fedsens.personalize import federation, runio
+from fedsens.personalize.errors import UserError
+from fedsens.personalize.federation import RunConfig
 
 # Settings a finished run may differ in from the grid asking for it (rounds is checked on its own).
 FREE_SETTINGS = ("device", "out", "rounds")
@@ -32,11 +32,21 @@ def final_accuracy(rounds: pd.DataFrame) -> dict[str, float]:
     """The last evaluated round's client-accuracy statistics and the best mean over rounds (NaN if none)."""
     evaluated = rounds.dropna(subset=["acc_mean"]) if "acc_mean" in rounds else rounds
     if not len(evaluated):
-        return dict(acc_mean=float("nan"), acc_std=float("nan"), acc_p10=float("nan"), acc_last=float("nan"),
-                    acc_best=float("nan"))
+        return dict(
+            acc_mean=float("nan"),
+            acc_std=float("nan"),
+            acc_p10=float("nan"),
+            acc_last=float("nan"),
+            acc_best=float("nan"),
+        )
     last = evaluated.iloc[-1]
-    return dict(acc_mean=float(last["acc_mean"]), acc_std=float(last["acc_std"]), acc_p10=float(last["acc_p10"]),
-                acc_last=float(last["acc_mean"]), acc_best=float(evaluated["acc_mean"].max()))
+    return dict(
+        acc_mean=float(last["acc_mean"]),
+        acc_std=float(last["acc_std"]),
+        acc_p10=float(last["acc_p10"]),
+        acc_last=float(last["acc_mean"]),
+        acc_best=float(evaluated["acc_mean"].max()),
+    )
 
 
 def status(folder: Path) -> str:
@@ -55,8 +65,10 @@ def check_same_settings(folder: Path, wanted: RunConfig) -> None:
     saved = runio.read_json(folder / "config.json")["config"]
     differ = sorted(k for k, v in dataclasses.asdict(wanted).items() if k not in FREE_SETTINGS and saved.get(k) != v)
     if differ:
-        raise UserError(f"{folder} holds a run with other settings ({', '.join(differ)}); "
-                        "pass --fresh to redo it or choose another --out")
+        raise UserError(
+            f"{folder} holds a run with other settings ({', '.join(differ)}); "
+            "pass --fresh to redo it or choose another --out"
+        )
     summary = folder / "summary.json"
     if summary.exists() and runio.read_json(summary).get("rounds", 0) > wanted.rounds:
         raise UserError(f"{folder} ran more rounds than the {wanted.rounds} asked for; pass --fresh or another --out")

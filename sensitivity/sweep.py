@@ -22,19 +22,34 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from personalize import runio
-from personalize.errors import UserError
-from personalize.federation import RunConfig
-from sensitivity import ranking as ranking_lib
-from sensitivity import runs
-from sensitivity.divergence import METRICS, DivergenceRecorder, group_names
+from fedsens.personalize import runio
+from fedsens.personalize.errors import UserError
+from fedsens.personalize.federation import RunConfig
+from fedsens.sensitivity import ranking as ranking_lib
+from fedsens.sensitivity import runs
+from fedsens.sensitivity.divergence import METRICS, DivergenceRecorder, group_names
 
 DEFAULT_PARTS = ("none", "embed", "attn", "mlp", "norm", "head", "all")
 CELL_COLUMNS = ["cell", "local_part", "seed", "dataset", "scheme", "alpha"]
 SENSITIVITY_COLUMNS = [
-    "dataset", "scheme", "alpha", "seed", "local_part", "status", "acc_mean", "acc_std", "acc_p10", "acc_last",
-    "acc_best", "gain_vs_fedavg", "local_params", "comm_bytes_per_round", "comm_saved",
-    *(f"div_{m}" for m in METRICS), "cell", "rounds",
+    "dataset",
+    "scheme",
+    "alpha",
+    "seed",
+    "local_part",
+    "status",
+    "acc_mean",
+    "acc_std",
+    "acc_p10",
+    "acc_last",
+    "acc_best",
+    "gain_vs_fedavg",
+    "local_params",
+    "comm_bytes_per_round",
+    "comm_saved",
+    *(f"div_{m}" for m in METRICS),
+    "cell",
+    "rounds",
 ]
 
 
@@ -69,8 +84,13 @@ class SweepConfig:
 
     def partitions(self) -> list[tuple[str, str, float]]:
         """(dataset, scheme, alpha) combinations; an empty axis takes the value in `run`."""
-        return list(itertools.product(self.datasets or (self.run.dataset,), self.schemes or (self.run.scheme,),
-                                      self.alphas or (self.run.alpha,)))
+        return list(
+            itertools.product(
+                self.datasets or (self.run.dataset,),
+                self.schemes or (self.run.scheme,),
+                self.alphas or (self.run.alpha,),
+            )
+        )
         if self.div_every < 1:
             raise UserError(f"--div-every must be at least 1 (got {self.div_every})")
         if self.run.method != "fedavg":
@@ -117,9 +137,21 @@ class SweepResult:
 def _paper(dataset: str, *, clients: int = 64, scheme: str = "dirichlet", alpha: float = 0.5) -> dict:
     """The public FedPerfix code's protocol (FEDPERFIX.md): ViT-Small/16 at 224 from scratch, plain SGD
     (lr 0.01, no momentum, batch 64), 10 local epochs, 50 rounds, join ratio 0.125, no augmentation."""
-    return dict(dataset=dataset, scheme=scheme, alpha=alpha, clients=clients, join_ratio=0.125, rounds=50,
-                local_epochs=10, batch_size=64, lr=0.01, momentum=0.0, augment_shift=0.0, augment_scale=0.0,
-                model="vit_small_patch16_224")
+    return dict(
+        dataset=dataset,
+        scheme=scheme,
+        alpha=alpha,
+        clients=clients,
+        join_ratio=0.125,
+        rounds=50,
+        local_epochs=10,
+        batch_size=64,
+        lr=0.01,
+        momentum=0.0,
+        augment_shift=0.0,
+        augment_scale=0.0,
+        model="vit_small_patch16_224",
+    )
 
 
 def preset(name: str) -> SweepConfig:
@@ -144,13 +176,23 @@ def preset(name: str) -> SweepConfig:
 
 def grid(config: SweepConfig) -> list[Cell]:
     """The cells in run order: partition by partition, seed by seed, FedAvg first."""
-    return [Cell(*partition, seed, part)
-            for partition in config.partitions() for seed in config.seeds for part in config.parts]
+    return [
+        Cell(*partition, seed, part)
+        for partition in config.partitions()
+        for seed in config.seeds
+        for part in config.parts
+    ]
 
 
 def cell_config(config: SweepConfig, cell: Cell) -> RunConfig:
-    return config.run.replace(dataset=cell.dataset, scheme=cell.scheme, alpha=cell.alpha, seed=cell.seed,
-                              personalize=cell.local_part, out=str(Path(config.out) / "cells" / cell.name))
+    return config.run.replace(
+        dataset=cell.dataset,
+        scheme=cell.scheme,
+        alpha=cell.alpha,
+        seed=cell.seed,
+        personalize=cell.local_part,
+        out=str(Path(config.out) / "cells" / cell.name),
+    )
 
 
 class _Progress:
@@ -177,8 +219,9 @@ class _Progress:
 def run_cell(config: SweepConfig, cell: Cell, bar: tqdm | None = None) -> str:
     """Train one cell (resuming its checkpoint); returns 'done', 'skipped' or 'failed'."""
     hook = DivergenceRecorder(every=config.div_every, probe_size=config.probe_size)
-    return runs.run_resumable(cell_config(config, cell), (_Progress(hook, bar) if bar is not None else hook,),
-                              fresh=config.fresh, quiet=True)
+    return runs.run_resumable(
+        cell_config(config, cell), (_Progress(hook, bar) if bar is not None else hook,), fresh=config.fresh, quiet=True
+    )
 
 
 def run_sweep(config: SweepConfig) -> SweepResult:
@@ -203,16 +246,36 @@ def run_sweep(config: SweepConfig) -> SweepResult:
     bar.n = len(cells) * rounds
     bar.close()
     tables = write_tables(out, cells)
-    return SweepResult(out, tables.pop("sensitivity"), tables.pop("ranking"), tables, tuple(outcome["done"]),
-                       tuple(outcome["skipped"]), tuple(outcome["failed"]), time.perf_counter() - started)
+    return SweepResult(
+        out,
+        tables.pop("sensitivity"),
+        tables.pop("ranking"),
+        tables,
+        tuple(outcome["done"]),
+        tuple(outcome["skipped"]),
+        tuple(outcome["failed"]),
+        time.perf_counter() - started,
+    )
 
 
 # ---- tables --------------------------------------------------------------------------------------
 
 
 def _concatenated(out: Path, cells: list[Cell], table: str) -> pd.DataFrame:
-    folders = [(dict(cell=cell.name, local_part=cell.local_part, seed=cell.seed, dataset=cell.dataset,
-                     scheme=cell.scheme, alpha=cell.alpha), out / "cells" / cell.name) for cell in cells]
+    folders = [
+        (
+            dict(
+                cell=cell.name,
+                local_part=cell.local_part,
+                seed=cell.seed,
+                dataset=cell.dataset,
+                scheme=cell.scheme,
+                alpha=cell.alpha,
+            ),
+            out / "cells" / cell.name,
+        )
+        for cell in cells
+    ]
     return runs.concatenated(folders, table, CELL_COLUMNS)
 
 
@@ -239,14 +302,22 @@ def sensitivity_table(out: Path, cells: list[Cell]) -> pd.DataFrame:
         if status == "done":
             accuracy["acc_best"] = summary.get("acc_best", accuracy["acc_best"])
         reference = out / "cells" / dataclasses.replace(cell, local_part="none").name
-        rows.append(dict(
-            dataset=cell.dataset, scheme=cell.scheme, alpha=cell.alpha, seed=cell.seed, local_part=cell.local_part,
-            status=status, **accuracy,
-            local_params=summary.get("local_params", float("nan")),
-            comm_bytes_per_round=summary.get("comm_bytes_per_round", float("nan")),
-            **_part_divergence(runs.read_csv(folder / "parts.csv"), runs.read_csv(reference / "divergence.csv")),
-            cell=cell.name, rounds=summary.get("rounds", float("nan")),
-        ))
+        rows.append(
+            dict(
+                dataset=cell.dataset,
+                scheme=cell.scheme,
+                alpha=cell.alpha,
+                seed=cell.seed,
+                local_part=cell.local_part,
+                status=status,
+                **accuracy,
+                local_params=summary.get("local_params", float("nan")),
+                comm_bytes_per_round=summary.get("comm_bytes_per_round", float("nan")),
+                **_part_divergence(runs.read_csv(folder / "parts.csv"), runs.read_csv(reference / "divergence.csv")),
+                cell=cell.name,
+                rounds=summary.get("rounds", float("nan")),
+            )
+        )
     table = pd.DataFrame(rows, columns=[c for c in SENSITIVITY_COLUMNS if c not in ("gain_vs_fedavg", "comm_saved")])
     keys = ["dataset", "scheme", "alpha", "seed"]
     fedavg = table.loc[table["local_part"] == "none", keys + ["acc_mean", "comm_bytes_per_round"]]

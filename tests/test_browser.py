@@ -20,14 +20,25 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-
-from reports.report import build_report
 from test_report import EXPECTED_FIGURES, write_sweep_folder
 
+from fedsens.reports.report import build_report
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", "--hide-scrollbars", "--mute-audio", "--remote-debugging-pipe")
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
+    "--mute-audio",
+    "--remote-debugging-pipe",
+)
 
 pytestmark = [pytest.mark.browser, pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")]
 
@@ -49,7 +60,10 @@ class Chromium:
         # bash, not sh: dash's redirections only take fds 0-9.
         self.process = subprocess.Popen(
             ["/bin/bash", "-c", f'exec "$0" "$@" 3<&{commands_read} 4>&{replies_write}', CHROMIUM, *args],
-            pass_fds=(commands_read, replies_write), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            pass_fds=(commands_read, replies_write),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         os.close(commands_read)
         os.close(replies_write)
         self.commands, self.replies = commands_write, replies_read
@@ -134,14 +148,17 @@ def load_in_chromium(page: Path, profile: Path, *, width: int = 1280, height: in
         browser.send("Page.navigate", url=page.resolve().as_uri())
         browser.wait_for("Page.loadEventFired")
         images = browser.send(
-            "Runtime.evaluate", returnByValue=True, awaitPromise=True,
+            "Runtime.evaluate",
+            returnByValue=True,
+            awaitPromise=True,
             expression="Promise.all(Array.from(document.images, i => i.decode().catch(() => null)))"
-                       ".then(() => Array.from(document.images, i => ({complete: i.complete,"
-                       " width: i.naturalWidth, height: i.naturalHeight})))",
+            ".then(() => Array.from(document.images, i => ({complete: i.complete,"
+            " width: i.naturalWidth, height: i.naturalHeight})))",
         )["result"]["value"]
         screenshot = base64.b64decode(browser.send("Page.captureScreenshot", format="png")["data"])
-        requests = [e["params"]["request"]["url"] for e in browser.events
-                    if e.get("method") == "Network.requestWillBeSent"]
+        requests = [
+            e["params"]["request"]["url"] for e in browser.events if e.get("method") == "Network.requestWillBeSent"
+        ]
         return {"images": images, "errors": browser.errors(), "requests": requests, "screenshot": screenshot}
     finally:
         browser.close()

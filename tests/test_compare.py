@@ -9,20 +9,30 @@ import pytest
 from typer.testing import CliRunner
 
 from fedsens.cli import app
-from personalize import federation, runio
-from personalize.errors import UserError
-from personalize.federation import RunConfig
-from sensitivity import compare as compare_lib
-from sensitivity.compare import CompareConfig, preset, run_compare, run_config
+from fedsens.personalize import federation, runio
+from fedsens.personalize.errors import UserError
+from fedsens.personalize.federation import RunConfig
+from fedsens.sensitivity import compare as compare_lib
+from fedsens.sensitivity.compare import CompareConfig, preset, run_compare, run_config
 
 CONTRACT = ["method", "seed", "acc_mean", "acc_std", "acc_p10", "local_params", "comm_bytes_per_round", "seconds"]
 
 
 def tiny(tmp_path, methods=("fedavg", "local"), seeds=(0,), **run) -> CompareConfig:
-    options = dict(dataset="synthetic", model="vit-nano", clients=3, join_ratio=1.0, rounds=1, local_steps=2,
-                   batch_size=16, plugin_mid_dim=8, device="cpu")
-    return CompareConfig(run=RunConfig(**{**options, **run}), methods=methods, seeds=seeds,
-                         out=str(tmp_path / "compare"), quiet=True)
+    options = dict(
+        dataset="synthetic",
+        model="vit-nano",
+        clients=3,
+        join_ratio=1.0,
+        rounds=1,
+        local_steps=2,
+        batch_size=16,
+        plugin_mid_dim=8,
+        device="cpu",
+    )
+    return CompareConfig(
+        run=RunConfig(**{**options, **run}), methods=methods, seeds=seeds, out=str(tmp_path / "compare"), quiet=True
+    )
 
 
 def test_compare_writes_the_tables_and_a_second_call_reruns_nothing(tmp_path, monkeypatch):
@@ -43,8 +53,11 @@ def test_compare_writes_the_tables_and_a_second_call_reruns_nothing(tmp_path, mo
         frame = pd.read_csv(out / f"{table}.csv")
         assert list(frame.columns[:2]) == ["method", "seed"] and set(frame["seed"]) == {0, 1}
     assert (out / "compare.json").exists() and (out / "runs" / "local-s1" / "summary.json").exists()
-    hashes = {(m, s): runio.read_json(out / "runs" / f"{m}-s{s}" / "partition.json")["hash"]
-              for m in ("fedavg", "local") for s in (0, 1)}
+    hashes = {
+        (m, s): runio.read_json(out / "runs" / f"{m}-s{s}" / "partition.json")["hash"]
+        for m in ("fedavg", "local")
+        for s in (0, 1)
+    }
     assert hashes[("fedavg", 0)] == hashes[("local", 0)] != hashes[("fedavg", 1)] == hashes[("local", 1)]
 
     monkeypatch.setattr(federation, "run", lambda *a, **k: pytest.fail("a finished run was trained again"))
@@ -118,8 +131,12 @@ def test_presets_carry_the_papers_settings():
 
 @pytest.mark.parametrize(
     ("changes", "message"),
-    [({"methods": ("fedavg", "fedprox")}, "unknown method 'fedprox'"), ({"methods": ()}, "--methods is empty"),
-     ({"methods": ("fedavg", "fedavg")}, "names a method twice"), ({"seeds": ()}, "--seeds")],
+    [
+        ({"methods": ("fedavg", "fedprox")}, "unknown method 'fedprox'"),
+        ({"methods": ()}, "--methods is empty"),
+        ({"methods": ("fedavg", "fedavg")}, "names a method twice"),
+        ({"seeds": ()}, "--seeds"),
+    ],
 )
 def test_bad_method_and_seed_lists_are_user_errors(tmp_path, changes, message):
     with pytest.raises(UserError, match=message):
@@ -128,8 +145,26 @@ def test_bad_method_and_seed_lists_are_user_errors(tmp_path, changes, message):
 
 def test_the_command_prints_the_summary_table(tmp_path):
     out = tmp_path / "cli"
-    args = ["compare", "--dataset", "synthetic", "--model", "vit-nano", "--rounds", "1", "--clients", "3",
-            "--methods", "fedavg,fedperfix", "--seeds", "0", "--device", "cpu", "--out", str(out), "--quiet"]
+    args = [
+        "compare",
+        "--dataset",
+        "synthetic",
+        "--model",
+        "vit-nano",
+        "--rounds",
+        "1",
+        "--clients",
+        "3",
+        "--methods",
+        "fedavg,fedperfix",
+        "--seeds",
+        "0",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "fedperfix" in result.output and "accuracy % (final)" in result.output

@@ -3,10 +3,9 @@
 import pytest
 import torch
 
-from personalize.federation import RunConfig, run
+from fedsens.personalize.federation import RunConfig, run
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 TINY = dict(dataset="synthetic", model="vit-nano", clients=4, join_ratio=1.0, rounds=4, local_epochs=2, alpha=1.0)
 

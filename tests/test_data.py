@@ -12,8 +12,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from fedsens.cli import app
-from personalize import data, download
-from personalize.errors import UserError
+from fedsens.personalize import data, download
+from fedsens.personalize.errors import UserError
 
 # --- writers of the real formats ----------------------------------------------------------------
 
@@ -39,8 +39,10 @@ def write_cifar100(root: Path, train_labels: list[int], test_labels: list[int], 
         if drop:
             del batch[drop]
         (folder / split).write_bytes(pickle.dumps(batch, protocol=2))
-    meta = {"fine_label_names": [f"fine_{i}" for i in range(100)],
-            "coarse_label_names": [f"coarse_{i}" for i in range(20)]}
+    meta = {
+        "fine_label_names": [f"fine_{i}" for i in range(100)],
+        "coarse_label_names": [f"coarse_{i}" for i in range(20)],
+    }
     (folder / "meta").write_bytes(pickle.dumps(meta, protocol=2))
     return folder
 
@@ -49,7 +51,9 @@ def write_organamnist(path: Path, counts: dict[str, int], side: int = 28) -> Non
     """medmnist's npz: <split>_images uint8 N x H x W and <split>_labels uint8 N x 1."""
     arrays, offset = {}, 0
     for split, count in counts.items():
-        arrays[f"{split}_images"] = np.full((count, side, side), offset, dtype=np.uint8) + np.arange(count, dtype=np.uint8)[:, None, None]
+        arrays[f"{split}_images"] = (
+            np.full((count, side, side), offset, dtype=np.uint8) + np.arange(count, dtype=np.uint8)[:, None, None]
+        )
         arrays[f"{split}_labels"] = (np.arange(offset, offset + count) % 11).astype(np.uint8)[:, None]
         offset += count
     np.savez_compressed(path, **arrays)
@@ -268,7 +272,12 @@ def test_unknown_dataset_and_option():
 def test_dataset_defaults_follow_the_paper():
     assert data.dataset_defaults("cifar100")["test_fraction"] == 0.25
     assert data.dataset_defaults("organamnist")["test_fraction"] == 0.25
-    assert data.dataset_defaults("officehome") == {"test_fraction": 0.15, "domains": True, "scheme": "domain", "needs_root": True}
+    assert data.dataset_defaults("officehome") == {
+        "test_fraction": 0.15,
+        "domains": True,
+        "scheme": "domain",
+        "needs_root": True,
+    }
     assert data.dataset_defaults("digits")["needs_root"] is False
 
 

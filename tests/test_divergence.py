@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from personalize import model as M
-from sensitivity.divergence import (
+from fedsens.personalize import model as M
+from fedsens.sensitivity.divergence import (
     DivergenceRecorder,
     divergence_rows,
     linear_cka,
@@ -183,9 +183,13 @@ def _context(model: nn.Module, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8, generator=g)
     return SimpleNamespace(
-        model=model, config=SimpleNamespace(seed=seed), device=torch.device("cpu"),
-        dataset=SimpleNamespace(images=images), partition=SimpleNamespace(test=[np.arange(0, 10), np.arange(20, 30)]),
-        parts=M.parts(model), prepare=lambda batch: batch.float() / 255.0,
+        model=model,
+        config=SimpleNamespace(seed=seed),
+        device=torch.device("cpu"),
+        dataset=SimpleNamespace(images=images),
+        partition=SimpleNamespace(test=[np.arange(0, 10), np.arange(20, 30)]),
+        parts=M.parts(model),
+        prepare=lambda batch: batch.float() / 255.0,
     )
 
 
@@ -257,7 +261,8 @@ def test_a_plugin_never_called_through_forward_gets_no_cka_but_its_weight_metric
     noise = {n: torch.randn(p.shape, generator=g) for n, p in model.named_parameters()}
     shifts = [lambda name, p, s=s: s * 0.01 * noise[name] + 0.01 for s in (1.0, -1.0)]
     values = pd.DataFrame(_play_round(recorder, model, 1, shifts)).pivot_table(
-        index="group", columns="metric", values="value", dropna=False)
+        index="group", columns="metric", values="value", dropna=False
+    )
     assert math.isnan(values.loc["blocks.1.attn.prefix", "cka"]) and math.isnan(values.loc["plugin", "cka"])
     assert values.loc["blocks.1.attn.prefix", ["update_cos", "rel_drift", "weight_div"]].notna().all()
     assert values.loc["blocks.1.attn", "cka"] > 0.5

@@ -5,13 +5,14 @@ import pandas as pd
 import pytest
 import torch
 
-from personalize import runio
-from personalize.errors import UserError
-from personalize.federation import RunConfig, accuracy_stats, run, sample_clients
-from personalize.methods import weighted_mean
+from fedsens.personalize import runio
+from fedsens.personalize.errors import UserError
+from fedsens.personalize.federation import RunConfig, accuracy_stats, run, sample_clients
+from fedsens.personalize.methods import weighted_mean
 
-TINY = dict(dataset="synthetic", model="vit-nano", clients=4, join_ratio=0.5, rounds=2, local_epochs=1,
-            batch_size=32, alpha=1.0)
+TINY = dict(
+    dataset="synthetic", model="vit-nano", clients=4, join_ratio=0.5, rounds=2, local_epochs=1, batch_size=32, alpha=1.0
+)
 
 
 class Recorder:
@@ -140,7 +141,7 @@ def test_a_short_run_on_synthetic_learns(tmp_path):
 def test_accuracy_stats():
     stats = accuracy_stats(np.array([0.5, 1.0, np.nan]))
     assert stats["acc_mean"] == 0.75 and stats["acc_min"] == 0.5
-    assert stats["jain"] == pytest.approx(1.5 ** 2 / (2 * 1.25))
+    assert stats["jain"] == pytest.approx(1.5**2 / (2 * 1.25))
 
 
 @pytest.mark.parametrize("bad", [dict(alpha=0), dict(join_ratio=1.5), dict(rounds=0), dict(optimizer="lbfgs")])

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from matplotlib.container import ErrorbarContainer
 from matplotlib.collections import PathCollection, PolyCollection, QuadMesh
+from matplotlib.container import ErrorbarContainer
 from matplotlib.figure import Figure
 
-from reports import figures
-from reports.tables import final_client_accuracy, partition_counts
+from fedsens.reports import figures
+from fedsens.reports.tables import final_client_accuracy, partition_counts
 
 
 def _heatmaps(fig: Figure) -> list[QuadMesh]:
@@ -20,13 +20,31 @@ def _heatmaps(fig: Figure) -> list[QuadMesh]:
 
 def _ranking(divergence_orders: dict[str, list[str]], with_rho: bool = True) -> pd.DataFrame:
     gain_order = ["attn", "head", "mlp"]
-    rows = [{"part": part, "score": 0.3 - 0.1 * i, "ci_low": 0.25 - 0.1 * i, "ci_high": 0.4 - 0.1 * i,
-             "rank": i + 1, "metric": "gain_vs_fedavg"} for i, part in enumerate(gain_order)]
+    rows = [
+        {
+            "part": part,
+            "score": 0.3 - 0.1 * i,
+            "ci_low": 0.25 - 0.1 * i,
+            "ci_high": 0.4 - 0.1 * i,
+            "rank": i + 1,
+            "metric": "gain_vs_fedavg",
+        }
+        for i, part in enumerate(gain_order)
+    ]
     for metric, order in divergence_orders.items():
         rho = pd.Series([order.index(p) for p in gain_order]).corr(pd.Series(range(3)), method="spearman")
-        rows += [{"part": part, "score": 1.0, "ci_low": np.nan, "ci_high": np.nan, "rank": i + 1,
-                  "metric": metric, **({"spearman_vs_gain": rho} if with_rho else {})}
-                 for i, part in enumerate(order)]
+        rows += [
+            {
+                "part": part,
+                "score": 1.0,
+                "ci_low": np.nan,
+                "ci_high": np.nan,
+                "rank": i + 1,
+                "metric": metric,
+                **({"spearman_vs_gain": rho} if with_rho else {}),
+            }
+            for i, part in enumerate(order)
+        ]
     return pd.DataFrame(rows)
 
 
@@ -56,13 +74,30 @@ def _divergence() -> pd.DataFrame:
         for metric in ("update_cos", "weight_div"):
             for block in (0, 1):
                 for part in ("mlp", "attn"):  # deliberately out of model order
-                    rows.append({"round": round_, "group": f"blocks.{block}.{part}", "part": part, "block": block,
-                                 "metric": metric, "value": round_ * 10 + block + (0.5 if part == "mlp" else 0)})
-            rows.append({"round": round_, "group": "head", "part": "head", "block": -1, "metric": metric,
-                         "value": float(round_)})
+                    rows.append(
+                        {
+                            "round": round_,
+                            "group": f"blocks.{block}.{part}",
+                            "part": part,
+                            "block": block,
+                            "metric": metric,
+                            "value": round_ * 10 + block + (0.5 if part == "mlp" else 0),
+                        }
+                    )
+            rows.append(
+                {
+                    "round": round_,
+                    "group": "head",
+                    "part": "head",
+                    "block": -1,
+                    "metric": metric,
+                    "value": float(round_),
+                }
+            )
             for part in ("attn", "mlp"):  # the part summaries that divergence.py adds: group = part, block -1
-                rows.append({"round": round_, "group": part, "part": part, "block": -1, "metric": metric,
-                             "value": 99.0})
+                rows.append(
+                    {"round": round_, "group": part, "part": part, "block": -1, "metric": metric, "value": 99.0}
+                )
     return pd.DataFrame(rows)
 
 
@@ -82,8 +117,9 @@ def test_divergence_heatmap_is_block_by_part_per_metric():
 
 
 def test_divergence_heatmap_can_show_the_last_round():
-    values = np.ma.filled(_heatmaps(figures.plot_divergence_heatmap(_divergence(), rounds="last"))[0].get_array(),
-                          np.nan)
+    values = np.ma.filled(
+        _heatmaps(figures.plot_divergence_heatmap(_divergence(), rounds="last"))[0].get_array(), np.nan
+    )
     assert values[1, 0] == 20.0 and values[0, 2] == 2.0
     with pytest.raises(ValueError, match="rounds"):
         figures.plot_divergence_heatmap(_divergence(), rounds="first")
@@ -133,8 +169,16 @@ def _rounds() -> pd.DataFrame:
     for method, base in (("fedavg", 0.5), ("fedperfix", 0.6)):
         for seed in (0, 1):
             for round_ in (1, 2, 3):
-                rows.append({"method": method, "seed": seed, "round": round_,
-                             "acc_mean": base + 0.1 * round_ + 0.02 * seed, "acc_std": 0.05, "acc_p10": base})
+                rows.append(
+                    {
+                        "method": method,
+                        "seed": seed,
+                        "round": round_,
+                        "acc_mean": base + 0.1 * round_ + 0.02 * seed,
+                        "acc_std": 0.05,
+                        "acc_p10": base,
+                    }
+                )
     rows.append({"method": "fedavg", "seed": 0, "round": 4, "acc_mean": np.nan, "acc_std": np.nan, "acc_p10": np.nan})
     return pd.DataFrame(rows)
 
@@ -167,8 +211,19 @@ def _metrics() -> pd.DataFrame:
         for client in range(10):
             for round_, split in ((1, "test"), (2, "test"), (2, "train"), (3, "train")):
                 accuracy = offset + client / 20 + (0.5 if split == "train" else 0.0) + 0.01 * round_
-                rows.append({"method": method, "seed": 0, "round": round_, "client": client, "split": split,
-                             "loss": 1.0, "accuracy": accuracy, "n": 5, "participated": True})
+                rows.append(
+                    {
+                        "method": method,
+                        "seed": 0,
+                        "round": round_,
+                        "client": client,
+                        "split": split,
+                        "loss": 1.0,
+                        "accuracy": accuracy,
+                        "n": 5,
+                        "participated": True,
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -191,9 +246,15 @@ def test_fairness_boxes_with_each_groups_p10_marked():
 
 
 def test_cost_puts_each_method_on_both_axes():
-    table = pd.DataFrame({"method": ["fedavg", "fedavg", "local", "local"], "seed": [0, 1, 0, 1],
-                          "acc_mean": [0.6, 0.7, 0.8, 0.8], "comm_bytes_per_round": [2e6, 2e6, 0, 0],
-                          "local_params": [0, 0, 5000, 5000]})
+    table = pd.DataFrame(
+        {
+            "method": ["fedavg", "fedavg", "local", "local"],
+            "seed": [0, 1, 0, 1],
+            "acc_mean": [0.6, 0.7, 0.8, 0.8],
+            "comm_bytes_per_round": [2e6, 2e6, 0, 0],
+            "local_params": [0, 0, 5000, 5000],
+        }
+    )
     fig = figures.plot_cost(table)
     assert len(fig.axes) == 2
     left, right = fig.axes
@@ -206,9 +267,12 @@ def test_cost_puts_each_method_on_both_axes():
 
 
 def _partition(domains: bool) -> dict:
-    return {"label_histogram": [[3, 0, 1], [0, 5, 2]], "classes": ["cat", "dog", "fox"],
-            "domain_histogram": [[4, 0], [3, 4]] if domains else None,
-            "domain_names": ["art", "photo"] if domains else []}
+    return {
+        "label_histogram": [[3, 0, 1], [0, 5, 2]],
+        "classes": ["cat", "dog", "fox"],
+        "domain_histogram": [[4, 0], [3, 4]] if domains else None,
+        "domain_names": ["art", "photo"] if domains else [],
+    }
 
 
 def test_partition_counts_are_long_form():

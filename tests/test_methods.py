@@ -6,16 +6,27 @@ import pandas as pd
 import pytest
 import torch
 
-from personalize import runio
-from personalize.errors import UserError
-from personalize.federation import ClientContext, RunConfig, run
-from personalize.methods import METHODS, APFL, FedRep, PerFedAvg, alpha_step, get_method
+from fedsens.personalize import runio
+from fedsens.personalize.errors import UserError
+from fedsens.personalize.federation import ClientContext, RunConfig, run
+from fedsens.personalize.methods import APFL, METHODS, FedRep, PerFedAvg, alpha_step, get_method
 
 
 def tiny(tmp_path, method: str, **changes) -> RunConfig:
-    options = dict(dataset="synthetic", model="vit-nano", clients=3, join_ratio=1.0, rounds=1, local_steps=2,
-                   batch_size=16, plugin_mid_dim=8, finetune_steps=2, device="cpu", method=method,
-                   out=str(tmp_path / method))
+    options = dict(
+        dataset="synthetic",
+        model="vit-nano",
+        clients=3,
+        join_ratio=1.0,
+        rounds=1,
+        local_steps=2,
+        batch_size=16,
+        plugin_mid_dim=8,
+        finetune_steps=2,
+        device="cpu",
+        method=method,
+        out=str(tmp_path / method),
+    )
     return RunConfig(**{**options, **changes})
 
 
@@ -80,11 +91,21 @@ def parts_kept_local(out) -> set[str]:
 
 # --- which parts are local ----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("method", "local_parts"),
-    [("fedavg", set()), ("fedbn", {"norm"}), ("fedper", {"head"}), ("fedrep", {"head"}), ("fedbabu", {"head"}),
-     ("vanilla-attention", {"attn", "head"}), ("vanilla-prefix", {"plugin", "head"}),
-     ("fedperfix", {"plugin", "head"}), ("apfl", set()), ("perfedavg", set())],
+    [
+        ("fedavg", set()),
+        ("fedbn", {"norm"}),
+        ("fedper", {"head"}),
+        ("fedrep", {"head"}),
+        ("fedbabu", {"head"}),
+        ("vanilla-attention", {"attn", "head"}),
+        ("vanilla-prefix", {"plugin", "head"}),
+        ("fedperfix", {"plugin", "head"}),
+        ("apfl", set()),
+        ("perfedavg", set()),
+    ],
 )
 def test_methods_keep_their_parts_local(tmp_path, method, local_parts):
     _, ctx = client_context(tiny(tmp_path, method))
@@ -101,8 +122,7 @@ def test_local_sends_zero_bytes_and_keeps_everything(tmp_path):
 
 
 def test_fedperfix_local_adds_parts_and_plugin_options_reach_the_model(tmp_path):
-    config = tiny(tmp_path, "fedperfix", fedperfix_local="blocks.1", plugin_depth=1, plugin_mid_dim=8,
-                  plugin_scale=0.5)
+    config = tiny(tmp_path, "fedperfix", fedperfix_local="blocks.1", plugin_depth=1, plugin_mid_dim=8, plugin_scale=0.5)
     _, ctx = client_context(config)
     table = ctx.run.parts
     local = table[table["local"]]
@@ -118,11 +138,23 @@ def test_a_method_with_personalize_or_an_unknown_name_is_refused(tmp_path):
         get_method(tiny(tmp_path, "fedper", personalize="attn"))
     with pytest.raises(UserError, match="unknown method 'fedprox'"):
         get_method(tiny(tmp_path, "fedprox"))
-    assert set(METHODS) == {"fedavg", "local", "fedbn", "fedper", "fedrep", "fedbabu", "apfl", "perfedavg",
-                            "vanilla-attention", "vanilla-prefix", "fedperfix"}
+    assert set(METHODS) == {
+        "fedavg",
+        "local",
+        "fedbn",
+        "fedper",
+        "fedrep",
+        "fedbabu",
+        "apfl",
+        "perfedavg",
+        "vanilla-attention",
+        "vanilla-prefix",
+        "fedperfix",
+    }
 
 
 # --- plugins survive aggregation ----------------------------------------------------------------
+
 
 def test_local_plugin_parameters_survive_aggregation_untouched(tmp_path):
     recorder = Recorder()
@@ -138,6 +170,7 @@ def test_local_plugin_parameters_survive_aggregation_untouched(tmp_path):
 
 
 # --- FedBABU ------------------------------------------------------------------------------------
+
 
 def test_fedbabu_never_updates_the_head_during_federated_rounds(tmp_path):
     recorder = Recorder()
@@ -164,13 +197,20 @@ def test_fedbabu_fine_tunes_the_head_before_evaluation_and_restores_the_model(tm
 
 # --- FedRep -------------------------------------------------------------------------------------
 
+
 def test_fedrep_trains_the_head_with_the_body_frozen_then_the_body_with_the_head_frozen(tmp_path, monkeypatch):
     config = tiny(tmp_path, "fedrep", local_steps=None, local_epochs=1, fedrep_head_epochs=2, batch_size=64)
     method, ctx = client_context(config)
     phases = []
     step = ctx.step
-    monkeypatch.setattr(ctx, "step", lambda *a: phases.append(
-        {n.split(".")[0] == "head" for n, p in ctx.model.named_parameters() if p.requires_grad}) or step(*a))
+    monkeypatch.setattr(
+        ctx,
+        "step",
+        lambda *a: (
+            phases.append({n.split(".")[0] == "head" for n, p in ctx.model.named_parameters() if p.requires_grad})
+            or step(*a)
+        ),
+    )
     method.train_client(ctx)
     per_epoch = -(-ctx.train_size // config.batch_size)
     assert phases == [{True}] * (2 * per_epoch) + [{False}] * per_epoch
@@ -190,6 +230,7 @@ def test_fedrep_phases_change_only_their_part(tmp_path):
 
 
 # --- APFL ---------------------------------------------------------------------------------------
+
 
 def test_apfl_alpha_is_learned_and_stays_in_the_unit_interval(tmp_path):
     result = run(tiny(tmp_path, "apfl", rounds=2, apfl_alpha=0.25), quiet=True)
@@ -221,8 +262,11 @@ def test_apfl_evaluates_the_personal_mixture_not_the_global_model(tmp_path, monk
     assert not same(global_before, global_after)
     seen = {}
     evaluate = ctx.evaluate
-    monkeypatch.setattr(ctx, "evaluate", lambda: seen.update(
-        {n: p.detach().clone() for n, p in ctx.model.named_parameters()}) or evaluate())
+    monkeypatch.setattr(
+        ctx,
+        "evaluate",
+        lambda: seen.update({n: p.detach().clone() for n, p in ctx.model.named_parameters()}) or evaluate(),
+    )
     method.evaluate_client(ctx)
     assert same(seen, personal)
     assert same({n: p.detach() for n, p in ctx.model.named_parameters()}, global_after)
@@ -241,6 +285,7 @@ def test_apfl_state_holds_a_personal_model_and_alpha():
 
 # --- Per-FedAvg ---------------------------------------------------------------------------------
 
+
 def test_perfedavg_outer_step_starts_from_the_weights_before_the_inner_step(tmp_path):
     config = tiny(tmp_path, "perfedavg")
     _, ctx = client_context(config)
@@ -255,8 +300,11 @@ def test_perfedavg_adapts_before_evaluation(tmp_path, monkeypatch):
     before = {n: p.detach().clone() for n, p in ctx.model.named_parameters()}
     seen = {}
     evaluate = ctx.evaluate
-    monkeypatch.setattr(ctx, "evaluate", lambda: seen.update(
-        {n: p.detach().clone() for n, p in ctx.model.named_parameters()}) or evaluate())
+    monkeypatch.setattr(
+        ctx,
+        "evaluate",
+        lambda: seen.update({n: p.detach().clone() for n, p in ctx.model.named_parameters()}) or evaluate(),
+    )
     method.evaluate_client(ctx)
     assert seen and not same(seen, before)
     assert same({n: p.detach() for n, p in ctx.model.named_parameters()}, before)

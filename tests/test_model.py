@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from personalize import model as M
-from personalize.errors import UserError
+from fedsens.personalize import model as M
+from fedsens.personalize.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +22,9 @@ def test_every_parameter_has_exactly_one_known_part(vit):
     assert by_part["head"] == {"head.weight", "head.bias"}
     assert by_part["embed"] == {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"}
     assert "norm.weight" in by_part["norm"] and "blocks.0.norm1.weight" in by_part["norm"]
-    assert by_part["attn"] == {f"blocks.{b}.attn.{l}.{k}" for b in range(4) for l in ("qkv", "proj")
-                               for k in ("weight", "bias")}
+    assert by_part["attn"] == {
+        f"blocks.{b}.attn.{l}.{k}" for b in range(4) for l in ("qkv", "proj") for k in ("weight", "bias")
+    }
     assert all(name.startswith("blocks.") and ".mlp.fc" in name for name in by_part["mlp"])
 
 
@@ -37,8 +38,9 @@ def test_specs_resolve_to_the_expected_parameters(vit):
     assert M.resolve(vit, "none") == []
     assert len(M.resolve(vit, "all")) == len(list(vit.parameters()))
     assert set(M.resolve(vit, "attn,head")) == {n for n in M.resolve(vit, "attn")} | {"head.weight", "head.bias"}
-    assert set(M.resolve(vit, "attn@2-3")) == {f"blocks.{b}.attn.{l}.{k}" for b in (2, 3)
-                                                for l in ("qkv", "proj") for k in ("weight", "bias")}
+    assert set(M.resolve(vit, "attn@2-3")) == {
+        f"blocks.{b}.attn.{l}.{k}" for b in (2, 3) for l in ("qkv", "proj") for k in ("weight", "bias")
+    }
     assert all(n.startswith("blocks.3.") for n in M.resolve(vit, "blocks.3"))
     assert len(M.resolve(vit, "blocks.3")) == 12
 
@@ -68,8 +70,12 @@ def test_head_does_not_catch_heads_and_plugins_inside_attention_are_plugins(vit)
     assert table.loc["heads.proj.weight", "part"] == "plugin"
     assert table.loc["blocks.0.attn.prefix.proj.weight", "part"] == "plugin"
     assert table.loc["blocks.0.attn.qkv.weight", "part"] == "attn"
-    assert set(M.resolve(model, "plugin")) == {"heads.proj.weight", "heads.proj.bias",
-                                               "blocks.0.attn.prefix.proj.weight", "blocks.0.attn.prefix.proj.bias"}
+    assert set(M.resolve(model, "plugin")) == {
+        "heads.proj.weight",
+        "heads.proj.bias",
+        "blocks.0.attn.prefix.proj.weight",
+        "blocks.0.attn.prefix.proj.bias",
+    }
 
 
 @pytest.mark.parametrize("spec", ["heads", "attn@7-9", "blocks.9", "plugin", "none,head", "", "attn@3-1"])

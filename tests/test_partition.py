@@ -13,8 +13,8 @@ from sklearn.datasets import load_digits
 from typer.testing import CliRunner
 
 from fedsens.cli import app
-from personalize import partition as P
-from personalize.errors import UserError
+from fedsens.personalize import partition as P
+from fedsens.personalize.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +81,14 @@ def test_torch_labels_match_numpy_labels(digits_labels):
 
 def test_small_alpha_skews_and_large_alpha_is_near_uniform(digits_labels):
     def mean_dominant(alpha: float) -> float:
-        shares = [dominant_share(P.make(digits_labels, scheme="dirichlet", num_clients=20, seed=s,
-                                        alpha=alpha).label_histogram(digits_labels)) for s in range(3)]
+        shares = [
+            dominant_share(
+                P.make(digits_labels, scheme="dirichlet", num_clients=20, seed=s, alpha=alpha).label_histogram(
+                    digits_labels
+                )
+            )
+            for s in range(3)
+        ]
         return float(np.mean(shares))
 
     skewed, uniform = mean_dominant(0.1), mean_dominant(100.0)
@@ -135,18 +141,21 @@ def test_too_small_clients_stop_with_a_bounded_clear_error(digits_labels):
     assert time.perf_counter() - started < 5
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"alpha": 0.0}, "alpha=0.0 must be > 0"),
-    ({"alpha": -1.0}, "alpha=-1.0 must be > 0"),
-    ({"num_clients": 5000}, "more than the 1797 samples"),
-    ({"num_clients": 0}, "num_clients=0"),
-    ({"scheme": "stripes"}, "unknown partition scheme 'stripes'"),
-    ({"scheme": "domain"}, "needs per-sample domains"),
-    ({"test_fraction": 0.0}, "test_fraction=0.0"),
-    ({"test_fraction": 1.0}, "test_fraction=1.0"),
-    ({"num_clients": 1000}, "min_samples=4 needs more than"),
-    ({"scheme": "pathological", "classes_per_client": 11}, "classes_per_client=11"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"alpha": 0.0}, "alpha=0.0 must be > 0"),
+        ({"alpha": -1.0}, "alpha=-1.0 must be > 0"),
+        ({"num_clients": 5000}, "more than the 1797 samples"),
+        ({"num_clients": 0}, "num_clients=0"),
+        ({"scheme": "stripes"}, "unknown partition scheme 'stripes'"),
+        ({"scheme": "domain"}, "needs per-sample domains"),
+        ({"test_fraction": 0.0}, "test_fraction=0.0"),
+        ({"test_fraction": 1.0}, "test_fraction=1.0"),
+        ({"num_clients": 1000}, "min_samples=4 needs more than"),
+        ({"scheme": "pathological", "classes_per_client": 11}, "classes_per_client=11"),
+    ],
+)
 def test_bad_arguments_raise_one_clear_line(kwargs, message, digits_labels):
     arguments = {"scheme": "dirichlet", "num_clients": 10, "seed": 0, **kwargs}
     with pytest.raises(UserError, match=message) as caught:
@@ -169,12 +178,27 @@ def test_default_min_samples_leaves_a_sample_on_each_side():
 def test_save_and_load_round_trip(tmp_path, labels_and_domains):
     labels, domains = labels_and_domains
     part = P.make(labels, domains, scheme="domain", num_clients=8, seed=2, dataset="toy")
-    path = P.save(part, tmp_path, labels=labels, domains=domains,
-                  classes=[f"c{i}" for i in range(10)], domain_names=["A", "B", "C", "D"])
+    path = P.save(
+        part,
+        tmp_path,
+        labels=labels,
+        domains=domains,
+        classes=[f"c{i}" for i in range(10)],
+        domain_names=["A", "B", "C", "D"],
+    )
     assert path == tmp_path / "partition.json"
     document = json.loads(path.read_text())
-    assert set(document) == {"params", "seed", "hash", "train", "test", "label_histogram",
-                             "domain_histogram", "classes", "domain_names"}
+    assert set(document) == {
+        "params",
+        "seed",
+        "hash",
+        "train",
+        "test",
+        "label_histogram",
+        "domain_histogram",
+        "classes",
+        "domain_names",
+    }
     assert document["seed"] == 2 and document["params"]["dataset"] == "toy"
     assert np.array(document["label_histogram"]).sum() == len(labels)
     assert np.array(document["domain_histogram"]).shape == (8, 4)
@@ -242,8 +266,20 @@ def test_summary_table_has_one_row_per_client(labels_and_domains):
 
 def test_cli_split_writes_the_manifest_and_reuses_it(tmp_path):
     runner = CliRunner()
-    arguments = ["data", "split", "--dataset", "digits", "--clients", "10", "--alpha", "0.5",
-                 "--seed", "1", "--out", str(tmp_path)]
+    arguments = [
+        "data",
+        "split",
+        "--dataset",
+        "digits",
+        "--clients",
+        "10",
+        "--alpha",
+        "0.5",
+        "--seed",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
     started = time.perf_counter()
     result = runner.invoke(app, arguments)
     assert result.exit_code == 0, result.output

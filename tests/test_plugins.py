@@ -8,16 +8,22 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from personalize import model as model_lib
-from personalize import plugins
-from personalize.errors import UserError
+from fedsens.personalize import model as model_lib
+from fedsens.personalize import plugins
+from fedsens.personalize.errors import UserError
 
 DIM, HEADS, DEPTH = 48, 4, 3
 
 
 def tiny_vit() -> VisionTransformer:
     model = VisionTransformer(
-        img_size=8, patch_size=4, in_chans=3, num_classes=5, embed_dim=DIM, depth=DEPTH, num_heads=HEADS,
+        img_size=8,
+        patch_size=4,
+        in_chans=3,
+        num_classes=5,
+        embed_dim=DIM,
+        depth=DEPTH,
+        num_heads=HEADS,
         qkv_bias=True,
     )
     return model.eval()

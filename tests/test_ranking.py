@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from personalize.errors import UserError
-from sensitivity.ranking import RANKING_COLUMNS, rank, t_interval, top_parts
+from fedsens.personalize.errors import UserError
+from fedsens.sensitivity.ranking import RANKING_COLUMNS, rank, t_interval, top_parts
 
 GAINS = {"attn": [0.10, 0.14], "head": [0.20, 0.24], "mlp": [0.01, -0.01], "embed": [-0.05, -0.03], "all": [0.5, 0.6]}
 # Sensitivity order by construction: head > attn > mlp > embed.
@@ -25,13 +25,33 @@ DIVERGENCE = {
 def _table(dataset: str = "digits", alpha: float = 0.3, failed: tuple[str, ...] = ()) -> pd.DataFrame:
     rows = []
     for seed in (0, 1):
-        rows.append(dict(dataset=dataset, scheme="dirichlet", alpha=alpha, seed=seed, local_part="none", status="done",
-                         gain_vs_fedavg=0.0, **{f"div_{m}": math.nan for m in DIVERGENCE}))
+        rows.append(
+            dict(
+                dataset=dataset,
+                scheme="dirichlet",
+                alpha=alpha,
+                seed=seed,
+                local_part="none",
+                status="done",
+                gain_vs_fedavg=0.0,
+                **{f"div_{m}": math.nan for m in DIVERGENCE},
+            )
+        )
         for part, gains in GAINS.items():
             divergence = {f"div_{m}": values.get(part, math.nan) + 0.01 * seed for m, values in DIVERGENCE.items()}
             status = "failed" if part in failed else "done"
-            rows.append(dict(dataset=dataset, scheme="dirichlet", alpha=alpha, seed=seed, local_part=part,
-                             status=status, gain_vs_fedavg=gains[seed] if status == "done" else math.nan, **divergence))
+            rows.append(
+                dict(
+                    dataset=dataset,
+                    scheme="dirichlet",
+                    alpha=alpha,
+                    seed=seed,
+                    local_part=part,
+                    status=status,
+                    gain_vs_fedavg=gains[seed] if status == "done" else math.nan,
+                    **divergence,
+                )
+            )
     return pd.DataFrame(rows)
 
 

@@ -18,56 +18,131 @@ import pytest
 from typer.testing import CliRunner
 
 from fedsens.cli import app
-from personalize.errors import UserError
-from reports.report import FIGURE_NAMES, build_report, detect, headline, plan_figures
-from reports.tables import read_folder
+from fedsens.personalize.errors import UserError
+from fedsens.reports.report import FIGURE_NAMES, build_report, detect, headline, plan_figures
+from fedsens.reports.tables import read_folder
 
 PARTS = ("embed", "attn", "mlp", "norm", "head")
 METRICS = ("update_cos", "rel_drift", "weight_div", "cka")
 ROUNDS, CLIENTS, CLASSES, BLOCKS = 3, 4, 4, 2
 
 
-def write_run_folder(folder: Path, *, seed: int = 0, skill: float = 0.5, local_part: str = "none",
-                     domains: bool = False, divergence: bool = True) -> dict[str, pd.DataFrame]:
+def write_run_folder(
+    folder: Path,
+    *,
+    seed: int = 0,
+    skill: float = 0.5,
+    local_part: str = "none",
+    domains: bool = False,
+    divergence: bool = True,
+) -> dict[str, pd.DataFrame]:
     """A run folder (config.json, partition.json, parts.csv, metrics.csv, rounds.csv, summary.json,
     divergence.csv); returns its tables so sweeps / comparisons can concatenate them."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
-    config = {"config": {"dataset": "digits", "scheme": "dirichlet", "alpha": 0.5, "clients": CLIENTS,
-                         "rounds": ROUNDS, "personalize": local_part, "method": "fedavg", "seed": seed, "lr": 0.05},
-              "versions": {"torch": "2.14.1", "timm": "1.0"}, "git_revision": None}
+    config = {
+        "config": {
+            "dataset": "digits",
+            "scheme": "dirichlet",
+            "alpha": 0.5,
+            "clients": CLIENTS,
+            "rounds": ROUNDS,
+            "personalize": local_part,
+            "method": "fedavg",
+            "seed": seed,
+            "lr": 0.05,
+        },
+        "versions": {"torch": "2.14.1", "timm": "1.0"},
+        "git_revision": None,
+    }
     (folder / "config.json").write_text(json.dumps(config))
     histogram = rng.integers(0, 20, size=(CLIENTS, CLASSES))
-    partition = {"params": {"scheme": "dirichlet", "alpha": 0.5, "num_clients": CLIENTS, "seed": seed},
-                 "seed": seed, "hash": "abc123", "train": [[0, 1]] * CLIENTS, "test": [[2]] * CLIENTS,
-                 "label_histogram": histogram.tolist(),
-                 "domain_histogram": rng.integers(0, 9, size=(CLIENTS, 2)).tolist() if domains else None,
-                 "classes": [f"c{i}" for i in range(CLASSES)], "domain_names": ["art", "photo"] if domains else []}
+    partition = {
+        "params": {"scheme": "dirichlet", "alpha": 0.5, "num_clients": CLIENTS, "seed": seed},
+        "seed": seed,
+        "hash": "abc123",
+        "train": [[0, 1]] * CLIENTS,
+        "test": [[2]] * CLIENTS,
+        "label_histogram": histogram.tolist(),
+        "domain_histogram": rng.integers(0, 9, size=(CLIENTS, 2)).tolist() if domains else None,
+        "classes": [f"c{i}" for i in range(CLASSES)],
+        "domain_names": ["art", "photo"] if domains else [],
+    }
     (folder / "partition.json").write_text(json.dumps(partition))
-    parts = pd.DataFrame([{"param": f"p{i}.{part}", "part": part, "block": i % BLOCKS, "numel": 100 * (i + 1),
-                           "bytes": 400 * (i + 1), "local": part == local_part} for i, part in enumerate(PARTS)])
-    metrics = pd.DataFrame([
-        {"round": r, "client": c, "split": split, "loss": 1.0 / r, "accuracy": float(np.clip(skill + 0.1 * r
-         + rng.normal(0, 0.05), 0, 1)), "n": 10, "participated": bool((r + c) % 2)}
-        for r in range(1, ROUNDS + 1) for c in range(CLIENTS) for split in ("train", "test")])
+    parts = pd.DataFrame(
+        [
+            {
+                "param": f"p{i}.{part}",
+                "part": part,
+                "block": i % BLOCKS,
+                "numel": 100 * (i + 1),
+                "bytes": 400 * (i + 1),
+                "local": part == local_part,
+            }
+            for i, part in enumerate(PARTS)
+        ]
+    )
+    metrics = pd.DataFrame(
+        [
+            {
+                "round": r,
+                "client": c,
+                "split": split,
+                "loss": 1.0 / r,
+                "accuracy": float(np.clip(skill + 0.1 * r + rng.normal(0, 0.05), 0, 1)),
+                "n": 10,
+                "participated": bool((r + c) % 2),
+            }
+            for r in range(1, ROUNDS + 1)
+            for c in range(CLIENTS)
+            for split in ("train", "test")
+        ]
+    )
     test = metrics[metrics["split"] == "test"].groupby("round")["accuracy"]
-    rounds = pd.DataFrame({"round": range(1, ROUNDS + 1), "acc_mean": test.mean().to_numpy(),
-                           "acc_std": test.std().to_numpy(), "acc_p10": test.quantile(0.1).to_numpy(),
-                           "acc_min": test.min().to_numpy(), "jain": 0.95, "up_bytes": 4000, "down_bytes": 4000,
-                           "seconds": 0.5})
-    summary = {"acc_best": float(rounds["acc_mean"].max()), "acc_last": float(rounds["acc_mean"].iloc[-1]),
-               "round_best": int(rounds["acc_mean"].idxmax()) + 1, "rounds": ROUNDS, "seconds": 1.5,
-               "seconds_per_round": 0.5, "local_params": int(parts[parts["local"]]["numel"].sum()),
-               "shared_params": int(parts[~parts["local"]]["numel"].sum()), "comm_bytes_per_round": 8000,
-               "status": "done"}
+    rounds = pd.DataFrame(
+        {
+            "round": range(1, ROUNDS + 1),
+            "acc_mean": test.mean().to_numpy(),
+            "acc_std": test.std().to_numpy(),
+            "acc_p10": test.quantile(0.1).to_numpy(),
+            "acc_min": test.min().to_numpy(),
+            "jain": 0.95,
+            "up_bytes": 4000,
+            "down_bytes": 4000,
+            "seconds": 0.5,
+        }
+    )
+    summary = {
+        "acc_best": float(rounds["acc_mean"].max()),
+        "acc_last": float(rounds["acc_mean"].iloc[-1]),
+        "round_best": int(rounds["acc_mean"].idxmax()) + 1,
+        "rounds": ROUNDS,
+        "seconds": 1.5,
+        "seconds_per_round": 0.5,
+        "local_params": int(parts[parts["local"]]["numel"].sum()),
+        "shared_params": int(parts[~parts["local"]]["numel"].sum()),
+        "comm_bytes_per_round": 8000,
+        "status": "done",
+    }
     (folder / "summary.json").write_text(json.dumps(summary))
     tables = {"parts": parts, "metrics": metrics, "rounds": rounds}
     if divergence:
-        groups = pd.DataFrame([
-            {"round": r, "group": f"blocks.{b}.{part}" if b >= 0 else part, "part": part, "block": b,
-             "metric": metric, "value": float(rng.uniform())}
-            for r in range(1, ROUNDS + 1) for metric in METRICS for part in PARTS
-            for b in ((-1,) if part in ("embed", "head") else range(BLOCKS))])
+        groups = pd.DataFrame(
+            [
+                {
+                    "round": r,
+                    "group": f"blocks.{b}.{part}" if b >= 0 else part,
+                    "part": part,
+                    "block": b,
+                    "metric": metric,
+                    "value": float(rng.uniform()),
+                }
+                for r in range(1, ROUNDS + 1)
+                for metric in METRICS
+                for part in PARTS
+                for b in ((-1,) if part in ("embed", "head") else range(BLOCKS))
+            ]
+        )
         # divergence.py also writes each part's mean over its groups as a row with group = part.
         summaries = groups[groups["block"] >= 0].groupby(["round", "part", "metric"], as_index=False)["value"].mean()
         summaries = summaries.assign(group=summaries["part"], block=-1)[groups.columns]
@@ -90,23 +165,47 @@ def write_sweep_folder(folder: Path, *, parts=("none", *PARTS, "all"), seeds=(0,
     and `all` in the gain block with rank NaN and no divergence rows.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    config = {"run": {"dataset": "digits", "scheme": "dirichlet", "rounds": ROUNDS}, "parts": list(parts),
-              "seeds": list(seeds), "alphas": list(alphas)}
+    config = {
+        "run": {"dataset": "digits", "scheme": "dirichlet", "rounds": ROUNDS},
+        "parts": list(parts),
+        "seeds": list(seeds),
+        "alphas": list(alphas),
+    }
     (folder / "sweep.json").write_text(json.dumps(config))
     per_run, rows = [], []
     for alpha, seed, local_part in itertools.product(alphas, seeds, parts):
         cell = f"digits-dirichlet-a{alpha:g}-s{seed}-{local_part}"
         skill = 0.4 + 0.03 * parts.index(local_part) - alpha / 10
         tables = write_run_folder(folder / "cells" / cell, seed=seed, skill=skill, local_part=local_part)
-        keys = {"cell": cell, "local_part": local_part, "seed": seed, "dataset": "digits", "scheme": "dirichlet",
-                "alpha": alpha}
+        keys = {
+            "cell": cell,
+            "local_part": local_part,
+            "seed": seed,
+            "dataset": "digits",
+            "scheme": "dirichlet",
+            "alpha": alpha,
+        }
         per_run.append((keys, tables))
         last = tables["rounds"].iloc[-1]
-        rows.append({"dataset": "digits", "scheme": "dirichlet", "alpha": alpha, "seed": seed, "local_part": local_part,
-                     "status": "done", "acc_mean": last["acc_mean"], "acc_std": last["acc_std"],
-                     "acc_p10": last["acc_p10"], "acc_last": last["acc_mean"], "acc_best": last["acc_mean"],
-                     "local_params": 100 * parts.index(local_part),
-                     "comm_bytes_per_round": 8000 - 300 * parts.index(local_part), "cell": cell, "rounds": ROUNDS})
+        rows.append(
+            {
+                "dataset": "digits",
+                "scheme": "dirichlet",
+                "alpha": alpha,
+                "seed": seed,
+                "local_part": local_part,
+                "status": "done",
+                "acc_mean": last["acc_mean"],
+                "acc_std": last["acc_std"],
+                "acc_p10": last["acc_p10"],
+                "acc_last": last["acc_mean"],
+                "acc_best": last["acc_mean"],
+                "local_params": 100 * parts.index(local_part),
+                "comm_bytes_per_round": 8000 - 300 * parts.index(local_part),
+                "cell": cell,
+                "rounds": ROUNDS,
+            }
+        )
     sensitivity = pd.DataFrame(rows)
     fedavg = sensitivity[sensitivity["local_part"] == "none"].set_index(["alpha", "seed"])["acc_mean"]
     reference = pd.MultiIndex.from_frame(sensitivity[["alpha", "seed"]])
@@ -119,14 +218,34 @@ def write_sweep_folder(folder: Path, *, parts=("none", *PARTS, "all"), seeds=(0,
         table = sensitivity[(sensitivity["alpha"] == alpha) & (sensitivity["local_part"] != "none")]
         gains = table.groupby("local_part", sort=False)["gain_vs_fedavg"].mean().sort_values(ascending=False)
         ranked = [part for part in gains.index if part != "all"]
-        ranking += [{"part": part, "score": score, "ci_low": score - 0.02, "ci_high": score + 0.02,
-                     "rank": ranked.index(part) + 1 if part in ranked else np.nan, "metric": "gain_vs_fedavg",
-                     "spearman_vs_gain": np.nan, **partition} for part, score in gains.items()]
+        ranking += [
+            {
+                "part": part,
+                "score": score,
+                "ci_low": score - 0.02,
+                "ci_high": score + 0.02,
+                "rank": ranked.index(part) + 1 if part in ranked else np.nan,
+                "metric": "gain_vs_fedavg",
+                "spearman_vs_gain": np.nan,
+                **partition,
+            }
+            for part, score in gains.items()
+        ]
         for shift, metric in enumerate(METRICS):
             order = np.roll(ranked, shift)
-            ranking += [{"part": part, "score": 1.0 / (i + 1), "ci_low": np.nan, "ci_high": np.nan, "rank": i + 1,
-                         "metric": metric, "spearman_vs_gain": 1.0 - 0.3 * shift, **partition}
-                        for i, part in enumerate(order)]
+            ranking += [
+                {
+                    "part": part,
+                    "score": 1.0 / (i + 1),
+                    "ci_low": np.nan,
+                    "ci_high": np.nan,
+                    "rank": i + 1,
+                    "metric": metric,
+                    "spearman_vs_gain": 1.0 - 0.3 * shift,
+                    **partition,
+                }
+                for i, part in enumerate(order)
+            ]
     pd.DataFrame(ranking).to_csv(folder / "ranking.csv", index=False)
     for name in ("rounds", "metrics", "divergence"):
         _concatenate(per_run, name).to_csv(folder / f"{name}.csv", index=False)
@@ -137,18 +256,33 @@ def write_comparison_folder(folder: Path, *, methods=("fedavg", "fedper", "fedpe
     """A comparison folder: compare.json, runs/<method>-s<seed>/, comparison.csv, summary.csv and
     concatenated rounds.csv / metrics.csv."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "compare.json").write_text(json.dumps({"dataset": "digits", "methods": list(methods),
-                                                     "seeds": list(seeds), "rounds": ROUNDS}))
+    (folder / "compare.json").write_text(
+        json.dumps({"dataset": "digits", "methods": list(methods), "seeds": list(seeds), "rounds": ROUNDS})
+    )
     per_run, rows = [], []
     for index, method in enumerate(methods):
         for seed in seeds:
-            tables = write_run_folder(folder / "runs" / f"{method}-s{seed}", seed=seed, skill=0.4 + 0.05 * index,
-                                      domains=True, divergence=False)
+            tables = write_run_folder(
+                folder / "runs" / f"{method}-s{seed}",
+                seed=seed,
+                skill=0.4 + 0.05 * index,
+                domains=True,
+                divergence=False,
+            )
             per_run.append(({"method": method, "seed": seed}, tables))
             rounds = tables["rounds"]
-            rows.append({"method": method, "seed": seed, "acc_mean": rounds["acc_mean"].iloc[-1],
-                         "acc_std": rounds["acc_std"].iloc[-1], "acc_p10": rounds["acc_p10"].iloc[-1],
-                         "local_params": 250 * index, "comm_bytes_per_round": 8000 - 1000 * index, "seconds": 1.5})
+            rows.append(
+                {
+                    "method": method,
+                    "seed": seed,
+                    "acc_mean": rounds["acc_mean"].iloc[-1],
+                    "acc_std": rounds["acc_std"].iloc[-1],
+                    "acc_p10": rounds["acc_p10"].iloc[-1],
+                    "local_params": 250 * index,
+                    "comm_bytes_per_round": 8000 - 1000 * index,
+                    "seconds": 1.5,
+                }
+            )
     comparison = pd.DataFrame(rows)
     comparison.to_csv(folder / "comparison.csv", index=False)
     summary = comparison.groupby("method", sort=False)["acc_mean"].agg(["mean", "std"]).reset_index()
@@ -161,8 +295,16 @@ def write_comparison_folder(folder: Path, *, methods=("fedavg", "fedper", "fedpe
 
 EXPECTED_FIGURES = {
     "run": {"training_curves", "fairness", "divergence_heatmap", "divergence_rounds", "partition"},
-    "sweep": {"sensitivity", "rank_agreement", "divergence_heatmap", "divergence_rounds", "training_curves",
-              "fairness", "cost", "partition"},
+    "sweep": {
+        "sensitivity",
+        "rank_agreement",
+        "divergence_heatmap",
+        "divergence_rounds",
+        "training_curves",
+        "fairness",
+        "cost",
+        "partition",
+    },
     "comparison": {"training_curves", "fairness", "cost", "partition"},
 }
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -196,8 +338,11 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("folders")
     run = root / "run"
     write_run_folder(run)
-    return {"run": run, "sweep": write_sweep_folder(root / "sweep"),
-            "comparison": write_comparison_folder(root / "comparison")}
+    return {
+        "run": run,
+        "sweep": write_sweep_folder(root / "sweep"),
+        "comparison": write_comparison_folder(root / "comparison"),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -271,12 +416,17 @@ def test_run_report_shows_its_summary_and_parts(folders, reports):
 
 
 def test_sweep_over_two_partitions_ranks_each(tmp_path):
-    sweep = write_sweep_folder(tmp_path / "sweep", parts=("none", "attn", "mlp", "head", "all"), seeds=(0,),
-                               alphas=(0.1, 1.0))
+    sweep = write_sweep_folder(
+        tmp_path / "sweep", parts=("none", "attn", "mlp", "head", "all"), seeds=(0,), alphas=(0.1, 1.0)
+    )
     planned, notes = plan_figures(read_folder(sweep))
     names = [plan.name for plan in planned]
-    assert names[:4] == ["sensitivity-digits_dirichlet_0.1", "rank_agreement-digits_dirichlet_0.1",
-                         "sensitivity-digits_dirichlet_1", "rank_agreement-digits_dirichlet_1"]
+    assert names[:4] == [
+        "sensitivity-digits_dirichlet_0.1",
+        "rank_agreement-digits_dirichlet_0.1",
+        "sensitivity-digits_dirichlet_1",
+        "rank_agreement-digits_dirichlet_1",
+    ]
     assert notes == []
     bars = next(plan for plan in planned if plan.name.startswith("sensitivity")).draw()
     labels = [t.get_text() for t in bars.axes[0].get_yticklabels()]

@@ -11,14 +11,15 @@ import pytest
 from typer.testing import CliRunner
 
 from fedsens.cli import app
-from personalize import federation
-from personalize.errors import UserError
-from personalize.federation import RunConfig
-from sensitivity.ranking import RANKING_COLUMNS, top_parts
-from sensitivity.sweep import SENSITIVITY_COLUMNS, Cell, SweepConfig, grid, preset, run_sweep
+from fedsens.personalize import federation
+from fedsens.personalize.errors import UserError
+from fedsens.personalize.federation import RunConfig
+from fedsens.sensitivity.ranking import RANKING_COLUMNS, top_parts
+from fedsens.sensitivity.sweep import SENSITIVITY_COLUMNS, Cell, SweepConfig, grid, preset, run_sweep
 
-TINY_RUN = RunConfig(dataset="synthetic", model="vit-nano", clients=4, join_ratio=0.5, rounds=2, local_epochs=1,
-                     device="cpu")
+TINY_RUN = RunConfig(
+    dataset="synthetic", model="vit-nano", clients=4, join_ratio=0.5, rounds=2, local_epochs=1, device="cpu"
+)
 TIMING = ["seconds"]
 
 
@@ -33,8 +34,10 @@ def finished(tmp_path_factory):
 
 
 def _tables(out) -> dict[str, pd.DataFrame]:
-    return {name: pd.read_csv(out / f"{name}.csv").drop(columns=TIMING, errors="ignore")
-            for name in ("sensitivity", "ranking", "rounds", "metrics", "divergence")}
+    return {
+        name: pd.read_csv(out / f"{name}.csv").drop(columns=TIMING, errors="ignore")
+        for name in ("sensitivity", "ranking", "rounds", "metrics", "divergence")
+    }
 
 
 class CountingRun:
@@ -79,8 +82,13 @@ class _RoundCounter:
 
 
 def test_grid_puts_fedavg_first_and_names_cells_safely(tmp_path):
-    config = SweepConfig(run=TINY_RUN, parts=("attn", "attn,head", "attn@9-11", "blocks.3", "attn"), seeds=(1, 0),
-                         alphas=(0.1, 0.5), out=str(tmp_path))
+    config = SweepConfig(
+        run=TINY_RUN,
+        parts=("attn", "attn,head", "attn@9-11", "blocks.3", "attn"),
+        seeds=(1, 0),
+        alphas=(0.1, 0.5),
+        out=str(tmp_path),
+    )
     cells = grid(config)
     assert config.parts == ("none", "attn", "attn,head", "attn@9-11", "blocks.3")
     assert len(cells) == 2 * 2 * 5 and cells[0] == Cell("synthetic", "dirichlet", 0.1, 1, "none")
@@ -99,7 +107,13 @@ def test_presets_and_bad_settings():
     assert quick.seeds == (0, 1, 2)
     paper = preset("paper-officehome").run
     assert (paper.model, paper.clients, paper.join_ratio, paper.lr, paper.batch_size, paper.scheme) == (
-        "vit_small_patch16_224", 16, 0.125, 0.01, 64, "domain")
+        "vit_small_patch16_224",
+        16,
+        0.125,
+        0.01,
+        64,
+        "domain",
+    )
     with pytest.raises(UserError, match="unknown sweep preset"):
         preset("huge")
     with pytest.raises(UserError, match="alpha"):
@@ -129,8 +143,11 @@ def test_tables_have_the_contract_columns(finished):
     fedavg = pd.read_csv(out / "cells" / rows.loc["none", "cell"] / "divergence.csv")
     attn = fedavg[(fedavg["group"] == "attn") & (fedavg["metric"] == "rel_drift")]["value"].mean()
     assert rows.loc["attn", "div_rel_drift"] == pytest.approx(attn)
-    for name, columns in (("rounds", ["round", "acc_mean"]), ("metrics", ["round", "client", "accuracy"]),
-                          ("divergence", ["round", "group", "part", "block", "metric", "value"])):
+    for name, columns in (
+        ("rounds", ["round", "acc_mean"]),
+        ("metrics", ["round", "client", "accuracy"]),
+        ("divergence", ["round", "group", "part", "block", "metric", "value"]),
+    ):
         table = pd.read_csv(out / f"{name}.csv")
         assert list(table.columns[:6]) == ["cell", "local_part", "seed", "dataset", "scheme", "alpha"]
         assert set(columns) <= set(table.columns) and set(table["local_part"]) == {"none", "attn", "head"}
@@ -193,9 +210,33 @@ def test_other_settings_in_the_same_folder_are_refused(finished, tmp_path):
 
 def test_cli_sweep_end_to_end_and_top_parts(tmp_path):
     out = tmp_path / "sweep"
-    args = ["sweep", "--dataset", "synthetic", "--model", "vit-nano", "--clients", "4", "--rounds", "2",
-            "--local-epochs", "1", "--seeds", "0", "--only-parts", "--parts", "head", "--parts", "attn,head",
-            "--div-every", "2", "--out", str(out), "--device", "cpu", "--quiet"]
+    args = [
+        "sweep",
+        "--dataset",
+        "synthetic",
+        "--model",
+        "vit-nano",
+        "--clients",
+        "4",
+        "--rounds",
+        "2",
+        "--local-epochs",
+        "1",
+        "--seeds",
+        "0",
+        "--only-parts",
+        "--parts",
+        "head",
+        "--parts",
+        "attn,head",
+        "--div-every",
+        "2",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "parts by accuracy gain over FedAvg" in result.output

@@ -21,10 +21,12 @@ def test_train_writes_the_tables_and_reports_accuracy(tmp_path):
 
 def test_bad_input_is_one_clear_line_and_exit_2(tmp_path):
     runner = CliRunner()
-    for args, fragment in [(["--personalize", "heads"], "matches no parameter"),
-                           (["--alpha", "0"], "alpha must be > 0"),
-                           (["--personalize", "auto"], "--from"),
-                           (["--dataset", "imagenet"], "imagenet")]:
+    for args, fragment in [
+        (["--personalize", "heads"], "matches no parameter"),
+        (["--alpha", "0"], "alpha must be > 0"),
+        (["--personalize", "auto"], "--from"),
+        (["--dataset", "imagenet"], "imagenet"),
+    ]:
         result = runner.invoke(app, ["train", *TINY, "--out", str(tmp_path / "x"), "--overwrite", *args])
         assert result.exit_code == 2, (args, result.output)
         assert fragment in result.output

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import typer
 
-from personalize.errors import UserError
+from fedsens.personalize.errors import UserError
 
 F = TypeVar("F", bound=Callable)
 
@@ -34,8 +35,9 @@ def comma_list(text: str | None, kind: type, option: str, example: str) -> tuple
     try:
         return tuple(kind(item.strip()) for item in text.split(",") if item.strip())
     except ValueError:
-        raise UserError(f"{option} {text!r} is not a comma-separated list of {kind.__name__}s; "
-                        f"write e.g. {example}") from None
+        raise UserError(
+            f"{option} {text!r} is not a comma-separated list of {kind.__name__}s; write e.g. {example}"
+        ) from None
 
 
 def overlay(base, *, run: dict, grid: dict):

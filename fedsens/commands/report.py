@@ -16,7 +16,7 @@ def report(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Write DIR/report/index.html (figures embedded, works offline) and DIR/report/report.md."""
-    from reports.report import build_report
+    from fedsens.reports.report import build_report
 
     index = build_report(folder, open_browser=open_browser, quiet=quiet)
     size = index.stat().st_size
