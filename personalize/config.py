@@ -7,10 +7,12 @@ depending on the loop.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from fedsens.personalize.errors import UserError
+from fedsens.personalize.methods import registry
 
 
 @dataclass(frozen=True)
@@ -48,16 +50,9 @@ class RunConfig:
     device: str = "auto"
     eval_every: int = 1
     out: str = "runs/train"
-    # Method options (read by personalize.methods; ignored by methods that do not use them).
-    finetune_steps: int = 5
-    apfl_alpha: float = 0.25
-    perfedavg_beta: float | None = None  # Per-FedAvg outer step; None = lr, as the public code does
-    fedrep_head_epochs: int = 1
-    plugin_mid_dim: int = 256
-    plugin_scale: float = 1.5
-    plugin_depth: int | None = None
-    plugin_init: str = "zero"
-    fedperfix_local: str = ""
+    # The method's own options (see `fedsens methods`): a plain mapping, completed with the method's
+    # defaults and type-checked on construction, so config.json records every value the run used.
+    method_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         checks = [
@@ -75,6 +70,14 @@ class RunConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        method = registry.method_class(self.method)
+        if method.parts is not None and self.personalize != "none":
+            raise UserError(
+                f"--method {self.method} fixes which parts are local; drop --personalize "
+                f"{self.personalize!r} or use a method that takes it (e.g. --method fedavg)"
+            )
+        options = registry.resolve_options(method, dict(self.method_options))
+        object.__setattr__(self, "method_options", registry.options_dict(options))
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)

@@ -26,22 +26,10 @@ from tqdm import tqdm
 from fedsens.personalize import runio
 from fedsens.personalize.errors import UserError
 from fedsens.personalize.federation import RunConfig
-from fedsens.personalize.methods import METHODS
+from fedsens.personalize.methods import METHODS, method_class, paper_methods, registry
 from fedsens.sensitivity import runs
 
-PAPER_METHODS = (
-    "fedavg",
-    "local",
-    "fedbn",
-    "fedper",
-    "fedrep",
-    "fedbabu",
-    "apfl",
-    "perfedavg",
-    "vanilla-attention",
-    "vanilla-prefix",
-    "fedperfix",
-)
+PAPER_METHODS = paper_methods()  # each method class declares its row of the paper's table
 COMPARISON_COLUMNS = [
     "method",
     "seed",
@@ -75,12 +63,15 @@ SUMMARY_COLUMNS = [
 
 @dataclass(frozen=True)
 class CompareConfig:
-    """`run` holds the settings every run shares; `method_overrides` changes them per method (e.g.
-    Per-FedAvg's learning rate in the paper presets); each run lands in `<out>/runs/<method>-s<seed>`."""
+    """`run` holds the settings every run shares; `method_options` (KEY -> value) go to every compared
+    method that has that option; `method_overrides` changes the settings per method (e.g. Per-FedAvg's
+    learning rate in the paper presets; a "method_options" entry there adds options for that method
+    only); each run lands in `<out>/runs/<method>-s<seed>`."""
 
     run: RunConfig = field(default_factory=RunConfig)
     methods: tuple[str, ...] = PAPER_METHODS
     seeds: tuple[int, ...] = (0,)
+    method_options: Mapping[str, Any] = field(default_factory=dict)
     method_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     out: str = "runs/compare"
     fresh: bool = False
@@ -103,16 +94,42 @@ class CompareConfig:
             bad = sorted(set(changes) - fields)
             if bad:
                 raise UserError(f"override {bad[0]!r} for {method} is not a RunConfig field")
+        known = {key for cls in METHODS.values() for key in registry.option_fields(cls)}
+        for key in self.method_options:
+            if key not in known:
+                raise UserError(f"no method has an option {key!r}; `fedsens methods` lists each method's options")
+        for method in self.methods:  # a value of the wrong type is an error before anything trains
+            registry.resolve_options(method_class(method), options_for(self, method))
+
+
+def options_for(config: CompareConfig, method: str) -> dict[str, Any]:
+    """The shared options this method has, then its own from `method_overrides`."""
+    fields = registry.option_fields(method_class(method))
+    shared = {k: v for k, v in config.method_options.items() if k in fields}
+    return {**shared, **config.method_overrides.get(method, {}).get("method_options", {})}
+
+
+def check_options_apply(methods: tuple[str, ...], keys: list[str]) -> None:
+    """Every option the user gave must belong to at least one compared method."""
+    for key in keys:
+        having = [m for m in methods if key in registry.option_fields(method_class(m))]
+        if not having:
+            owners = [name for name, cls in METHODS.items() if key in registry.option_fields(cls)]
+            raise UserError(
+                f"-o {key} belongs to none of the compared methods ({', '.join(methods)})"
+                + (f"; it is an option of {', '.join(owners)}" if owners else "; `fedsens methods` lists the options")
+            )
 
 
 def run_config(config: CompareConfig, method: str, seed: int) -> RunConfig:
-    """One run: the shared settings, then the method's overrides, then the method, seed and folder."""
-    changes = dict(config.method_overrides.get(method, {}))
+    """One run: the shared settings, then the method's overrides and options, then its seed and folder."""
+    changes = {k: v for k, v in config.method_overrides.get(method, {}).items() if k != "method_options"}
     out = Path(config.out) / "runs" / f"{method}-s{seed}"
-    return config.run.replace(**changes, method=method, seed=seed, out=str(out))
+    options = options_for(config, method)
+    return config.run.replace(**changes, method=method, method_options=options, seed=seed, out=str(out))
 
 
-def _paper(dataset: str, **changes: Any) -> CompareConfig:
+def _paper(dataset: str, *, fedperfix_local: str = "", **changes: Any) -> CompareConfig:
     """The public code's protocol (FEDPERFIX.md): ViT-S/16 from scratch at 224 px, 64 clients, 8 a
     round, 50 rounds, 10 local epochs, batch 64, plain SGD at lr 0.01 (Per-FedAvg: 0.001, and beta
     = lr as the code sets it), FedBABU fine-tuned for 1 step (the code's default), FedPerfix with
@@ -131,15 +148,16 @@ def _paper(dataset: str, **changes: Any) -> CompareConfig:
         momentum=0.0,
         augment_shift=0.0,
         augment_scale=0.0,
-        finetune_steps=1,
-        plugin_mid_dim=256,
-        plugin_scale=1.5,
     )
+    overrides: dict[str, dict[str, Any]] = {"perfedavg": {"lr": 0.001}}
+    if fedperfix_local:
+        overrides["fedperfix"] = {"method_options": {"local": fedperfix_local}}
     return CompareConfig(
         run=run.replace(**changes),
         seeds=(1,),
         out=f"runs/compare-{dataset}",
-        method_overrides={"perfedavg": {"lr": 0.001}},
+        method_options={"finetune_steps": 1, "mid_dim": 256, "scale": 1.5},
+        method_overrides=overrides,
     )
 
 
@@ -154,9 +172,9 @@ def preset(name: str) -> CompareConfig:
     as the public preset does; Office-Home has 16 clients (4 per domain, Dirichlet 1.0 inside each
     domain, 85/15 split) with the code's join ratio 0.125.
     """
-    default_run = RunConfig(rounds=20, eval_every=5, plugin_mid_dim=64)
+    default_run = RunConfig(rounds=20, eval_every=5)
     presets = {
-        "default": lambda: CompareConfig(run=default_run),
+        "default": lambda: CompareConfig(run=default_run, method_options={"mid_dim": 64}),
         "paper-cifar100": lambda: _paper("cifar100", fedperfix_local="blocks.11"),
         "paper-organamnist": lambda: _paper("organamnist"),
         "paper-officehome": lambda: _paper("officehome", scheme="domain", alpha=1.0, clients=16, test_fraction=0.15),

@@ -27,11 +27,15 @@ def tiny(tmp_path, methods=("fedavg", "local"), seeds=(0,), **run) -> CompareCon
         rounds=1,
         local_steps=2,
         batch_size=16,
-        plugin_mid_dim=8,
         device="cpu",
     )
     return CompareConfig(
-        run=RunConfig(**{**options, **run}), methods=methods, seeds=seeds, out=str(tmp_path / "compare"), quiet=True
+        run=RunConfig(**{**options, **run}),
+        methods=methods,
+        seeds=seeds,
+        method_options={"mid_dim": 8},
+        out=str(tmp_path / "compare"),
+        quiet=True,
     )
 
 
@@ -119,9 +123,11 @@ def test_presets_carry_the_papers_settings():
     fedperfix, perfedavg = run_config(cifar, "fedperfix", 1), run_config(cifar, "perfedavg", 1)
     settings = (fedperfix.model, fedperfix.clients, fedperfix.join_ratio, fedperfix.lr, fedperfix.local_epochs)
     assert settings == ("vit_small_patch16_224", 64, 0.125, 0.01, 10)
-    assert fedperfix.fedperfix_local == "blocks.11" and fedperfix.plugin_scale == 1.5
-    assert (perfedavg.lr, perfedavg.perfedavg_beta) == (0.001, None)  # None: beta = lr, as the public code
-    assert run_config(preset("paper-organamnist"), "fedperfix", 1).fedperfix_local == ""
+    assert fedperfix.method_options == {"local": "blocks.11", "blocks": "all", "scale": 1.5, "mid_dim": 256}
+    assert run_config(cifar, "vanilla-prefix", 1).method_options["local"] == ""  # blocks.11: FedPerfix's only
+    assert run_config(cifar, "fedbabu", 1).method_options == {"finetune_steps": 1}
+    assert (perfedavg.lr, perfedavg.method_options) == (0.001, {"beta": None})  # None: beta = lr, as the public code
+    assert run_config(preset("paper-organamnist"), "fedperfix", 1).method_options["local"] == ""
     office = run_config(preset("paper-officehome"), "fedavg", 1)
     assert (office.scheme, office.clients, office.alpha) == ("domain", 16, 1.0)
     assert tuple(preset("default").methods) == compare_lib.PAPER_METHODS
@@ -170,7 +176,9 @@ def test_the_command_prints_the_summary_table(tmp_path):
     assert "fedperfix" in result.output and "accuracy % (final)" in result.output
     config = runio.read_json(out / "compare.json")
     assert config["methods"] == ["fedavg", "fedperfix"] and config["run"]["rounds"] == 1
-    assert config["run"]["plugin_mid_dim"] == 64  # the default preset's value survives the options given
+    assert config["method_options"] == {"mid_dim": 64}  # the default preset's value survives the options given
+    saved = runio.read_json(out / "runs" / "fedperfix-s0" / "config.json")["config"]
+    assert saved["method_options"]["mid_dim"] == 64
 
 
 def test_the_command_reports_bad_input_in_one_line(tmp_path):

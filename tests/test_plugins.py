@@ -1,4 +1,4 @@
-"""Attention plugins: the FedPerfix formula, fused = unfused, names and identities kept, errors."""
+"""Attention plugins: the FedPerfix formula on timm's own attention, fused = unfused, names kept, errors."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 
 from fedsens.personalize import model as model_lib
@@ -80,8 +81,8 @@ def test_fedperfix_leaves_queries_unchanged():
     model = tiny_vit()
     plugins.install(model, "fedperfix", mid_dim=16, seed=3)
     attn, x = model.blocks[0].attn, tokens()
-    shifted = attn.prefix.shift_projection(attn.qkv(x), x)
-    plain = attn.qkv(x)
+    shifted = attn.qkv(x)  # through the plugin's hook
+    plain = torch.nn.functional.linear(x, attn.qkv.weight, attn.qkv.bias)
     assert torch.equal(shifted[..., :DIM], plain[..., :DIM])
     assert not torch.allclose(shifted[..., DIM:], plain[..., DIM:])
 
@@ -89,12 +90,32 @@ def test_fedperfix_leaves_queries_unchanged():
 @pytest.mark.parametrize("kind", plugins.KINDS)
 def test_fused_and_unfused_paths_agree(kind):
     model = tiny_vit()
-    plugins.install(model, kind, mid_dim=16, init="random", length=3, seed=4)
+    plugins.install(model, kind, mid_dim=16, init="random", seed=4)
     x = images()
     fused = model(x)
     for block in model.blocks:
         block.attn.fused_attn = False
     torch.testing.assert_close(model(x), fused, rtol=1e-5, atol=1e-5)
+
+
+def test_timms_attention_module_and_forward_stay_in_place():
+    model = tiny_vit()
+    plugins.install(model, "fedperfix", mid_dim=16)
+    for block in model.blocks:
+        assert type(block.attn) is Attention and type(block.attn).forward is Attention.forward
+
+
+def test_a_deep_copy_runs_its_own_plugin():
+    model = tiny_vit()
+    plugins.install(model, "fedperfix", mid_dim=16, seed=3)
+    twin = copy.deepcopy(model)
+    before = model(images())
+    torch.testing.assert_close(twin(images()), before, rtol=0, atol=0)
+    with torch.no_grad():
+        for block in twin.blocks:
+            block.attn.prefix.up.weight.mul_(3.0)
+    torch.testing.assert_close(model(images()), before, rtol=0, atol=0)  # the original's hooks use its own plugins
+    assert not torch.allclose(twin(images()), before, atol=1e-4)
 
 
 def test_scale_zero_gives_the_plain_vit():
@@ -122,48 +143,6 @@ def test_vanilla_prefix_offsets_are_one_linear_map():
     torch.testing.assert_close(attn(x), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_prefix_tokens_are_extra_keys_and_values(fused):
-    model = tiny_vit()
-    plugins.install(model, "prefix-tokens", length=3, init="random", seed=5)
-    attn, x = model.blocks[0].attn, tokens()
-    attn.fused_attn = fused
-    expected = plain_attention(attn, x, prefix_keys=attn.prefix.keys, prefix_values=attn.prefix.values)
-    torch.testing.assert_close(attn(x), expected, rtol=1e-5, atol=1e-5)
-
-
-def test_zero_prefix_tokens_only_dilute_attention():
-    """Zero keys score 0 and zero values add nothing: the head output keeps its direction, shrunk by S/(S+P)."""
-    plain, length = tiny_vit(), 4
-    plugged = copy.deepcopy(plain)
-    plugins.install(plugged, "prefix-tokens", length=length, init="zero")
-    x = tokens()
-    captured = {}
-    for name, model in (("plain", plain), ("plugged", plugged)):
-        proj = model.blocks[0].attn.proj
-        hook = proj.register_forward_pre_hook(lambda _, args, name=name: captured.update({name: args[0]}))
-        model.blocks[0].attn(x)
-        hook.remove()
-    attn = plain.blocks[0].attn
-    q, k, _ = attn.qkv(x).reshape(2, 5, 3, HEADS, DIM // HEADS).permute(2, 0, 3, 1, 4)
-    mass = torch.exp(q @ k.transpose(-2, -1) * attn.scale).sum(-1)  # B x H x N
-    shrink = (mass / (mass + length)).transpose(1, 2).repeat_interleave(DIM // HEADS, dim=-1)
-    torch.testing.assert_close(captured["plugged"], captured["plain"] * shrink, rtol=1e-5, atol=1e-6)
-
-
-def test_prefix_tokens_keep_the_attention_mask_on_real_tokens():
-    model = tiny_vit()
-    plugins.install(model, "prefix-tokens", length=2, init="random", seed=6)
-    attn, x = model.blocks[0].attn, tokens()
-    mask = torch.ones(5, 5, dtype=torch.bool).tril()
-    expected = plain_attention(attn, x, prefix_keys=attn.prefix.keys, prefix_values=attn.prefix.values, mask=mask)
-    additive = torch.zeros(5, 5).masked_fill(~mask, float("-inf"))
-    for fused in (True, False):
-        attn.fused_attn = fused
-        for output in (attn(x, attn_mask=mask), attn(x, attn_mask=additive), attn(x, is_causal=True)):
-            torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize("kind", plugins.KINDS)
 def test_original_parameters_keep_names_and_identity(kind):
     model = tiny_vit()
@@ -181,7 +160,7 @@ def test_plugin_names_read_well():
     names = plugins.install(model, "fedperfix", mid_dim=16)
     assert "blocks.2.attn.prefix.down.weight" in names
     assert "blocks.0.attn.prefix.up.bias" in names
-    assert "blocks.1.attn.prefix.keys" in plugins.install(tiny_vit(), "prefix-tokens")
+    assert "blocks.1.attn.prefix.proj.weight" in plugins.install(tiny_vit(), "vanilla-prefix")
 
 
 def test_every_added_parameter_belongs_to_a_plugin_module():
@@ -205,11 +184,16 @@ def test_plugins_add_only_plugin_parameters_and_keep_the_other_parts(kind):
     assert not set(model_lib.resolve(model, "attn")) & set(added)
 
 
-def test_depth_keeps_plugins_to_the_last_blocks():
-    model = tiny_vit()
-    names = plugins.install(model, "fedperfix", mid_dim=16, depth=1)
-    assert {name.split(".")[1] for name in names} == {str(DEPTH - 1)}
-    assert not isinstance(model.blocks[0].attn, plugins.AttentionWithPlugin)
+@pytest.mark.parametrize(("blocks", "plugged"), [("all", {0, 1, 2}), ("2", {2}), ("0,2", {0, 2}), ("1-2", {1, 2})])
+def test_blocks_choose_the_attention_layers_that_get_a_plugin(blocks, plugged):
+    plain = tiny_vit()
+    model = copy.deepcopy(plain)
+    names = plugins.install(model, "fedperfix", mid_dim=16, blocks=blocks)
+    assert {int(name.split(".")[1]) for name in names} == plugged
+    x = tokens()
+    for index in range(DEPTH):
+        same = torch.equal(model.blocks[index].attn(x), plain.blocks[index].attn(x))
+        assert same is (index not in plugged), index
 
 
 def test_default_sizes_follow_the_public_code():
@@ -244,10 +228,10 @@ def test_backward_reaches_the_plugin(kind):
     ("kind", "options", "message"),
     [
         ("lora", {}, "unknown plugin 'lora'"),
-        ("fedperfix", {"depth": 0}, "depth 0"),
-        ("fedperfix", {"depth": DEPTH + 1}, f"depth {DEPTH + 1}"),
+        ("fedperfix", {"blocks": "x"}, "blocks 'x'"),
+        ("fedperfix", {"blocks": f"1-{DEPTH}"}, "out of range"),
+        ("fedperfix", {"blocks": "2-1"}, "out of range"),
         ("fedperfix", {"mid_dim": 0}, "mid_dim 0"),
-        ("prefix-tokens", {"length": 0}, "length 0"),
         ("vanilla-prefix", {"init": "ones"}, "init 'ones'"),
     ],
 )

@@ -7,16 +7,21 @@ from typing import TYPE_CHECKING
 import typer
 
 from fedsens.commands._common import clean_errors, comma_list, overlay
+from fedsens.commands.methods import options_option
 
 if TYPE_CHECKING:  # the library is imported when the command runs, so `fedsens --help` stays quick
     from fedsens.sensitivity.compare import CompareConfig, CompareResult
 
 
-def build_config(name: str, *, run: dict, compare: dict) -> CompareConfig:
-    """The preset with every explicitly given option (not None) laid over it."""
-    from fedsens.sensitivity.compare import preset
+def build_config(name: str, *, run: dict, compare: dict, options: dict | None = None) -> CompareConfig:
+    """The preset with every explicitly given option (not None) laid over it; method options (-o) are
+    added to the preset's, and each must belong to at least one compared method."""
+    from fedsens.sensitivity.compare import check_options_apply, preset
 
-    return overlay(preset(name), run=run, grid=compare)
+    base = preset(name)
+    config = overlay(base, run=run, grid={**compare, "method_options": {**base.method_options, **(options or {})}})
+    check_options_apply(config.methods, list(options or {}))
+    return config
 
 
 def summary_text(result: CompareResult) -> str:
@@ -57,12 +62,14 @@ def compare(
     fresh: bool = typer.Option(False, "--fresh", help="Re-run every method instead of resuming."),
     device: str | None = typer.Option(None, help="auto (CUDA when present), cpu or cuda."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    option: list[str] | None = options_option(),
 ) -> None:
     """Run each method for each seed (same partition and initial weights within a seed), then tabulate.
 
     Writes comparison.csv, summary.csv and the runs' rounds/metrics tables under --out and prints
     the summary: final-round mean client accuracy (mean ± sd over seeds) and each method's costs.
     """
+    from fedsens.personalize.methods.registry import parse_assignments
     from fedsens.sensitivity.compare import run_compare
 
     config = build_config(
@@ -83,6 +90,7 @@ def compare(
             fresh=fresh,
             quiet=quiet,
         ),
+        options=parse_assignments(option),
     )
     result = run_compare(config)
     typer.echo(f"\n{config.run.dataset}, {config.run.model}, {config.run.clients} clients, {config.run.rounds} rounds:")

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from fedsens.commands._common import clean_errors, comma_list, overlay
+from fedsens.commands.methods import method_option, options_option
 from fedsens.personalize.errors import UserError
 
 if TYPE_CHECKING:  # the library is imported when the command runs, so `fedsens --help` stays quick
@@ -86,11 +87,18 @@ def sweep(
     fresh: bool = typer.Option(False, "--fresh", help="Re-run every cell instead of resuming."),
     device: str | None = typer.Option(None, help="auto (CUDA when present), cpu or cuda."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    method: str | None = method_option(
+        help="The method every cell trains with (fedavg by default); it must take "
+        "--personalize, as the cells vary the parts kept local. `fedsens methods` lists them."
+    ),
+    option: list[str] | None = options_option(),
 ) -> None:
     """Run one federated cell per (partition, seed, part kept local), then rank the parts.
 
     Writes sensitivity.csv, ranking.csv and the cells' tables under --out and prints the ranking.
     """
+    from fedsens.personalize.methods import method_class
+    from fedsens.personalize.methods.registry import parse_assignments
     from fedsens.sensitivity.sweep import DEFAULT_PARTS, run_sweep
 
     if only_parts and not parts:
@@ -106,6 +114,8 @@ def sweep(
             rounds=rounds,
             local_epochs=local_epochs,
             device=device,
+            method=method,
+            method_options=parse_assignments(option) or None,
         ),
         sweep=dict(
             parts=cell_parts,
@@ -119,6 +129,12 @@ def sweep(
             alphas=comma_list(alphas, float, "--alphas", "0.1,0.5"),
         ),
     )
+    fixed = method_class(config.run.method).parts
+    if fixed is not None:
+        raise UserError(
+            f"--method {config.run.method} keeps {fixed} local itself, but the sweep's cells vary the parts "
+            "kept local; choose a method that takes --personalize (e.g. fedavg)"
+        )
     result = run_sweep(config)
     typer.echo(ranking_text(result))
     typer.echo(

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from fedsens.commands._common import clean_errors
+from fedsens.commands.methods import method_option, options_option
 from fedsens.personalize.errors import UserError
 
 
@@ -53,33 +54,22 @@ def train(
     ),
     sweep_dir: Path | None = typer.Option(None, "--from", help="sweep folder whose ranking --personalize auto uses"),
     top: int = typer.Option(2, help="with --personalize auto: how many top-ranked parts to keep local"),
-    method: str | None = typer.Option(
-        None,
-        help="fedavg (default), fedperfix, fedper, fedbn, fedrep, fedbabu, "
-        "apfl, perfedavg, local, vanilla-attention, vanilla-prefix",
-    ),
     seed: int | None = typer.Option(None),
     device: str | None = typer.Option(None, help="auto (CUDA when present), cpu, cuda, cuda:1"),
     eval_every: int | None = typer.Option(None, help="evaluate every client every N rounds"),
     out: Path = typer.Option(Path("runs/train"), help="run folder"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its checkpoint"),
     overwrite: bool = typer.Option(False, "--overwrite", help="start over even if --out holds a run"),
-    finetune_steps: int | None = typer.Option(None, help="FedBABU: local fine-tuning steps before evaluation"),
-    fedperfix_local: str | None = typer.Option(None, help="FedPerfix: extra parts kept local, e.g. blocks.11"),
-    plugin_scale: float | None = typer.Option(None, help="FedPerfix/vanilla-prefix: scale of the K/V offsets"),
-    plugin_mid_dim: int | None = typer.Option(None, help="FedPerfix: adapter width"),
-    plugin_depth: int | None = typer.Option(None, help="FedPerfix: plugins in the last N blocks only"),
-    plugin_init: str | None = typer.Option(None, help="vanilla-prefix: zero or random initial offsets"),
-    apfl_alpha: float | None = typer.Option(None, help="APFL: initial mixing weight of the personal model"),
-    perfedavg_beta: float | None = typer.Option(None, help="Per-FedAvg: outer step size (default: --lr)"),
-    fedrep_head_epochs: int | None = typer.Option(None, help="FedRep: head epochs before the body's"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+    method: str | None = method_option(help="the personalized-FL method (fedavg by default); `fedsens methods`"),
+    option: list[str] | None = options_option(),
 ) -> None:
     """Run one federated training.
 
     Writes config.json, partition.json, parts.csv, metrics.csv, rounds.csv and summary.json into --out.
     """
     from fedsens.personalize.federation import RunConfig, run
+    from fedsens.personalize.methods.registry import parse_assignments
 
     given = {
         "dataset": dataset,
@@ -100,15 +90,7 @@ def train(
         "seed": seed,
         "device": device,
         "eval_every": eval_every,
-        "finetune_steps": finetune_steps,
-        "fedperfix_local": fedperfix_local,
-        "plugin_scale": plugin_scale,
-        "plugin_mid_dim": plugin_mid_dim,
-        "plugin_depth": plugin_depth,
-        "plugin_init": plugin_init,
-        "apfl_alpha": apfl_alpha,
-        "perfedavg_beta": perfedavg_beta,
-        "fedrep_head_epochs": fedrep_head_epochs,
+        "method_options": parse_assignments(option) or None,
     }
     config = RunConfig(out=str(out), **{k: v for k, v in given.items() if v is not None})
     result = run(config, resume=resume, overwrite=overwrite, quiet=quiet)

@@ -1,0 +1,134 @@
+"""The base every method builds on (FedAvg behaviour), its options, and the helpers methods share.
+
+A method says which parameters stay on the clients (`local_spec`), may change the model once
+(`prepare_model`, e.g. to install plugins), keeps per-client extra state (`init_client`), and
+decides how a client trains (`train_client`), how it is evaluated (`evaluate_client`) and how the
+server aggregates the shared parameters (`aggregate`). `federation.run` owns the only loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from fedsens.personalize.methods.registry import resolve_options
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from fedsens.personalize.client import ClientContext, EvalResult
+    from fedsens.personalize.config import RunConfig
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """The options of a method that takes none."""
+
+
+def weighted_mean(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+    """Sample-weighted average of name-keyed tensors (FedAvg); non-float tensors take the first client's."""
+    if not states:
+        raise ValueError("nothing to aggregate")
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError("aggregation weights must sum to a positive number")
+    out: dict[str, torch.Tensor] = {}
+    for name, first in states[0].items():
+        if not torch.is_floating_point(first):
+            out[name] = first.clone()
+            continue
+        acc = torch.zeros_like(first, dtype=torch.float64)
+        for state, w in zip(states, weights):
+            acc += state[name].to(torch.float64) * (float(w) / total)
+        out[name] = acc.to(first.dtype)
+    return out
+
+
+class Method:
+    """FedAvg with `config.personalize` kept local: the base every method builds on.
+
+    Class attributes a method sets: `name` (registry key), `summary` (one line), `paper` (where it
+    comes from), `paper_row` (its row in the paper's main table, or None), `parts` (the part spec it
+    keeps local; None = whatever `--personalize` says) and `Options` (a frozen dataclass).
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    paper_row: ClassVar[int | None] = None
+    parts: ClassVar[str | None] = None
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.options: Any = resolve_options(type(self), config.method_options)
+
+    def prepare_model(self, model: nn.Module) -> None:
+        """Change the freshly built model once (install plugins, freeze parts); default: nothing."""
+
+    def local_spec(self) -> str:
+        return self.config.personalize if self.parts is None else self.parts
+
+    def init_client(self, client: int, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Extra per-client state beyond its local parameters (kept in the checkpoint); default none."""
+        return {}
+
+    def personal_params(self, parts: pd.DataFrame) -> int:
+        """Parameters each client keeps beyond its local parts (extra state such as APFL's personal
+        model), given the run's parts table; reported beside `local_params`. Default none."""
+        return 0
+
+    def train_client(self, ctx: ClientContext) -> None:
+        """Plain local SGD over the client's train split for the configured epochs/steps."""
+        optimizer = ctx.optimizer(p for p in ctx.model.parameters() if p.requires_grad)
+        ctx.model.train()
+        for x, y in ctx.train_batches():
+            ctx.step(optimizer, x, y)
+
+    def evaluate_client(self, ctx: ClientContext) -> EvalResult:
+        return ctx.evaluate()
+
+    def aggregate(
+        self, states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]
+    ) -> dict[str, torch.Tensor]:
+        return weighted_mean(states, weights)
+
+
+def part_names(ctx: ClientContext, part: str) -> set[str]:
+    """Parameter names of one part type (from the run's resolved manifest)."""
+    table = ctx.run.parts
+    return set(table.loc[table["part"] == part, "param"])
+
+
+@contextlib.contextmanager
+def only_trainable(model: nn.Module, names: set[str]) -> Iterator[list[nn.Parameter]]:
+    """Freeze every parameter outside `names` for the duration (their backward pass is skipped too)."""
+    before = {name: p.requires_grad for name, p in model.named_parameters()}
+    for name, p in model.named_parameters():
+        p.requires_grad_(before[name] and name in names)
+    try:
+        yield [p for p in model.parameters() if p.requires_grad]
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(before[name])
+
+
+def train_steps(ctx: ClientContext, params: list[nn.Parameter], **batch_options) -> None:
+    optimizer = ctx.optimizer(params)
+    ctx.model.train()
+    for x, y in ctx.train_batches(**batch_options):
+        ctx.step(optimizer, x, y)
+
+
+def evaluate_adapted(ctx: ClientContext, adapt: Callable[[ClientContext], None]) -> EvalResult:
+    """Adapt the client's model, evaluate it, and put the weights back (hooks may read them next)."""
+    saved = {name: t.detach().clone() for name, t in ctx.model.state_dict().items()}
+    adapt(ctx)
+    result = ctx.evaluate()
+    ctx.model.load_state_dict(saved)
+    return result
