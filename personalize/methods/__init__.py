@@ -4,20 +4,22 @@
 `method_options` into the method's frozen `Options`; `base` is FedAvg behaviour and the helpers
 methods share; one file per method or family holds the built-in methods, with the paper's settings
 as defaults. Where the paper and the public FedPerfix code differ, the classes follow the code and
-their docstrings say so. Adding a method is one new file with a `@register_method` class.
+their docstrings say so. Adding a method is one new file here (every module of the package is imported) with a
+`@register_method` class, or the same class in your own code, registered when it is imported.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import TYPE_CHECKING
 
-# The built-in methods register themselves on import (after base and registry above).
-from fedsens.personalize.methods.apfl import APFL, alpha_step  # noqa: E402
-from fedsens.personalize.methods.base import Method, NoOptions, weighted_mean
-from fedsens.personalize.methods.fedperfix import FedPerfix, VanillaPrefix  # noqa: E402
-from fedsens.personalize.methods.fixed import FedAvg, FedBN, FedPer, Local, VanillaAttention  # noqa: E402
-from fedsens.personalize.methods.head import FedBABU, FedRep  # noqa: E402
-from fedsens.personalize.methods.perfedavg import PerFedAvg  # noqa: E402
+from fedsens.personalize.methods.apfl import APFL, alpha_step
+from fedsens.personalize.methods.base import Method, NoOptions, only_trainable, train_steps, weighted_mean
+from fedsens.personalize.methods.fedperfix import FedPerfix, VanillaPrefix
+from fedsens.personalize.methods.fixed import FedAvg, FedBN, FedPer, Local, VanillaAttention
+from fedsens.personalize.methods.head import FedBABU, FedRep
+from fedsens.personalize.methods.perfedavg import PerFedAvg
 from fedsens.personalize.methods.registry import (
     METHODS,
     method_class,
@@ -29,6 +31,10 @@ from fedsens.personalize.methods.registry import (
 
 if TYPE_CHECKING:
     from fedsens.personalize.config import RunConfig
+
+# Every module of this package registers its methods on import, so a new method is one new file here.
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "APFL",
@@ -49,9 +55,11 @@ __all__ = [
     "get_method",
     "method_class",
     "names",
+    "only_trainable",
     "paper_methods",
     "register_method",
     "resolve_options",
+    "train_steps",
     "weighted_mean",
 ]
 
