@@ -62,7 +62,9 @@ def compare(
     fresh: bool = typer.Option(False, "--fresh", help="Re-run every method instead of resuming."),
     device: str | None = typer.Option(None, help="auto (CUDA when present), cpu or cuda."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
-    option: list[str] | None = options_option(),
+    option: list[str] | None = options_option(
+        "A method option KEY=VALUE (repeatable), given to every compared method that has KEY, e.g. -o scale=1.0."
+    ),
 ) -> None:
     """Run each method for each seed (same partition and initial weights within a seed), then tabulate.
 

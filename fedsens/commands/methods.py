@@ -37,8 +37,8 @@ def method_option(default: str | None = None, help: str = "The personalized-FL m
     return typer.Option(default, "--method", click_type=MethodName(), help=help)
 
 
-def options_option() -> list[str]:
-    return typer.Option(None, "-o", "--option", metavar="KEY=VALUE", help=OPTION_HELP)
+def options_option(help: str = OPTION_HELP) -> list[str]:
+    return typer.Option(None, "-o", "--option", metavar="KEY=VALUE", help=help)
 
 
 def describe(name: str) -> str:
