@@ -12,6 +12,10 @@ from typing import Any
 
 from fedsens.personalize.errors import UserError
 
+# Settings a run may change when it is continued (resumed, or reused by a sweep or comparison):
+# none of them changes what the finished run computes (rounds is checked on its own by the grids).
+FREE_SETTINGS = ("device", "out", "rounds", "verify")
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -58,6 +62,8 @@ class RunConfig:
     plugin_depth: int | None = None
     plugin_init: str = "zero"
     fedperfix_local: str = ""
+    # Dataset loading.
+    verify: bool = True  # check the dataset files' checksums (CIFAR-100's md5); off for files you wrote
 
     def __post_init__(self):
         checks = [
