@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from fedsens.commands._common import clean_errors, comma_list, overlay
+from fedsens.commands.data import NO_VERIFY_HELP, dataset_help
 
 if TYPE_CHECKING:  # the library is imported when the command runs, so `fedsens --help` stays quick
     from fedsens.sensitivity.compare import CompareConfig, CompareResult
@@ -47,7 +48,7 @@ def compare(
         None, help="Comma-separated methods (default: all eleven), e.g. fedavg,fedper,fedperfix."
     ),
     seeds: str | None = typer.Option(None, help="Comma-separated seeds, e.g. 0,1,2."),
-    dataset: str | None = typer.Option(None, help="digits, synthetic, cifar100, organamnist, officehome."),
+    dataset: str | None = typer.Option(None, help=dataset_help()),
     data_root: str | None = typer.Option(None, help="Folder holding the dataset's files."),
     model: str | None = typer.Option(None, help="Model preset, e.g. vit-micro or vit_small_patch16_224."),
     rounds: int | None = typer.Option(None, help="Federated rounds per run."),
@@ -57,6 +58,7 @@ def compare(
     fresh: bool = typer.Option(False, "--fresh", help="Re-run every method instead of resuming."),
     device: str | None = typer.Option(None, help="auto (CUDA when present), cpu or cuda."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    no_verify: bool = typer.Option(False, "--no-verify", help=NO_VERIFY_HELP),
 ) -> None:
     """Run each method for each seed (same partition and initial weights within a seed), then tabulate.
 
@@ -75,6 +77,7 @@ def compare(
             clients=clients,
             alpha=alpha,
             device=device,
+            verify=False if no_verify else None,
         ),
         compare=dict(
             methods=comma_list(methods, str, "--methods", "fedavg,fedperfix"),

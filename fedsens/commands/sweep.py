@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from fedsens.commands._common import clean_errors, comma_list, overlay
+from fedsens.commands.data import NO_VERIFY_HELP, dataset_help
 from fedsens.personalize.errors import UserError
 
 if TYPE_CHECKING:  # the library is imported when the command runs, so `fedsens --help` stays quick
@@ -64,7 +65,7 @@ def sweep(
     preset_name: str = typer.Option(
         "quick", "--preset", help=f"quick | paper-cifar100 | paper-organamnist | paper-officehome. {PRESET_NOTE}"
     ),
-    dataset: str | None = typer.Option(None, help="Dataset (comma-separate several)."),
+    dataset: str | None = typer.Option(None, help=dataset_help("Dataset (comma-separate several)")),
     data_root: str | None = typer.Option(None, help="Folder holding the dataset's files."),
     model: str | None = typer.Option(None, help="Model preset, e.g. vit-micro or vit_small_patch16_224."),
     parts: list[str] | None = typer.Option(
@@ -86,6 +87,7 @@ def sweep(
     fresh: bool = typer.Option(False, "--fresh", help="Re-run every cell instead of resuming."),
     device: str | None = typer.Option(None, help="auto (CUDA when present), cpu or cuda."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    no_verify: bool = typer.Option(False, "--no-verify", help=NO_VERIFY_HELP),
 ) -> None:
     """Run one federated cell per (partition, seed, part kept local), then rank the parts.
 
@@ -106,6 +108,7 @@ def sweep(
             rounds=rounds,
             local_epochs=local_epochs,
             device=device,
+            verify=False if no_verify else None,
         ),
         sweep=dict(
             parts=cell_parts,

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from fedsens.commands._common import clean_errors
+from fedsens.commands.data import NO_VERIFY_HELP, dataset_help
 from fedsens.personalize.errors import UserError
 
 
@@ -27,9 +28,7 @@ def _resolve_auto(personalize: str | None, sweep_dir: Path | None, top: int) -> 
 
 @clean_errors
 def train(
-    dataset: str | None = typer.Option(
-        None, help="digits (embedded default), synthetic, cifar100, organamnist, officehome"
-    ),
+    dataset: str | None = typer.Option(None, help=dataset_help("Dataset (digits is the embedded default)")),
     data_root: str | None = typer.Option(None, help="folder holding the dataset files"),
     partition: str | None = typer.Option(
         None, "--partition", "--scheme", help="iid | dirichlet | pathological | domain, or a partition.json"
@@ -74,6 +73,7 @@ def train(
     perfedavg_beta: float | None = typer.Option(None, help="Per-FedAvg: outer step size (default: --lr)"),
     fedrep_head_epochs: int | None = typer.Option(None, help="FedRep: head epochs before the body's"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+    no_verify: bool = typer.Option(False, "--no-verify", help=NO_VERIFY_HELP),
 ) -> None:
     """Run one federated training.
 
@@ -109,6 +109,7 @@ def train(
         "apfl_alpha": apfl_alpha,
         "perfedavg_beta": perfedavg_beta,
         "fedrep_head_epochs": fedrep_head_epochs,
+        "verify": False if no_verify else None,
     }
     config = RunConfig(out=str(out), **{k: v for k, v in given.items() if v is not None})
     result = run(config, resume=resume, overwrite=overwrite, quiet=quiet)
