@@ -28,6 +28,7 @@ from fedsens.personalize.client import ClientContext, EvalResult, NonFiniteLoss,
 from fedsens.personalize.config import FREE_SETTINGS, RunConfig
 from fedsens.personalize.datasets.imageset import ImageSet
 from fedsens.personalize.errors import UserError
+from fedsens.personalize.hooks import Hook, table_of
 from fedsens.personalize.inputs import BatchPreparer, seeded_generator
 from fedsens.personalize.methods import Method, get_method
 
@@ -283,7 +284,7 @@ def _summary(ctx: RunContext, method: Method, state: dict, rounds: pd.DataFrame)
 
 
 def run(
-    config: RunConfig, hooks: Sequence = (), *, resume: bool = False, overwrite: bool = False, quiet: bool = False
+    config: RunConfig, hooks: Sequence[Hook] = (), *, resume: bool = False, overwrite: bool = False, quiet: bool = False
 ) -> RunResult:
     """One federated run into `config.out`; resumable from the checkpoint written after every round."""
     out = Path(config.out)
@@ -303,7 +304,7 @@ def run(
     for hook in hooks:
         hook.on_run_start(ctx)
     tables = state["tables"]
-    for name in ("metrics", "rounds", *(h.table for h in hooks)):
+    for name in ("metrics", "rounds", *filter(None, map(table_of, hooks))):
         tables.setdefault(name, [])
     bar = tqdm(total=config.rounds, initial=state["round"], desc=out.name, disable=quiet, unit="round")
     for round_ in range(state["round"] + 1, config.rounds + 1):
@@ -315,7 +316,9 @@ def run(
         else:
             acc = np.array([], dtype=float)
         for hook in hooks:
-            tables[hook.table].extend(hook.on_round_end(round_))
+            rows = hook.on_round_end(round_)
+            if table_of(hook):
+                tables[table_of(hook)].extend(rows)
         seconds = time.perf_counter() - started
         tables["rounds"].append(
             {

@@ -27,6 +27,8 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from fedsens.personalize.hooks import Hook
+
 Params = Mapping[str, Tensor]
 METRICS = ("update_cos", "rel_drift", "weight_div", "cka")
 
@@ -282,7 +284,7 @@ def _capturing(modules: Mapping[str, nn.Module]) -> Iterator[dict[str, Tensor]]:
             handle.remove()
 
 
-class DivergenceRecorder:
+class DivergenceRecorder(Hook):
     """Federation hook: divergence metrics between the participants' models every `every` rounds.
 
     Keeps, for a recorded round only, each participant's parameters at the start and end of its

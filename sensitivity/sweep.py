@@ -25,6 +25,7 @@ from tqdm import tqdm
 from fedsens.personalize import runio
 from fedsens.personalize.errors import UserError
 from fedsens.personalize.federation import RunConfig
+from fedsens.personalize.hooks import Hook
 from fedsens.sensitivity import ranking as ranking_lib
 from fedsens.sensitivity import runs
 from fedsens.sensitivity.divergence import METRICS, DivergenceRecorder, group_names
@@ -195,11 +196,12 @@ def cell_config(config: SweepConfig, cell: Cell) -> RunConfig:
     )
 
 
-class _Progress:
+class _Progress(Hook):
     """Wraps the cell's recorder so the sweep's one bar advances round by round (engine kept quiet)."""
 
     def __init__(self, recorder: DivergenceRecorder, bar: tqdm):
-        self.recorder, self.bar, self.table = recorder, bar, recorder.table
+        self.recorder, self.bar = recorder, bar
+        self.table = recorder.table
 
     def on_run_start(self, ctx) -> None:
         self.recorder.on_run_start(ctx)

@@ -8,6 +8,7 @@ import torch
 from fedsens.personalize import runio
 from fedsens.personalize.errors import UserError
 from fedsens.personalize.federation import RunConfig, accuracy_stats, run, sample_clients
+from fedsens.personalize.hooks import Hook
 from fedsens.personalize.methods import weighted_mean
 
 TINY = dict(
@@ -15,7 +16,7 @@ TINY = dict(
 )
 
 
-class Recorder:
+class Recorder(Hook):
     """A hook that keeps every participant's tensors right after local training."""
 
     table = "recorder"
@@ -25,9 +26,6 @@ class Recorder:
 
     def on_run_start(self, ctx):
         self.ctx = ctx
-
-    def on_client_start(self, round_, client, model):
-        pass
 
     def on_client_end(self, round_, client, model):
         self.ends[(round_, client)] = {n: p.detach().clone() for n, p in model.named_parameters()}
