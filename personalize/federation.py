@@ -23,7 +23,7 @@ from tqdm import tqdm
 from fedsens.personalize import datasets as dataset_lib
 from fedsens.personalize import model as model_lib
 from fedsens.personalize import partition as partition_lib
-from fedsens.personalize import runio
+from fedsens.personalize import runio, schema
 from fedsens.personalize.client import ClientContext, EvalResult, NonFiniteLoss, RunContext
 from fedsens.personalize.config import FREE_SETTINGS, RunConfig
 from fedsens.personalize.datasets.imageset import ImageSet
@@ -296,9 +296,7 @@ def run(
         out / "config.json",
         {"config": dataclasses.asdict(config), "versions": runio.versions(), "git_revision": runio.git_revision()},
     )
-    runio.write_table(
-        out / "parts.csv", ctx.parts.to_dict("records"), ["param", "part", "block", "numel", "bytes", "local"]
-    )
+    runio.write_table(out / "parts.csv", ctx.parts.to_dict("records"), schema.PARTS_COLUMNS)
     if not quiet:
         tqdm.write(f"{out}: {model_lib.describe(ctx.parts)}")
     for hook in hooks:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -16,12 +17,10 @@ from typing import Any
 
 import pandas as pd
 
-# The column order of the engine's tables (DESIGN.md "Tables"): readers depend on these names.
-TABLE_COLUMNS = {
-    "metrics": ["round", "client", "split", "loss", "accuracy", "n", "participated"],
-    "rounds": ["round", "acc_mean", "acc_std", "acc_p10", "acc_min", "jain", "up_bytes", "down_bytes", "seconds"],
-    "divergence": ["round", "group", "part", "block", "metric", "value"],
-}
+from fedsens.personalize.schema import RUN_TABLE_COLUMNS
+
+# The column order of the engine's tables, declared in schema.py (kept here under its old name).
+TABLE_COLUMNS = RUN_TABLE_COLUMNS
 
 
 def replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
@@ -36,6 +35,11 @@ def replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def slug(text: str) -> str:
+    """`text` as one safe file or folder name: a cell's part spec, a figure's partition label."""
+    return re.sub(r"[^A-Za-z0-9._@+=-]", "_", text.replace(",", "+").replace(" ", ""))
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -28,9 +28,10 @@ import torch
 from torch import Tensor, nn
 
 from fedsens.personalize.hooks import Hook
+from fedsens.personalize.schema import DIVERGENCE_METRICS
 
 Params = Mapping[str, Tensor]
-METRICS = ("update_cos", "rel_drift", "weight_div", "cka")
+METRICS = DIVERGENCE_METRICS
 
 
 # ---- the metrics: pure functions of stacked tensors --------------------------------------------

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
-from fedsens.personalize import runio
+from fedsens.personalize import runio, schema
 from fedsens.personalize.errors import UserError
 from fedsens.personalize.federation import RunConfig, accuracy_stats, run, sample_clients
 from fedsens.personalize.hooks import Hook
@@ -74,7 +74,7 @@ def test_every_client_is_evaluated_and_tables_have_the_design_columns(tmp_path):
     assert sorted(metrics.loc[metrics["round"] == 2, "client"]) == [0, 1, 2, 3]
     assert metrics["participated"].sum() == 2 * 2  # two of four clients each round
     rounds = pd.read_csv(tmp_path / "rounds.csv")
-    assert list(rounds.columns) == runio.TABLE_COLUMNS["rounds"]
+    assert list(rounds.columns) == schema.ROUNDS_COLUMNS
     for name in ("config.json", "partition.json", "parts.csv", "summary.json"):
         assert (tmp_path / name).exists()
     assert result.summary["status"] == "done" and result.summary["rounds"] == 2
