@@ -27,7 +27,17 @@ _PUBLIC = {
     "UserError": "fedsens.personalize.errors",
 }
 
-__all__ = [*_PUBLIC, "__version__"]
+__all__ = [
+    "CompareConfig",
+    "RunConfig",
+    "SweepConfig",
+    "UserError",
+    "__version__",
+    "build_report",
+    "run",
+    "run_compare",
+    "run_sweep",
+]
 
 if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ imports on first use
     from fedsens.personalize.config import RunConfig

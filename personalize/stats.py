@@ -9,9 +9,9 @@ from scipy import stats
 
 
 def spearman(x: pd.Series, y: pd.Series) -> float:
-    """Spearman correlation over the rows where both are known; NaN below 3 rows or for a constant
-    (fewer than 3 parts say nothing about an order)."""
-    both = pd.concat([pd.Series(x).reset_index(drop=True), pd.Series(y).reset_index(drop=True)], axis=1).dropna()
+    """Spearman correlation over the index labels where both are known (the series are aligned on their
+    index, e.g. part names); NaN below 3 of them or for a constant: fewer than 3 parts say nothing about an order."""
+    both = pd.concat([x, y], axis=1).dropna()
     if len(both) < 3 or both.iloc[:, 0].nunique() < 2 or both.iloc[:, 1].nunique() < 2:
         return math.nan
     return float(stats.spearmanr(both.iloc[:, 0], both.iloc[:, 1]).statistic)
