@@ -109,3 +109,37 @@ def test_the_registry_lists_names_without_importing_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "'digits', 'synthetic', 'cifar100', 'organamnist', 'officehome'" in done.stdout
+
+
+TOY_MODULE = """
+import torch
+
+from fedsens.personalize.datasets import DatasetSpec, register
+from fedsens.personalize.datasets.imageset import ImageSet
+
+
+def load(root):
+    labels = torch.arange(40) % 2
+    images = (labels[:, None, None, None] * 200 + torch.zeros(40, 1, 8, 8, dtype=torch.int64)).to(torch.uint8)
+    return ImageSet("dropin", images, labels, ("dark", "light"))
+
+
+register(DatasetSpec("dropin", load, "dark or light squares", image_size=8, channels=1, classes=2))
+"""
+
+
+def test_a_module_dropped_into_the_package_is_a_dataset(tmp_path, monkeypatch):
+    folder = tmp_path / "more_datasets"
+    folder.mkdir()
+    (folder / "dropin.py").write_text(TOY_MODULE)
+    # The package's folder list stands in for personalize/datasets/ (the test must not write into the source).
+    monkeypatch.setattr(datasets, "__path__", [*datasets.__path__, str(folder)])
+    try:
+        listed = CliRunner().invoke(app, ["data", "list"])
+        assert listed.exit_code == 0 and "dropin" in listed.output and "dark or light squares" in listed.output
+        args = ["train", "--dataset", "dropin", "--model", "vit-nano", "--clients", "2", "--rounds", "1", "--quiet"]
+        result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "run")])
+        assert result.exit_code == 0, result.output
+    finally:
+        datasets.unregister("dropin")
+        sys.modules.pop("fedsens.personalize.datasets.dropin", None)

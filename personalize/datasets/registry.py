@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import pkgutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +89,8 @@ def unregister(name: str) -> None:
 
 
 def _package_modules() -> list[str]:
-    found = {m.name for m in pkgutil.iter_modules([str(Path(__file__).resolve().parent)])}
+    package = sys.modules[__package__ or ""]  # the datasets package: its folder(s) hold one module per dataset
+    found = {m.name for m in pkgutil.iter_modules(package.__path__)}
     found = {name for name in found if not name.startswith("_") and name not in _NOT_DATASETS}
     return [n for n in _BUILTIN_ORDER if n in found] + sorted(found - set(_BUILTIN_ORDER))
 
