@@ -9,7 +9,6 @@ plugin, a test) registers its own datasets the same way.
 from __future__ import annotations
 
 import importlib
-import inspect
 import pkgutil
 import sys
 from collections.abc import Callable
@@ -56,6 +55,8 @@ class DatasetSpec:
 
     def options(self) -> list[str]:
         """The loader's keyword options (everything after `root`)."""
+        import inspect  # here: the registry module stays cheap to import for `fedsens --help`
+
         return [param for param in inspect.signature(self.load).parameters if param != "root"]
 
     def instructions(self, root: Path | str = "DIR", **options: Any) -> str:
