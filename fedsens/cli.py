@@ -35,6 +35,7 @@ def main(
 data_app = typer.Typer(help="Datasets and client partitions.", no_args_is_help=True)
 data_app.command("download")(data.download)
 data_app.command("split")(split.split)
+data_app.command("list")(data.list_datasets)
 app.add_typer(data_app, name="data")
 
 app.command("train")(train.train)

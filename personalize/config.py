@@ -14,6 +14,10 @@ from typing import Any
 from fedsens.personalize.errors import UserError
 from fedsens.personalize.methods import registry
 
+# Settings a run may change when it is continued (resumed, or reused by a sweep or comparison):
+# none of them changes what the finished run computes (rounds is checked on its own by the grids).
+FREE_SETTINGS = ("device", "out", "rounds", "verify")
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -53,6 +57,8 @@ class RunConfig:
     # The method's own options (see `fedsens methods`): a plain mapping, completed with the method's
     # defaults and type-checked on construction, so config.json records every value the run used.
     method_options: Mapping[str, Any] = field(default_factory=dict)
+    # Dataset loading.
+    verify: bool = True  # check the dataset files' checksums (CIFAR-100's md5); off for files you wrote
 
     def __post_init__(self):
         checks = [

@@ -20,13 +20,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from fedsens.personalize import data as data_lib
+from fedsens.personalize import datasets as dataset_lib
 from fedsens.personalize import model as model_lib
 from fedsens.personalize import partition as partition_lib
-from fedsens.personalize import runio
+from fedsens.personalize import runio, schema
 from fedsens.personalize.client import ClientContext, EvalResult, NonFiniteLoss, RunContext
-from fedsens.personalize.config import RunConfig
+from fedsens.personalize.config import FREE_SETTINGS, RunConfig
+from fedsens.personalize.datasets.imageset import ImageSet
 from fedsens.personalize.errors import UserError
+from fedsens.personalize.hooks import Hook, table_of
 from fedsens.personalize.inputs import BatchPreparer, seeded_generator
 from fedsens.personalize.methods import Method, get_method
 
@@ -103,7 +105,7 @@ def accuracy_stats(acc: np.ndarray) -> dict[str, float]:
     }
 
 
-def _load_partition(config: RunConfig, dataset: data_lib.ImageSet, out: Path) -> partition_lib.Partition:
+def _load_partition(config: RunConfig, dataset: ImageSet, out: Path) -> partition_lib.Partition:
     target = out / "partition.json"
     if config.scheme.endswith(".json"):
         source = Path(config.scheme)
@@ -113,7 +115,7 @@ def _load_partition(config: RunConfig, dataset: data_lib.ImageSet, out: Path) ->
         if source.resolve() != target.resolve():
             target.write_text(source.read_text())
     else:
-        test_fraction = config.test_fraction or data_lib.dataset_defaults(config.dataset)["test_fraction"]
+        test_fraction = dataset_lib.test_fraction(config.dataset, config.test_fraction)
         part = partition_lib.load_or_make(
             target,
             dataset.labels,
@@ -133,9 +135,20 @@ def _load_partition(config: RunConfig, dataset: data_lib.ImageSet, out: Path) ->
     return part
 
 
+def _load_dataset(config: RunConfig) -> ImageSet:
+    """The run's dataset; one that decodes its images (Office-Home) decodes them at the model's input size."""
+    spec = dataset_lib.get(config.dataset)
+    input_size = None
+    if spec.decodes_at is not None:
+        # Without a fixed native size the images count as large: a small preset then caps its input at 32 px.
+        native = spec.image_size or 1024
+        input_size = model_lib.input_spec(config.model, data_channels=spec.channels or 3, data_size=native).img_size
+    return dataset_lib.load_for_run(config.dataset, config.data_root, input_size=input_size, verify=config.verify)
+
+
 def _build_context(config: RunConfig, method: Method, out: Path) -> RunContext:
     device = resolve_device(config.device)
-    dataset = data_lib.load(config.dataset, config.data_root)
+    dataset = _load_dataset(config)
     part = _load_partition(config, dataset, out)
     spec = model_lib.input_spec(config.model, data_channels=dataset.channels, data_size=dataset.image_size)
     model = model_lib.build(
@@ -178,7 +191,7 @@ def _fresh_state(ctx: RunContext, method: Method) -> dict:
 
 def _comparable(config: RunConfig) -> dict:
     d = dataclasses.asdict(config)
-    for key in ("rounds", "device", "out"):  # these may differ when a run is continued
+    for key in FREE_SETTINGS:  # these may differ when a run is continued
         d.pop(key)
     return d
 
@@ -271,7 +284,7 @@ def _summary(ctx: RunContext, method: Method, state: dict, rounds: pd.DataFrame)
 
 
 def run(
-    config: RunConfig, hooks: Sequence = (), *, resume: bool = False, overwrite: bool = False, quiet: bool = False
+    config: RunConfig, hooks: Sequence[Hook] = (), *, resume: bool = False, overwrite: bool = False, quiet: bool = False
 ) -> RunResult:
     """One federated run into `config.out`; resumable from the checkpoint written after every round."""
     out = Path(config.out)
@@ -283,15 +296,13 @@ def run(
         out / "config.json",
         {"config": dataclasses.asdict(config), "versions": runio.versions(), "git_revision": runio.git_revision()},
     )
-    runio.write_table(
-        out / "parts.csv", ctx.parts.to_dict("records"), ["param", "part", "block", "numel", "bytes", "local"]
-    )
+    runio.write_table(out / "parts.csv", ctx.parts.to_dict("records"), schema.PARTS_COLUMNS)
     if not quiet:
         tqdm.write(f"{out}: {model_lib.describe(ctx.parts)}")
     for hook in hooks:
         hook.on_run_start(ctx)
     tables = state["tables"]
-    for name in ("metrics", "rounds", *(h.table for h in hooks)):
+    for name in ("metrics", "rounds", *filter(None, map(table_of, hooks))):
         tables.setdefault(name, [])
     bar = tqdm(total=config.rounds, initial=state["round"], desc=out.name, disable=quiet, unit="round")
     for round_ in range(state["round"] + 1, config.rounds + 1):
@@ -303,7 +314,9 @@ def run(
         else:
             acc = np.array([], dtype=float)
         for hook in hooks:
-            tables[hook.table].extend(hook.on_round_end(round_))
+            rows = hook.on_round_end(round_)
+            if table_of(hook):
+                tables[table_of(hook)].extend(rows)
         seconds = time.perf_counter() - started
         tables["rounds"].append(
             {

@@ -18,8 +18,8 @@ from timm.layers import Mlp
 from torch import nn
 
 from fedsens.personalize.errors import UserError
+from fedsens.personalize.schema import PART_TYPES
 
-PART_TYPES = ("embed", "attn", "mlp", "norm", "head", "plugin")
 EMBED_PARAMS = ("cls_token", "pos_embed", "reg_token")
 
 

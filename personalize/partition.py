@@ -20,13 +20,13 @@ import hashlib
 import inspect
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from fedsens.personalize import runio
 from fedsens.personalize.errors import UserError
 
 SCHEMES = ("iid", "dirichlet", "pathological", "domain")
@@ -379,9 +379,8 @@ def save(partition: Partition, path: str | Path, *, labels, domains=None, classe
     }
     target = manifest_path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = target.with_name(target.name + ".tmp")
-    scratch.write_text(json.dumps(document, separators=(",", ":")))
-    os.replace(scratch, target)  # a crash mid-write never leaves a half-written manifest
+    # a crash mid-write never leaves a half-written manifest
+    runio.replace_atomically(target, lambda tmp: tmp.write_text(json.dumps(document, separators=(",", ":"))))
     return target
 
 

@@ -9,29 +9,41 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 
-# The column order of the engine's tables (DESIGN.md "Tables"): readers depend on these names.
-TABLE_COLUMNS = {
-    "metrics": ["round", "client", "split", "loss", "accuracy", "n", "participated"],
-    "rounds": ["round", "acc_mean", "acc_std", "acc_p10", "acc_min", "jain", "up_bytes", "down_bytes", "seconds"],
-    "divergence": ["round", "group", "part", "block", "metric", "value"],
-}
+from fedsens.personalize.schema import RUN_TABLE_COLUMNS
+
+# The column order of the engine's tables, declared in schema.py (kept here under its old name).
+TABLE_COLUMNS = RUN_TABLE_COLUMNS
 
 
-def _replace_atomically(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+def replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """Call `write(tmp)` on a temporary file beside `path`, then rename it over `path`: a reader (or a run
+    killed mid-write) sees the old file or the new one, never half of one. The temporary name carries the
+    process id, so two processes writing the same file do not write into each other's scratch file."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def slug(text: str) -> str:
+    """`text` as one safe file or folder name: a cell's part spec, a figure's partition label."""
+    return re.sub(r"[^A-Za-z0-9._@+=-]", "_", text.replace(",", "+").replace(" ", ""))
 
 
 def write_json(path: Path, data: Any) -> None:
-    _replace_atomically(Path(path), lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=str) + "\n"))
+    replace_atomically(Path(path), lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=str) + "\n"))
 
 
 def read_json(path: Path) -> Any:
@@ -40,15 +52,19 @@ def read_json(path: Path) -> Any:
 
 def write_table(path: Path, rows: list[dict], columns: list[str] | None = None) -> pd.DataFrame:
     frame = pd.DataFrame(rows, columns=columns) if columns else pd.DataFrame(rows)
-    _replace_atomically(Path(path), lambda tmp: frame.to_csv(tmp, index=False))
+    replace_atomically(Path(path), lambda tmp: frame.to_csv(tmp, index=False))
     return frame
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    _replace_atomically(Path(path), lambda tmp: torch.save(state, tmp))
+    import torch  # here, not at the top: the partition and dataset writers use this module without torch
+
+    replace_atomically(Path(path), lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: Path) -> dict:
+    import torch
+
     # weights_only: the checkpoint holds only tensors and plain containers, so nothing runs on load.
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -67,6 +83,7 @@ def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     import timm
+    import torch
     import torchvision
 
     try:

@@ -16,10 +16,10 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, MaxNLocator
 
+from fedsens.personalize.schema import GAIN, PART_TYPES
+from fedsens.personalize.stats import spearman
 from fedsens.reports.tables import group_column
 
-# Part types in the order the model is built (input to output); unknown parts go last.
-PART_ORDER = ("embed", "attn", "mlp", "norm", "head", "plugin")
 STYLE = "whitegrid"
 PALETTE = "colorblind"
 
@@ -58,9 +58,10 @@ def _ordered(values: pd.Series) -> list:
 
 
 def _part_order(parts: pd.Series) -> list[str]:
+    """Part types in the order the model is built (input to output); unknown parts go last."""
     present = _ordered(parts)
-    known = [part for part in PART_ORDER if part in present]
-    return known + [part for part in present if part not in PART_ORDER]
+    known = [part for part in PART_TYPES if part in present]
+    return known + [part for part in present if part not in PART_TYPES]
 
 
 def _colors(count: int) -> list:
@@ -73,7 +74,7 @@ def plot_sensitivity(ranking: pd.DataFrame, *, ax: Axes | None = None) -> Figure
     `ranking`: ranking.csv rows (`part, score, ci_low, ci_high, rank`); rows of other metrics
     than `gain_vs_fedavg` are ignored.
     """
-    rows = ranking[ranking["metric"] == "gain_vs_fedavg"] if "metric" in ranking.columns else ranking
+    rows = ranking[ranking["metric"] == GAIN] if "metric" in ranking.columns else ranking
     rows = rows.sort_values("rank", na_position="last", kind="stable").reset_index(drop=True)
     fig, ax = _one_axes(ax, width=6.4, height=0.45 * len(rows) + 1.4)
     score = rows["score"].to_numpy(float)
@@ -172,8 +173,8 @@ def plot_rank_agreement(ranking: pd.DataFrame, *, ax: Axes | None = None) -> Fig
     `ranking`: ranking.csv (`part, rank, metric` and, if present, `spearman_vs_gain`). Points on
     the diagonal are parts a metric ranks exactly as the sweep's accuracy gains do.
     """
-    gain = ranking[ranking["metric"] == "gain_vs_fedavg"][["part", "rank"]].dropna()
-    others = ranking[ranking["metric"] != "gain_vs_fedavg"].dropna(subset=["rank"])
+    gain = ranking[ranking["metric"] == GAIN][["part", "rank"]].dropna()
+    others = ranking[ranking["metric"] != GAIN].dropna(subset=["rank"])
     metrics = _ordered(others["metric"])
     fig, ax = _one_axes(ax, width=6.0, height=4.6)
     colors = _colors(len(metrics))
@@ -207,9 +208,7 @@ def _spearman(rows: pd.DataFrame) -> float:
     if "spearman_vs_gain" in rows.columns:  # the sweep's own value, NaN where it could not say
         known = rows["spearman_vs_gain"].dropna()
         return float(known.iloc[0]) if len(known) else float("nan")
-    if len(rows) < 3:  # as in sensitivity.ranking: fewer than 3 parts say nothing about an order
-        return float("nan")
-    return float(rows["rank"].corr(rows["rank_gain"], method="spearman"))
+    return spearman(rows["rank"], rows["rank_gain"])
 
 
 def plot_training_curves(rounds: pd.DataFrame, *, hue: str | None = None, ax: Axes | None = None) -> Figure:

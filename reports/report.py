@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 import webbrowser
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
+from fedsens.personalize import runio
 from fedsens.reports import figures
 from fedsens.reports.render import Block, FigureBlock, Heading, Note, Paragraph, Table, render_html, render_markdown
 from fedsens.reports.tables import (
@@ -122,7 +122,7 @@ def _ranking_figures(frames: dict[str, pd.DataFrame], need) -> list[PlannedFigur
         return []
     planned = []
     for label, rows in by_partition(ranking):
-        suffix, where = (f"-{_slug(label)}", f" ({label})") if label else ("", "")
+        suffix, where = (f"-{runio.slug(label)}", f" ({label})") if label else ("", "")
         planned.append(
             PlannedFigure(
                 f"sensitivity{suffix}",
@@ -145,10 +145,6 @@ def _ranking_figures(frames: dict[str, pd.DataFrame], need) -> list[PlannedFigur
                 )
             )
     return planned
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.=-]+", "_", text)
 
 
 def _divergence_figures(frames: dict[str, pd.DataFrame], need) -> list[PlannedFigure]:

@@ -27,38 +27,10 @@ from fedsens.personalize import runio
 from fedsens.personalize.errors import UserError
 from fedsens.personalize.federation import RunConfig
 from fedsens.personalize.methods import METHODS, method_class, paper_methods, registry
+from fedsens.personalize.schema import COMPARISON_COLUMNS, RUN_KEY_COLUMNS, SUMMARY_COLUMNS
 from fedsens.sensitivity import runs
 
 PAPER_METHODS = paper_methods()  # each method class declares its row of the paper's table
-COMPARISON_COLUMNS = [
-    "method",
-    "seed",
-    "acc_mean",
-    "acc_std",
-    "acc_p10",
-    "local_params",
-    "comm_bytes_per_round",
-    "seconds",
-    "seconds_per_round",
-    "acc_best",
-    "round_best",
-    "rounds",
-    "status",
-]
-SUMMARY_COLUMNS = [
-    "method",
-    "dataset",
-    "accuracy",
-    "acc_mean",
-    "acc_sd",
-    "acc_best",
-    "client_std",
-    "local_params",
-    "comm_mb_per_round",
-    "seconds_per_round",
-    "seeds",
-    "failed",
-]
 
 
 @dataclass(frozen=True)
@@ -249,7 +221,7 @@ def _concatenated(config: CompareConfig, table: str) -> pd.DataFrame:
         for seed in config.seeds
         for method in config.methods
     ]
-    return runs.concatenated(folders, table, ["method", "seed"])
+    return runs.concatenated(folders, table, RUN_KEY_COLUMNS)
 
 
 def _check_same_partition(config: CompareConfig) -> None:

@@ -27,8 +27,11 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from fedsens.personalize.hooks import Hook
+from fedsens.personalize.schema import DIVERGENCE_METRICS
+
 Params = Mapping[str, Tensor]
-METRICS = ("update_cos", "rel_drift", "weight_div", "cka")
+METRICS = DIVERGENCE_METRICS
 
 
 # ---- the metrics: pure functions of stacked tensors --------------------------------------------
@@ -282,7 +285,7 @@ def _capturing(modules: Mapping[str, nn.Module]) -> Iterator[dict[str, Tensor]]:
             handle.remove()
 
 
-class DivergenceRecorder:
+class DivergenceRecorder(Hook):
     """Federation hook: divergence metrics between the participants' models every `every` rounds.
 
     Keeps, for a recorded round only, each participant's parameters at the start and end of its

@@ -21,23 +21,11 @@ import pandas as pd
 from scipy import stats
 
 from fedsens.personalize.errors import UserError
+from fedsens.personalize.schema import DIVERGENCE_METRICS, GAIN, RANKING_COLUMNS
+from fedsens.personalize.stats import spearman
 
-GAIN = "gain_vs_fedavg"
-DIVERGENCE_METRICS = ("update_cos", "rel_drift", "weight_div", "cka")
 # Whether a larger value of the metric means the clients pull the part further apart.
 HIGHER_IS_MORE_SENSITIVE = {"update_cos": False, "rel_drift": True, "weight_div": True, "cka": False}
-RANKING_COLUMNS = [
-    "part",
-    "score",
-    "ci_low",
-    "ci_high",
-    "rank",
-    "metric",
-    "spearman_vs_gain",
-    "dataset",
-    "scheme",
-    "alpha",
-]
 UNRANKED = ("none", "all")
 
 
@@ -55,14 +43,6 @@ def t_interval(values: np.ndarray, confidence: float = 0.95) -> tuple[float, flo
         return mean, mean, mean
     low, high = stats.t.interval(confidence, len(values) - 1, loc=mean, scale=sem)
     return mean, float(low), float(high)
-
-
-def _spearman(x: pd.Series, y: pd.Series) -> float:
-    """Spearman correlation over the parts where both are known; NaN below 3 parts or for a constant."""
-    both = pd.concat([x, y], axis=1).dropna()
-    if len(both) < 3 or both.iloc[:, 0].nunique() < 2 or both.iloc[:, 1].nunique() < 2:
-        return math.nan
-    return float(stats.spearmanr(both.iloc[:, 0], both.iloc[:, 1]).statistic)
 
 
 def _block(table: pd.DataFrame, column: str, metric: str, higher_first: bool, confidence: float) -> pd.DataFrame:
@@ -88,7 +68,7 @@ def rank_partition(table: pd.DataFrame, confidence: float = 0.95) -> pd.DataFram
         higher = HIGHER_IS_MORE_SENSITIVE[metric]
         block = _block(parts[parts["local_part"] != "all"], f"div_{metric}", metric, higher, confidence)
         sensitivity = block.set_index("part")["score"] * (1 if higher else -1)
-        block["spearman_vs_gain"] = _spearman(sensitivity, accuracy_order)
+        block["spearman_vs_gain"] = spearman(sensitivity, accuracy_order)
         blocks.append(block)
     return pd.concat(blocks, ignore_index=True)
 

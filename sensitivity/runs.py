@@ -16,11 +16,9 @@ from pathlib import Path
 import pandas as pd
 
 from fedsens.personalize import federation, runio
+from fedsens.personalize.config import FREE_SETTINGS
 from fedsens.personalize.errors import UserError
 from fedsens.personalize.federation import RunConfig
-
-# Settings a finished run may differ in from the grid asking for it (rounds is checked on its own).
-FREE_SETTINGS = ("device", "out", "rounds")
 
 
 def read_csv(path: Path) -> pd.DataFrame:

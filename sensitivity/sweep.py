@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,32 +24,13 @@ from tqdm import tqdm
 from fedsens.personalize import runio
 from fedsens.personalize.errors import UserError
 from fedsens.personalize.federation import RunConfig
+from fedsens.personalize.hooks import Hook
+from fedsens.personalize.schema import CELL_COLUMNS, GAIN, SENSITIVITY_COLUMNS
 from fedsens.sensitivity import ranking as ranking_lib
 from fedsens.sensitivity import runs
 from fedsens.sensitivity.divergence import METRICS, DivergenceRecorder, group_names
 
 DEFAULT_PARTS = ("none", "embed", "attn", "mlp", "norm", "head", "all")
-CELL_COLUMNS = ["cell", "local_part", "seed", "dataset", "scheme", "alpha"]
-SENSITIVITY_COLUMNS = [
-    "dataset",
-    "scheme",
-    "alpha",
-    "seed",
-    "local_part",
-    "status",
-    "acc_mean",
-    "acc_std",
-    "acc_p10",
-    "acc_last",
-    "acc_best",
-    "gain_vs_fedavg",
-    "local_params",
-    "comm_bytes_per_round",
-    "comm_saved",
-    *(f"div_{m}" for m in METRICS),
-    "cell",
-    "rounds",
-]
 
 
 @dataclass(frozen=True)
@@ -115,11 +95,9 @@ class Cell:
         scheme = self.scheme
         if scheme.endswith(".json"):  # a partition file: its name plus a digest of its path, so two never clash
             scheme = f"{Path(scheme).stem}.{hashlib.sha1(scheme.encode()).hexdigest()[:6]}"
-        return "-".join(_slug(s) for s in (self.dataset, scheme, f"a{self.alpha:g}", f"s{self.seed}", self.local_part))
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._@+=-]", "_", text.replace(",", "+").replace(" ", ""))
+        return "-".join(
+            runio.slug(s) for s in (self.dataset, scheme, f"a{self.alpha:g}", f"s{self.seed}", self.local_part)
+        )
 
 
 @dataclass(frozen=True)
@@ -195,11 +173,12 @@ def cell_config(config: SweepConfig, cell: Cell) -> RunConfig:
     )
 
 
-class _Progress:
+class _Progress(Hook):
     """Wraps the cell's recorder so the sweep's one bar advances round by round (engine kept quiet)."""
 
     def __init__(self, recorder: DivergenceRecorder, bar: tqdm):
-        self.recorder, self.bar, self.table = recorder, bar, recorder.table
+        self.recorder, self.bar = recorder, bar
+        self.table = recorder.table
 
     def on_run_start(self, ctx) -> None:
         self.recorder.on_run_start(ctx)
@@ -318,7 +297,7 @@ def sensitivity_table(out: Path, cells: list[Cell]) -> pd.DataFrame:
                 rounds=summary.get("rounds", float("nan")),
             )
         )
-    table = pd.DataFrame(rows, columns=[c for c in SENSITIVITY_COLUMNS if c not in ("gain_vs_fedavg", "comm_saved")])
+    table = pd.DataFrame(rows, columns=[c for c in SENSITIVITY_COLUMNS if c not in (GAIN, "comm_saved")])
     keys = ["dataset", "scheme", "alpha", "seed"]
     fedavg = table.loc[table["local_part"] == "none", keys + ["acc_mean", "comm_bytes_per_round"]]
     paired = table.merge(fedavg, on=keys, how="left", suffixes=("", "_fedavg"))

@@ -12,7 +12,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from fedsens.cli import app
-from fedsens.personalize import data, download
+from fedsens.personalize import data
+from fedsens.personalize.datasets import cifar100, officehome, organamnist
 from fedsens.personalize.errors import UserError
 
 # --- writers of the real formats ----------------------------------------------------------------
@@ -149,7 +150,7 @@ def test_cifar100_md5_check_stays_on_by_default(tmp_path):
     folder = write_cifar100(tmp_path, train_labels=[1], test_labels=[2])
     with pytest.raises(UserError) as err:
         data.load("cifar100", tmp_path)
-    assert_one_line(err, str(folder), "md5", f"fedsens data download cifar100 --root {tmp_path}", "verify=False")
+    assert_one_line(err, str(folder), "md5", f"fedsens data download cifar100 --root {tmp_path}", "--no-verify")
 
 
 def test_cifar100_missing_and_malformed_files(tmp_path):
@@ -220,8 +221,8 @@ def test_officehome_second_load_uses_the_cache(tmp_path, monkeypatch):
     assert not list(tmp_path.glob("*.tmp"))
 
     decoded = []
-    real_reader = data._read_small_rgb
-    monkeypatch.setattr(data, "_read_small_rgb", lambda path, size: decoded.append(path) or real_reader(path, size))
+    real_reader = officehome.read_rgb
+    monkeypatch.setattr(officehome, "read_rgb", lambda path, size: decoded.append(path) or real_reader(path, size))
     second = data.load("officehome", tmp_path, size=16, quiet=True)
     assert decoded == []
     assert torch.equal(first.images, second.images) and torch.equal(first.domains, second.domains)
@@ -244,7 +245,7 @@ def test_officehome_missing_tree_says_where_to_get_it(tmp_path):
     (tmp_path / "OfficeHomeDataset_10072016").mkdir()
     with pytest.raises(UserError) as err:
         data.load("officehome", tmp_path)
-    assert_one_line(err, str(tmp_path), data.OFFICEHOME_URL, "Art/<class>/*.jpg")
+    assert_one_line(err, str(tmp_path), officehome.OFFICEHOME_URL, "Art/<class>/*.jpg")
 
 
 def test_officehome_unreadable_image_is_named(tmp_path):
@@ -295,7 +296,7 @@ def test_cli_download_needs_no_network_for_digits_and_officehome(tmp_path):
     assert digits.exit_code == 0 and "nothing to download" in digits.output
     office = runner.invoke(app, ["data", "download", "officehome", "--root", str(tmp_path)])
     assert office.exit_code == 0
-    assert data.OFFICEHOME_URL in office.output and f"{tmp_path}/Real World/<class>/*.jpg" in office.output
+    assert officehome.OFFICEHOME_URL in office.output and f"{tmp_path}/Real World/<class>/*.jpg" in office.output
 
 
 def test_cli_download_errors_are_one_line():
@@ -309,11 +310,11 @@ def test_cli_download_errors_are_one_line():
 def test_cli_download_cifar100_asks_torchvision_to_download(tmp_path, monkeypatch):
     calls = []
 
-    class RecordingCIFAR100(download.CIFAR100):
+    class RecordingCIFAR100(cifar100.CIFAR100):
         def __init__(self, root, train, download):
             calls.append((root, train, download))
 
-    monkeypatch.setattr(download, "CIFAR100", RecordingCIFAR100)
+    monkeypatch.setattr(cifar100, "CIFAR100", RecordingCIFAR100)
     result = CliRunner().invoke(app, ["data", "download", "cifar100", "--root", str(tmp_path / "new")])
     assert result.exit_code == 0, result.output
     assert calls == [(str(tmp_path / "new"), True, True), (str(tmp_path / "new"), False, True)]
@@ -322,7 +323,7 @@ def test_cli_download_cifar100_asks_torchvision_to_download(tmp_path, monkeypatc
 
 def test_cli_download_organamnist_asks_medmnist_for_the_size(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(download, "OrganAMNIST", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(organamnist, "OrganAMNIST", lambda **kwargs: calls.append(kwargs))
     result = CliRunner().invoke(app, ["data", "download", "organamnist", "--root", str(tmp_path), "--size", "64"])
     assert result.exit_code == 0, result.output
     assert calls == [{"split": "train", "download": True, "root": str(tmp_path), "size": 64}]
@@ -333,7 +334,7 @@ def test_cli_download_failure_names_the_manual_route(tmp_path, monkeypatch):
     def offline(**kwargs):
         raise RuntimeError("\n   Automatic download failed!\n   Please download it manually.\n")
 
-    monkeypatch.setattr(download, "OrganAMNIST", offline)
+    monkeypatch.setattr(organamnist, "OrganAMNIST", offline)
     result = CliRunner().invoke(app, ["data", "download", "organamnist", "--root", str(tmp_path)])
     assert result.exit_code == 2 and result.output.strip().count("\n") == 0
     assert "zenodo.org" in result.output and str(tmp_path / "organamnist.npz") in result.output

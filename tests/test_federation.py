@@ -5,9 +5,10 @@ import pandas as pd
 import pytest
 import torch
 
-from fedsens.personalize import runio
+from fedsens.personalize import runio, schema
 from fedsens.personalize.errors import UserError
 from fedsens.personalize.federation import RunConfig, accuracy_stats, run, sample_clients
+from fedsens.personalize.hooks import Hook
 from fedsens.personalize.methods import weighted_mean
 
 TINY = dict(
@@ -15,7 +16,7 @@ TINY = dict(
 )
 
 
-class Recorder:
+class Recorder(Hook):
     """A hook that keeps every participant's tensors right after local training."""
 
     table = "recorder"
@@ -25,9 +26,6 @@ class Recorder:
 
     def on_run_start(self, ctx):
         self.ctx = ctx
-
-    def on_client_start(self, round_, client, model):
-        pass
 
     def on_client_end(self, round_, client, model):
         self.ends[(round_, client)] = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -76,7 +74,7 @@ def test_every_client_is_evaluated_and_tables_have_the_design_columns(tmp_path):
     assert sorted(metrics.loc[metrics["round"] == 2, "client"]) == [0, 1, 2, 3]
     assert metrics["participated"].sum() == 2 * 2  # two of four clients each round
     rounds = pd.read_csv(tmp_path / "rounds.csv")
-    assert list(rounds.columns) == runio.TABLE_COLUMNS["rounds"]
+    assert list(rounds.columns) == schema.ROUNDS_COLUMNS
     for name in ("config.json", "partition.json", "parts.csv", "summary.json"):
         assert (tmp_path / name).exists()
     assert result.summary["status"] == "done" and result.summary["rounds"] == 2

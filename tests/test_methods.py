@@ -9,6 +9,7 @@ import torch
 from fedsens.personalize import runio
 from fedsens.personalize.errors import UserError
 from fedsens.personalize.federation import ClientContext, RunConfig, run
+from fedsens.personalize.hooks import Hook
 from fedsens.personalize.methods import APFL, METHODS, FedRep, PerFedAvg, alpha_step, get_method
 
 SMALL_OPTIONS = {"fedperfix": {"mid_dim": 8}, "fedbabu": {"finetune_steps": 2}}
@@ -31,7 +32,7 @@ def tiny(tmp_path, method: str, **changes) -> RunConfig:
     return RunConfig(**{**options, **changes})
 
 
-class Recorder:
+class Recorder(Hook):
     """A run hook that keeps copies of chosen parameters at every hook call, and the run context."""
 
     table = "recorder"

@@ -10,7 +10,8 @@ import pytest
 from scipy import stats
 
 from fedsens.personalize.errors import UserError
-from fedsens.sensitivity.ranking import RANKING_COLUMNS, rank, t_interval, top_parts
+from fedsens.personalize.schema import RANKING_COLUMNS
+from fedsens.sensitivity.ranking import rank, t_interval, top_parts
 
 GAINS = {"attn": [0.10, 0.14], "head": [0.20, 0.24], "mlp": [0.01, -0.01], "embed": [-0.05, -0.03], "all": [0.5, 0.6]}
 # Sensitivity order by construction: head > attn > mlp > embed.

@@ -14,8 +14,9 @@ from fedsens.cli import app
 from fedsens.personalize import federation
 from fedsens.personalize.errors import UserError
 from fedsens.personalize.federation import RunConfig
-from fedsens.sensitivity.ranking import RANKING_COLUMNS, top_parts
-from fedsens.sensitivity.sweep import SENSITIVITY_COLUMNS, Cell, SweepConfig, grid, preset, run_sweep
+from fedsens.personalize.schema import RANKING_COLUMNS, SENSITIVITY_COLUMNS
+from fedsens.sensitivity.ranking import top_parts
+from fedsens.sensitivity.sweep import Cell, SweepConfig, grid, preset, run_sweep
 
 TINY_RUN = RunConfig(
     dataset="synthetic", model="vit-nano", clients=4, join_ratio=0.5, rounds=2, local_epochs=1, device="cpu"

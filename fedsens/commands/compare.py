@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from fedsens.commands._common import clean_errors, comma_list, overlay
+from fedsens.commands.data import NO_VERIFY_HELP, dataset_help
 from fedsens.commands.methods import options_option
 
 if TYPE_CHECKING:  # the library is imported when the command runs, so `fedsens --help` stays quick
@@ -52,7 +53,7 @@ def compare(
         None, help="Comma-separated methods (default: all eleven), e.g. fedavg,fedper,fedperfix."
     ),
     seeds: str | None = typer.Option(None, help="Comma-separated seeds, e.g. 0,1,2."),
-    dataset: str | None = typer.Option(None, help="digits, synthetic, cifar100, organamnist, officehome."),
+    dataset: str | None = typer.Option(None, help=dataset_help()),
     data_root: str | None = typer.Option(None, help="Folder holding the dataset's files."),
     model: str | None = typer.Option(None, help="Model preset, e.g. vit-micro or vit_small_patch16_224."),
     rounds: int | None = typer.Option(None, help="Federated rounds per run."),
@@ -65,6 +66,7 @@ def compare(
     option: list[str] | None = options_option(
         "A method option KEY=VALUE (repeatable), given to every compared method that has KEY, e.g. -o scale=1.0."
     ),
+    no_verify: bool = typer.Option(False, "--no-verify", help=NO_VERIFY_HELP),
 ) -> None:
     """Run each method for each seed (same partition and initial weights within a seed), then tabulate.
 
@@ -84,6 +86,7 @@ def compare(
             clients=clients,
             alpha=alpha,
             device=device,
+            verify=False if no_verify else None,
         ),
         compare=dict(
             methods=comma_list(methods, str, "--methods", "fedavg,fedperfix"),

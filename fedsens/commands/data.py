@@ -1,4 +1,5 @@
-"""`fedsens data download NAME --root DIR`: fetch a dataset, or say how to get it."""
+"""`fedsens data download NAME --root DIR` and `fedsens data list`: fetch a dataset or say how to get it;
+list the registered datasets with their defaults and whether their files are present."""
 
 from __future__ import annotations
 
@@ -7,17 +8,54 @@ from pathlib import Path
 import typer
 
 from fedsens.commands._common import clean_errors
+from fedsens.personalize.datasets import registry
+
+NO_VERIFY_HELP = "Skip the files' checksum check (CIFAR-100's md5): for dataset files you wrote yourself."
+
+
+def dataset_help(lead: str = "Dataset") -> str:
+    """'Dataset: digits, synthetic, ...' from the registry (torch-free, so `fedsens --help` stays quick)."""
+    return f"{lead}: {', '.join(registry.names())}."
 
 
 @clean_errors
 def download(
-    name: str = typer.Argument(..., help="Dataset: digits, synthetic, cifar100, organamnist, officehome."),
+    name: str = typer.Argument(..., help=dataset_help()),
     root: Path | None = typer.Option(
         None, "--root", help="Folder to download into (cifar100, organamnist) or to lay Office-Home out in."
     ),
     size: int = typer.Option(28, "--size", help="OrganAMNIST image size: 28, 64, 128 or 224."),
+    no_verify: bool = typer.Option(False, "--no-verify", help=NO_VERIFY_HELP),
 ) -> None:
     """Download CIFAR-100 or OrganAMNIST; print where to get Office-Home and its layout."""
     from fedsens.personalize.download import download as fetch
 
-    typer.echo(fetch(name, root, size=size))
+    typer.echo(fetch(name, root, size=size, verify=not no_verify))
+
+
+@clean_errors
+def list_datasets(
+    data_root: Path | None = typer.Option(None, "--data-root", help="Folder to look for each dataset's files in."),
+) -> None:
+    """Every dataset fedsens knows: its defaults, and whether its files are under --data-root."""
+    for spec in registry.specs():
+        present = registry.is_present(spec.name, data_root)
+        state = {True: "present", False: "missing", None: "unknown"}[present]
+        if not spec.needs_root:
+            state = "built in"
+        shape = ", ".join(
+            text
+            for text in (
+                f"{spec.channels} ch" if spec.channels else "",
+                f"{spec.image_size} px" if spec.image_size else "any px",
+                f"{spec.classes} classes" if spec.classes else "",
+            )
+            if text
+        )
+        typer.echo(f"{spec.name:<12} {state:<9} {spec.summary}")
+        defaults = f"test fraction {spec.test_fraction:g}, scheme {spec.scheme}, {shape}"
+        if spec.domains:
+            defaults += ", domains"
+        typer.echo(f"{'':<22} defaults: {defaults}")
+        if present is not True and spec.needs_root:
+            typer.echo(f"{'':<22} get it: {spec.instructions(data_root or 'DIR')}")

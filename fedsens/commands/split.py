@@ -7,13 +7,12 @@ from pathlib import Path
 import typer
 
 from fedsens.commands._common import clean_errors
+from fedsens.commands.data import NO_VERIFY_HELP, dataset_help
 
 
 @clean_errors
 def split(
-    dataset: str = typer.Option(
-        "digits", "--dataset", help="Dataset name: digits, synthetic, cifar100, organamnist, officehome."
-    ),
+    dataset: str = typer.Option("digits", "--dataset", help=dataset_help("Dataset name")),
     data_root: Path | None = typer.Option(
         None, "--data-root", help="Folder holding the dataset files (not needed for digits)."
     ),
@@ -32,13 +31,13 @@ def split(
     ),
     out: Path = typer.Option(Path("runs/partition"), "--out", help="Folder to write partition.json into."),
     quiet: bool = typer.Option(False, "--quiet", help="Print only the one-line summary, not the per-client table."),
+    no_verify: bool = typer.Option(False, "--no-verify", help=NO_VERIFY_HELP),
 ) -> None:
     """Split a dataset among clients, write OUT/partition.json and print a per-client table."""
-    from fedsens.personalize import data, partition  # deferred: keeps `fedsens --help` fast
+    from fedsens.personalize import datasets, partition  # deferred: keeps `fedsens --help` fast
 
-    images = data.load(dataset, data_root)
-    if test_fraction is None:
-        test_fraction = data.dataset_defaults(dataset).get("test_fraction", 0.25)
+    images = datasets.load_for_run(dataset, data_root, verify=not no_verify, quiet=quiet)
+    test_fraction = datasets.test_fraction(dataset, test_fraction)
     made = partition.load_or_make(
         partition.manifest_path(out),
         images.labels,

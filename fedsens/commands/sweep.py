@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from fedsens.commands._common import clean_errors, comma_list, overlay
+from fedsens.commands.data import NO_VERIFY_HELP, dataset_help
 from fedsens.commands.methods import method_option, options_option
 from fedsens.personalize.errors import UserError
 
@@ -65,7 +66,7 @@ def sweep(
     preset_name: str = typer.Option(
         "quick", "--preset", help=f"quick | paper-cifar100 | paper-organamnist | paper-officehome. {PRESET_NOTE}"
     ),
-    dataset: str | None = typer.Option(None, help="Dataset (comma-separate several)."),
+    dataset: str | None = typer.Option(None, help=dataset_help("Dataset (comma-separate several)")),
     data_root: str | None = typer.Option(None, help="Folder holding the dataset's files."),
     model: str | None = typer.Option(None, help="Model preset, e.g. vit-micro or vit_small_patch16_224."),
     parts: list[str] | None = typer.Option(
@@ -92,6 +93,7 @@ def sweep(
         "--personalize, as the cells vary the parts kept local. `fedsens methods` lists them."
     ),
     option: list[str] | None = options_option(),
+    no_verify: bool = typer.Option(False, "--no-verify", help=NO_VERIFY_HELP),
 ) -> None:
     """Run one federated cell per (partition, seed, part kept local), then rank the parts.
 
@@ -116,6 +118,7 @@ def sweep(
             device=device,
             method=method,
             method_options=parse_assignments(option) or None,
+            verify=False if no_verify else None,
         ),
         sweep=dict(
             parts=cell_parts,

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from fedsens.commands._common import clean_errors
+from fedsens.commands.data import NO_VERIFY_HELP, dataset_help
 from fedsens.commands.methods import method_option, options_option
 from fedsens.personalize.errors import UserError
 
@@ -28,9 +29,7 @@ def _resolve_auto(personalize: str | None, sweep_dir: Path | None, top: int) -> 
 
 @clean_errors
 def train(
-    dataset: str | None = typer.Option(
-        None, help="digits (embedded default), synthetic, cifar100, organamnist, officehome"
-    ),
+    dataset: str | None = typer.Option(None, help=dataset_help("Dataset (digits is the embedded default)")),
     data_root: str | None = typer.Option(None, help="folder holding the dataset files"),
     partition: str | None = typer.Option(
         None, "--partition", "--scheme", help="iid | dirichlet | pathological | domain, or a partition.json"
@@ -63,6 +62,7 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
     method: str | None = method_option(help="the personalized-FL method (fedavg by default); `fedsens methods`"),
     option: list[str] | None = options_option(),
+    no_verify: bool = typer.Option(False, "--no-verify", help=NO_VERIFY_HELP),
 ) -> None:
     """Run one federated training.
 
@@ -91,6 +91,7 @@ def train(
         "device": device,
         "eval_every": eval_every,
         "method_options": parse_assignments(option) or None,
+        "verify": False if no_verify else None,
     }
     config = RunConfig(out=str(out), **{k: v for k, v in given.items() if v is not None})
     result = run(config, resume=resume, overwrite=overwrite, quiet=quiet)

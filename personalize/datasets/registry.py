@@ -1,0 +1,179 @@
+"""The dataset registry: every dataset fedsens knows, with its defaults and how to get its files.
+
+This module imports neither torch nor any reader, so the command line can list the names (choices,
+help) instantly. A dataset is one module of this package that calls `register(DatasetSpec(...))`
+when imported; it is imported the first time its name is asked for. Code outside the package (a
+plugin, a test) registers its own datasets the same way.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedsens.personalize.errors import UserError
+
+# Modules of this package that are not datasets; the built-in datasets are listed in this order.
+_NOT_DATASETS = ("registry", "imageset")
+_BUILTIN_ORDER = ("digits", "synthetic", "cifar100", "organamnist", "officehome")
+DEFAULT_TEST_FRACTION = 0.25
+
+_registry: dict[str, DatasetSpec] = {}
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset: how to load it, the defaults the paper uses for it, and how to get its files.
+
+    `load(root, **options)` returns an ImageSet; `root` is None for datasets that need no files.
+    `download(root, **options)` fetches the files and returns a one-line report; without it,
+    `fedsens data download` prints `guide(root)` (or the one-line `how_to_get(root, **options)`). `present(root)` says
+    whether the files are under root. `decodes_at` names the loader keyword that sets the decoded
+    image size (the run passes the model's input size to it); None keeps the native size.
+    """
+
+    name: str
+    load: Callable[..., Any]
+    summary: str
+    test_fraction: float = DEFAULT_TEST_FRACTION
+    domains: bool = False
+    scheme: str = "dirichlet"
+    needs_root: bool = False
+    image_size: int | None = None  # native side in pixels, where fixed
+    channels: int | None = None
+    classes: int | None = None
+    how_to_get: Callable[..., str] | None = None
+    download: Callable[..., str] | None = None
+    guide: Callable[[Path | None], str] | None = None  # what `data download` prints when nothing is fetched
+    present: Callable[[Path], bool] | None = None
+    decodes_at: str | None = None
+
+    def options(self) -> list[str]:
+        """The loader's keyword options (everything after `root`)."""
+        import inspect  # here: the registry module stays cheap to import for `fedsens --help`
+
+        return [param for param in inspect.signature(self.load).parameters if param != "root"]
+
+    def instructions(self, root: Path | str = "DIR", **options: Any) -> str:
+        """One line: how to get this dataset's files into root."""
+        if self.how_to_get is not None:
+            return self.how_to_get(root, **options)
+        if self.download is not None:
+            return f"run `fedsens data download {self.name} --root {root}`"
+        return f"{self.name} needs no files"
+
+    def require_root(self, root: Path | None, **options: Any) -> Path:
+        """The root folder, or a UserError saying how to get the files when none was given."""
+        if root is None:
+            raise UserError(
+                f"dataset {self.name!r} needs a data root folder; {self.instructions(**options)} "
+                "and pass that DIR as the root"
+            )
+        return root
+
+
+def register(spec: DatasetSpec, *, replace: bool = False) -> DatasetSpec:
+    """Make `spec` loadable by name (`fedsens train --dataset NAME`, `data.load(NAME)`)."""
+    if spec.name in _registry and not replace and _registry[spec.name] is not spec:
+        raise ValueError(f"dataset {spec.name!r} is registered already (pass replace=True to override it)")
+    _registry[spec.name] = spec
+    return spec
+
+
+def unregister(name: str) -> None:
+    _registry.pop(name, None)
+
+
+def _package_modules() -> list[str]:
+    package = sys.modules[__package__ or ""]  # the datasets package: its folder(s) hold one module per dataset
+    found = {m.name for m in pkgutil.iter_modules(package.__path__)}
+    found = {name for name in found if not name.startswith("_") and name not in _NOT_DATASETS}
+    return [n for n in _BUILTIN_ORDER if n in found] + sorted(found - set(_BUILTIN_ORDER))
+
+
+def names() -> tuple[str, ...]:
+    """Every dataset name, the embedded default (digits) first; imports no dataset module."""
+    builtin = _package_modules()
+    return (*builtin, *(name for name in _registry if name not in builtin))
+
+
+def get(name: str) -> DatasetSpec:
+    """The spec of dataset `name`, importing its module on first use; a UserError naming the choices."""
+    if name not in _registry and name in _package_modules():
+        importlib.import_module(f"{__package__}.{name}")
+    if name not in _registry:
+        raise UserError(f"unknown dataset {name!r}; choose one of: {', '.join(names())}")
+    return _registry[name]
+
+
+def specs() -> list[DatasetSpec]:
+    return [get(name) for name in names()]
+
+
+def test_fraction(name: str, given: float | None = None) -> float:
+    """The per-client test share: the one given, else the dataset's default."""
+    return given if given is not None else get(name).test_fraction
+
+
+def dataset_defaults(name: str) -> dict:
+    """Per-dataset settings from the paper: the per-client test share, domains, default scheme, files."""
+    spec = get(name)
+    return {
+        "test_fraction": spec.test_fraction,
+        "domains": spec.domains,
+        "scheme": spec.scheme,
+        "needs_root": spec.needs_root,
+    }
+
+
+def load(name: str, root: str | Path | None = None, **options: Any):
+    """Load dataset `name` (from `root` for datasets with files); `options` are its loader's keywords."""
+    spec = get(name)
+    known = spec.options()
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise UserError(
+            f"unknown option(s) {', '.join(unknown)} for dataset {name!r}; it takes: {', '.join(known) or 'none'}"
+        )
+    return spec.load(None if root is None else Path(root).expanduser(), **options)
+
+
+def load_for_run(
+    name: str,
+    root: str | Path | None = None,
+    *,
+    input_size: int | None = None,
+    verify: bool = True,
+    quiet: bool = False,
+):
+    """Load a dataset for training: decoded at the model's input size where the dataset decodes images
+    (Office-Home), with the md5 check on unless `verify` is False, quiet where the loader reports progress."""
+    spec = get(name)
+    known = spec.options()
+    options: dict[str, Any] = {}
+    if spec.decodes_at is not None and input_size is not None:
+        options[spec.decodes_at] = input_size
+    if "verify" in known:
+        options["verify"] = verify
+    if "quiet" in known:
+        options["quiet"] = quiet
+    return load(name, root, **options)
+
+
+def is_present(name: str, root: str | Path | None) -> bool | None:
+    """Whether the dataset's files are under root (True for datasets without files; None: cannot tell)."""
+    spec = get(name)
+    if not spec.needs_root:
+        return True
+    if root is None:
+        return False
+    return spec.present(Path(root).expanduser()) if spec.present is not None else None
+
+
+def one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__

@@ -1,0 +1,90 @@
+"""The columns of every table fedsens writes, declared once: the writers, the readers, the reports and the
+tests import them from here (DESIGN.md "Tables"). Torch-free, so readers of tables need no engine."""
+
+from __future__ import annotations
+
+# The parts of a ViT a spec can keep local, in the order figures and tables show them.
+PART_TYPES = ("embed", "attn", "mlp", "norm", "head", "plugin")
+
+# Divergence metrics between the participants' models (sensitivity.divergence), in report order.
+DIVERGENCE_METRICS = ("update_cos", "rel_drift", "weight_div", "cka")
+
+# The metric name of the sweep's accuracy ranking (ranking.csv) beside the divergence metrics.
+GAIN = "gain_vs_fedavg"
+
+# --- one run's folder (personalize.federation) -------------------------------------------------
+METRICS_COLUMNS = ["round", "client", "split", "loss", "accuracy", "n", "participated"]
+ROUNDS_COLUMNS = ["round", "acc_mean", "acc_std", "acc_p10", "acc_min", "jain", "up_bytes", "down_bytes", "seconds"]
+DIVERGENCE_COLUMNS = ["round", "group", "part", "block", "metric", "value"]
+PARTS_COLUMNS = ["param", "part", "block", "numel", "bytes", "local"]
+# The run tables the round loop writes, by file stem (a hook's own table keeps the columns it emits).
+RUN_TABLE_COLUMNS = {"metrics": METRICS_COLUMNS, "rounds": ROUNDS_COLUMNS, "divergence": DIVERGENCE_COLUMNS}
+
+# --- a sweep's folder (sensitivity.sweep, sensitivity.ranking) ---------------------------------
+# The columns that lead each cell's rows when the cells' run tables are concatenated.
+CELL_COLUMNS = ["cell", "local_part", "seed", "dataset", "scheme", "alpha"]
+SENSITIVITY_COLUMNS = [
+    "dataset",
+    "scheme",
+    "alpha",
+    "seed",
+    "local_part",
+    "status",
+    "acc_mean",
+    "acc_std",
+    "acc_p10",
+    "acc_last",
+    "acc_best",
+    GAIN,
+    "local_params",
+    "comm_bytes_per_round",
+    "comm_saved",
+    *(f"div_{m}" for m in DIVERGENCE_METRICS),
+    "cell",
+    "rounds",
+]
+RANKING_COLUMNS = [
+    "part",
+    "score",
+    "ci_low",
+    "ci_high",
+    "rank",
+    "metric",
+    "spearman_vs_gain",
+    "dataset",
+    "scheme",
+    "alpha",
+]
+
+# --- a comparison's folder (sensitivity.compare) -----------------------------------------------
+# The columns that lead each run's rows when the runs' tables are concatenated.
+RUN_KEY_COLUMNS = ["method", "seed"]
+COMPARISON_COLUMNS = [
+    "method",
+    "seed",
+    "acc_mean",
+    "acc_std",
+    "acc_p10",
+    "local_params",
+    "comm_bytes_per_round",
+    "seconds",
+    "seconds_per_round",
+    "acc_best",
+    "round_best",
+    "rounds",
+    "status",
+]
+SUMMARY_COLUMNS = [
+    "method",
+    "dataset",
+    "accuracy",
+    "acc_mean",
+    "acc_sd",
+    "acc_best",
+    "client_std",
+    "local_params",
+    "comm_mb_per_round",
+    "seconds_per_round",
+    "seeds",
+    "failed",
+]
