@@ -27,7 +27,7 @@ from fedsens.personalize import runio
 from fedsens.personalize.errors import UserError
 from fedsens.personalize.federation import RunConfig
 from fedsens.personalize.methods import METHODS
-from fedsens.sensitivity import runs
+from fedsens.sensitivity import runs, sanity
 
 PAPER_METHODS = (
     "fedavg",
@@ -85,6 +85,7 @@ class CompareConfig:
     out: str = "runs/compare"
     fresh: bool = False
     quiet: bool = False
+    force: bool = False  # run the methods even when the FedAvg reference did not learn
 
     def __post_init__(self):
         if not self.methods:
@@ -285,6 +286,16 @@ def run_compare(config: CompareConfig) -> CompareResult:
             wanted = run_config(config, method, seed)
             runs.check_same_settings(Path(wanted.out), wanted)
     runio.write_json(out / "compare.json", dataclasses.asdict(config))
+    if "fedavg" in config.methods:  # the reference check: FedAvg of the first seed, judged before the others run
+        reference = run_config(config, "fedavg", config.seeds[0])
+        sanity.check_reference(
+            lambda bar: runs.run_resumable(reference, fresh=config.fresh, quiet=config.quiet),
+            reference,
+            out,
+            force=config.force,
+            where=f"run fedavg-s{config.seeds[0]}",
+            quiet=True,
+        )
     outcome: dict[str, list[str]] = {"done": [], "skipped": [], "failed": []}
     for index, (method, seed) in enumerate(todo):
         if not config.quiet:

@@ -21,6 +21,7 @@ import pandas as pd
 from scipy import stats
 
 from fedsens.personalize.errors import UserError
+from fedsens.sensitivity import sanity
 
 GAIN = "gain_vs_fedavg"
 DIVERGENCE_METRICS = ("update_cos", "rel_drift", "weight_div", "cka")
@@ -37,6 +38,7 @@ RANKING_COLUMNS = [
     "dataset",
     "scheme",
     "alpha",
+    "trustworthy",
 ]
 UNRANKED = ("none", "all")
 
@@ -100,6 +102,7 @@ def rank(sensitivity: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
     for (dataset, scheme, alpha), table in sensitivity.groupby(keys, sort=False):
         frame = rank_partition(table, confidence)
         frame["dataset"], frame["scheme"], frame["alpha"] = dataset, scheme, alpha
+        frame["trustworthy"] = sanity.ranking_trust(frame, table)
         frames.append(frame)
     if not frames:
         return pd.DataFrame(columns=RANKING_COLUMNS)

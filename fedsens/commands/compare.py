@@ -57,6 +57,9 @@ def compare(
     fresh: bool = typer.Option(False, "--fresh", help="Re-run every method instead of resuming."),
     device: str | None = typer.Option(None, help="auto (CUDA when present), cpu or cuda."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    force: bool = typer.Option(
+        False, "--force", help="Run the methods even when the FedAvg reference (first seed) did not learn."
+    ),
 ) -> None:
     """Run each method for each seed (same partition and initial weights within a seed), then tabulate.
 
@@ -82,6 +85,7 @@ def compare(
             out=out,
             fresh=fresh,
             quiet=quiet,
+            force=force,
         ),
     )
     result = run_compare(config)
