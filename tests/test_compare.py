@@ -31,7 +31,8 @@ def tiny(tmp_path, methods=("fedavg", "local"), seeds=(0,), **run) -> CompareCon
         device="cpu",
     )
     return CompareConfig(
-        run=RunConfig(**{**options, **run}), methods=methods,
+        run=RunConfig(**{**options, **run}),
+        methods=methods,
         seeds=seeds,
         out=str(tmp_path / "compare"),
         quiet=True,
