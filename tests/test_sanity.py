@@ -134,3 +134,21 @@ def test_a_reference_that_learns_passes_the_check(tmp_path):
 
 def sanity_record(out: Path) -> dict:
     return json.loads((out / sanity.REFERENCE_FILE).read_text())
+
+
+def test_calibrate_trains_only_the_reference_and_names_the_cheapest_passing_setting(tmp_path, monkeypatch):
+    from fedsens.sensitivity import sweep as sweep_lib
+
+    monkeypatch.setattr(sweep_lib, "preset", _tiny_preset(RunConfig(**TINY, scheme="iid", rounds=3, local_epochs=1)))
+    out = tmp_path / "sweep"
+    bad = CliRunner().invoke(app, ["sweep", "--out", str(out), "--calibrate", "--budget-minutes", "0"])
+    assert bad.exit_code == 2 and "--budget-minutes must be > 0" in bad.output
+    reference = sweep_lib.cell_config(sweep_lib.preset("quick"), sweep_lib.grid(sweep_lib.preset("quick"))[0])
+    found = sanity.calibrate(reference.replace(out=str(out)), out, budget_minutes=2, quiet=True)
+    assert not (out / "cells").exists() and (out / "calibrate" / "e1").is_dir()
+    assert (found.trials[0].rounds, found.trials[0].local_epochs) == (3, 1)
+    assert all(not trial.passes for trial in found.trials[:-1])  # it stops at the first setting that passes
+    if found.best is not None:
+        assert found.best == found.trials[-1]
+        text = sanity.calibration_text(found, reference)
+        assert f"fedsens sweep --rounds {found.best.rounds} --local-epochs {found.best.local_epochs}" in text
