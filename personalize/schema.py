@@ -23,6 +23,8 @@ RUN_TABLE_COLUMNS = {"metrics": METRICS_COLUMNS, "rounds": ROUNDS_COLUMNS, "dive
 # --- a sweep's folder (sensitivity.sweep, sensitivity.ranking) ---------------------------------
 # The columns that lead each cell's rows when the cells' run tables are concatenated.
 CELL_COLUMNS = ["cell", "local_part", "seed", "dataset", "scheme", "alpha"]
+# Each cell judged against chance and on the end of its curve (sensitivity.sanity).
+SANITY_COLUMNS = ["chance", "acc_over_chance", "slope_end", "trustworthy"]
 SENSITIVITY_COLUMNS = [
     "dataset",
     "scheme",
@@ -42,6 +44,7 @@ SENSITIVITY_COLUMNS = [
     *(f"div_{m}" for m in DIVERGENCE_METRICS),
     "cell",
     "rounds",
+    *SANITY_COLUMNS,
 ]
 RANKING_COLUMNS = [
     "part",
@@ -54,6 +57,7 @@ RANKING_COLUMNS = [
     "dataset",
     "scheme",
     "alpha",
+    "trustworthy",  # every cell behind the row learned and so did its FedAvg reference (sensitivity.sanity)
 ]
 
 # --- a comparison's folder (sensitivity.compare) -----------------------------------------------

@@ -33,6 +33,8 @@ from fedsens.reports.tables import (
     ok_rows,
     partition_counts,
     read_folder,
+    untrained_references,
+    untrusted_parts,
 )
 
 __all__ = ["build_report", "detect", "plan_figures"]
@@ -248,9 +250,13 @@ def _sweep_headline(frames: dict[str, pd.DataFrame]) -> list[Block]:
     if "ranking" not in frames or not len(gain_ranking(frames["ranking"])):
         return [Paragraph("This sweep has no ranking.csv yet: re-run `fedsens sweep` on it to finish it.", lead=True)]
     blocks: list[Block] = []
+    untrained = untrained_references(frames.get("sensitivity"))
     for label, rows in by_partition(frames["ranking"]):
         gains = gain_ranking(rows)
         ranked = gains[gains["rank"].notna()]
+        if label in untrained:
+            blocks.append(Paragraph(f"{label + ': ' if label else ''}{untrained[label]}", lead=True))
+            continue
         if not len(ranked):
             blocks.append(Paragraph(f"{label + ': ' if label else ''}no part could be ranked yet.", lead=True))
             continue
@@ -267,6 +273,9 @@ def _sweep_headline(frames: dict[str, pd.DataFrame]) -> list[Block]:
         )
         unranked = gains[gains["rank"].isna() & gains["score"].notna()]
         text += "".join(f" Not ranked: {row['part']} {row['score']:+.4f}." for _, row in unranked.iterrows())
+        untrusted = untrusted_parts(gains)
+        if untrusted:
+            text += f" Not trustworthy (a cell or its FedAvg reference at chance): {', '.join(untrusted)}."
         blocks.append(Paragraph(text, lead=True))
         divergence = rows[rows["metric"] != "gain_vs_fedavg"]
         if len(divergence) and "spearman_vs_gain" in divergence.columns:

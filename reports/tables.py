@@ -200,3 +200,32 @@ def ok_rows(table: pd.DataFrame) -> pd.DataFrame:
     if "status" not in table.columns:
         return table
     return table[table["status"].fillna("done") != "failed"].reset_index(drop=True)
+
+
+def untrained_references(sensitivity: pd.DataFrame | None) -> dict[str, str]:
+    """Per partition label (as `by_partition` names it), the headline of a sweep whose FedAvg reference did not
+    learn in any seed (sensitivity.csv's `trustworthy` False on every finished FedAvg cell); {} when it learned."""
+    if sensitivity is None or "trustworthy" not in sensitivity.columns:
+        return {}
+    headlines = {}
+    for label, rows in by_partition(sensitivity):
+        reference = rows[(rows["local_part"] == "none") & (rows["status"] == "done")]
+        if len(reference) and not reference["trustworthy"].astype(bool).any():
+            measured = "; ".join(
+                f"seed {int(row.seed)}: {row.acc_mean:.3f} against chance {row.chance:.3f}"
+                for row in reference.itertuples()
+            )
+            headlines[label] = (
+                "The reference did not learn; no ranking. FedAvg's mean client accuracy stayed at chance "
+                f"({measured}), so every gain over it measures noise; the sweep ran with --force. Raise the rounds, "
+                "local epochs, learning rate or model size (`fedsens sweep --calibrate` finds rounds and epochs)."
+            )
+    return headlines
+
+
+def untrusted_parts(gains: pd.DataFrame) -> list[str]:
+    """The parts of a gain ranking marked not trustworthy in ranking.csv."""
+    if "trustworthy" not in gains.columns:
+        return []
+    marked = gains["trustworthy"].notna() & ~gains["trustworthy"].fillna(True).astype(bool)
+    return [str(part) for part in gains.loc[marked, "part"]]

@@ -28,7 +28,7 @@ from fedsens.personalize.errors import UserError
 from fedsens.personalize.federation import RunConfig
 from fedsens.personalize.methods import METHODS, method_class, paper_methods, registry
 from fedsens.personalize.schema import COMPARISON_COLUMNS, RUN_KEY_COLUMNS, SUMMARY_COLUMNS
-from fedsens.sensitivity import runs
+from fedsens.sensitivity import runs, sanity
 
 PAPER_METHODS = paper_methods()  # each method class declares its row of the paper's table
 
@@ -48,6 +48,7 @@ class CompareConfig:
     out: str = "runs/compare"
     fresh: bool = False
     quiet: bool = False
+    force: bool = False  # run the methods even when the FedAvg reference did not learn
 
     def __post_init__(self):
         if not self.methods:
@@ -275,6 +276,16 @@ def run_compare(config: CompareConfig) -> CompareResult:
             wanted = run_config(config, method, seed)
             runs.check_same_settings(Path(wanted.out), wanted)
     runio.write_json(out / "compare.json", dataclasses.asdict(config))
+    if "fedavg" in config.methods:  # the reference check: FedAvg of the first seed, judged before the others run
+        reference = run_config(config, "fedavg", config.seeds[0])
+        sanity.check_reference(
+            lambda bar: runs.run_resumable(reference, fresh=config.fresh, quiet=config.quiet),
+            reference,
+            out,
+            force=config.force,
+            where=f"run fedavg-s{config.seeds[0]}",
+            quiet=True,
+        )
     outcome: dict[str, list[str]] = {"done": [], "skipped": [], "failed": []}
     for index, (method, seed) in enumerate(todo):
         if not config.quiet:

@@ -23,6 +23,7 @@ from scipy import stats
 from fedsens.personalize.errors import UserError
 from fedsens.personalize.schema import DIVERGENCE_METRICS, GAIN, RANKING_COLUMNS
 from fedsens.personalize.stats import spearman
+from fedsens.sensitivity import sanity
 
 # Whether a larger value of the metric means the clients pull the part further apart.
 HIGHER_IS_MORE_SENSITIVE = {"update_cos": False, "rel_drift": True, "weight_div": True, "cka": False}
@@ -80,6 +81,7 @@ def rank(sensitivity: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
     for (dataset, scheme, alpha), table in sensitivity.groupby(keys, sort=False):
         frame = rank_partition(table, confidence)
         frame["dataset"], frame["scheme"], frame["alpha"] = dataset, scheme, alpha
+        frame["trustworthy"] = sanity.ranking_trust(frame, table)
         frames.append(frame)
     if not frames:
         return pd.DataFrame(columns=RANKING_COLUMNS)

@@ -16,6 +16,7 @@ import hashlib
 import itertools
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -25,9 +26,9 @@ from fedsens.personalize import runio
 from fedsens.personalize.errors import UserError
 from fedsens.personalize.federation import RunConfig
 from fedsens.personalize.hooks import Hook
-from fedsens.personalize.schema import CELL_COLUMNS, GAIN, SENSITIVITY_COLUMNS
+from fedsens.personalize.schema import CELL_COLUMNS, GAIN, SANITY_COLUMNS, SENSITIVITY_COLUMNS
 from fedsens.sensitivity import ranking as ranking_lib
-from fedsens.sensitivity import runs
+from fedsens.sensitivity import runs, sanity
 from fedsens.sensitivity.divergence import METRICS, DivergenceRecorder, group_names
 
 DEFAULT_PARTS = ("none", "embed", "attn", "mlp", "norm", "head", "all")
@@ -50,6 +51,7 @@ class SweepConfig:
     out: str = "runs/sweep"
     fresh: bool = False
     quiet: bool = False
+    force: bool = False  # run the grid even when the FedAvg reference did not learn
 
     def __post_init__(self):
         parts = tuple(dict.fromkeys(("none", *(p.strip() for p in self.parts if p.strip()))))
@@ -214,6 +216,14 @@ def run_sweep(config: SweepConfig) -> SweepResult:
             wanted = cell_config(config, cell)
             runs.check_same_settings(Path(wanted.out), wanted)
     runio.write_json(out / "sweep.json", {**dataclasses.asdict(config), "cells": [c.name for c in cells]})
+    sanity.check_reference(
+        partial(run_cell, config, cells[0]),
+        cell_config(config, cells[0]),
+        out,
+        force=config.force,
+        where=f"cell {cells[0].name}",
+        quiet=config.quiet,
+    )
     outcome: dict[str, list[str]] = {"done": [], "skipped": [], "failed": []}
     rounds = config.run.rounds
     bar = tqdm(total=len(cells) * rounds, desc="sweep", unit="round", disable=config.quiet, dynamic_ncols=True)
@@ -297,12 +307,14 @@ def sensitivity_table(out: Path, cells: list[Cell]) -> pd.DataFrame:
                 rounds=summary.get("rounds", float("nan")),
             )
         )
-    table = pd.DataFrame(rows, columns=[c for c in SENSITIVITY_COLUMNS if c not in (GAIN, "comm_saved")])
+    derived = (GAIN, "comm_saved", *SANITY_COLUMNS)
+    table = pd.DataFrame(rows, columns=[c for c in SENSITIVITY_COLUMNS if c not in derived])
     keys = ["dataset", "scheme", "alpha", "seed"]
     fedavg = table.loc[table["local_part"] == "none", keys + ["acc_mean", "comm_bytes_per_round"]]
     paired = table.merge(fedavg, on=keys, how="left", suffixes=("", "_fedavg"))
     table["gain_vs_fedavg"] = (paired["acc_mean"] - paired["acc_mean_fedavg"]).to_numpy()
     table["comm_saved"] = (1 - paired["comm_bytes_per_round"] / paired["comm_bytes_per_round_fedavg"]).to_numpy()
+    table = sanity.sanity_columns(table, out / "cells")
     return table[SENSITIVITY_COLUMNS]
 
 

@@ -67,6 +67,9 @@ def compare(
         "A method option KEY=VALUE (repeatable), given to every compared method that has KEY, e.g. -o scale=1.0."
     ),
     no_verify: bool = typer.Option(False, "--no-verify", help=NO_VERIFY_HELP),
+    force: bool = typer.Option(
+        False, "--force", help="Run the methods even when the FedAvg reference (first seed) did not learn."
+    ),
 ) -> None:
     """Run each method for each seed (same partition and initial weights within a seed), then tabulate.
 
@@ -94,6 +97,7 @@ def compare(
             out=out,
             fresh=fresh,
             quiet=quiet,
+            force=force,
         ),
         options=parse_assignments(option),
     )

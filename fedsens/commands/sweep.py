@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
@@ -29,6 +30,7 @@ def ranking_text(result: SweepResult) -> str:
     import pandas as pd
 
     from fedsens.sensitivity import ranking as ranking_lib
+    from fedsens.sensitivity import sanity
 
     lines = []
     ranking = result.ranking
@@ -37,10 +39,17 @@ def ranking_text(result: SweepResult) -> str:
         shown = gain.assign(rank=gain["rank"].astype("Int64"))[["rank", "part", "score", "ci_low", "ci_high"]].rename(
             columns={"score": "gain_vs_fedavg", "ci_low": "ci95_low", "ci_high": "ci95_high"}
         )
+        if "trustworthy" in gain:
+            shown["trust"] = ["untrusted" if pd.notna(v) and not bool(v) else "" for v in gain["trustworthy"]]
         lines.append(
             f"\n{dataset} / {scheme} / alpha {alpha:g}: parts by accuracy gain over FedAvg "
             "(mean over seeds, 95% t-interval; 'all' = local only, not ranked)"
         )
+        sensitivity = result.sensitivity
+        partition = (sensitivity["dataset"] == dataset) & (sensitivity["scheme"] == scheme)
+        note = sanity.trust_note(sensitivity[partition & (sensitivity["alpha"] == alpha)])
+        if note:
+            lines.append(f"WARNING: {note}")
         lines.append(shown.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:+.4f}"))
         divergence = table[table["metric"] != ranking_lib.GAIN].groupby("metric", sort=False)
         summary = pd.DataFrame(
@@ -94,10 +103,21 @@ def sweep(
     ),
     option: list[str] | None = options_option(),
     no_verify: bool = typer.Option(False, "--no-verify", help=NO_VERIFY_HELP),
+    force: bool = typer.Option(
+        False, "--force", help="Run the grid even when the FedAvg reference did not learn (the ranking says so)."
+    ),
+    calibrate: bool = typer.Option(
+        False,
+        "--calibrate",
+        help="Train only the FedAvg reference at increasing rounds / local epochs and print the cheapest "
+        "setting at which it learns and flattens, as options for the sweep.",
+    ),
+    budget_minutes: float = typer.Option(30.0, "--budget-minutes", help="Time budget of --calibrate, in minutes."),
 ) -> None:
     """Run one federated cell per (partition, seed, part kept local), then rank the parts.
 
-    Writes sensitivity.csv, ranking.csv and the cells' tables under --out and prints the ranking.
+    The first seed's FedAvg reference is trained and judged first: at chance the sweep stops (exit 2)
+    unless --force. Writes sensitivity.csv, ranking.csv and the cells' tables under --out and prints the ranking.
     """
     from fedsens.personalize.methods import method_class
     from fedsens.personalize.methods.registry import parse_assignments
@@ -130,6 +150,7 @@ def sweep(
             datasets=comma_list(dataset, str, "--dataset", "digits,synthetic"),
             schemes=comma_list(scheme, str, "--scheme", "dirichlet,iid"),
             alphas=comma_list(alphas, float, "--alphas", "0.1,0.5"),
+            force=force,
         ),
     )
     fixed = method_class(config.run.method).parts
@@ -138,6 +159,14 @@ def sweep(
             f"--method {config.run.method} keeps {fixed} local itself, but the sweep's cells vary the parts "
             "kept local; choose a method that takes --personalize (e.g. fedavg)"
         )
+    if calibrate:
+        from fedsens.sensitivity import sanity
+        from fedsens.sensitivity.sweep import cell_config, grid
+
+        reference = cell_config(config, grid(config)[0])
+        found = sanity.calibrate(reference, Path(config.out), budget_minutes=budget_minutes, quiet=quiet)
+        typer.echo(sanity.calibration_text(found, reference))
+        return
     result = run_sweep(config)
     typer.echo(ranking_text(result))
     typer.echo(
