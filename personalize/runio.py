@@ -17,9 +17,26 @@ import pandas as pd
 import torch
 
 # The column order of the engine's tables (DESIGN.md "Tables"): readers depend on these names.
+# Evaluation protocols, both recorded in every evaluated round (personalize.federation._evaluate_both):
+# metrics.csv's `protocol` says which one a row belongs to; rounds.csv's acc_* columns are the run's
+# headline protocol (its `protocol` column), acc_mean_<protocol> the mean under each.
+EVAL_PROTOCOLS = ("after-aggregation", "paper")
 TABLE_COLUMNS = {
-    "metrics": ["round", "client", "split", "loss", "accuracy", "n", "participated"],
-    "rounds": ["round", "acc_mean", "acc_std", "acc_p10", "acc_min", "jain", "up_bytes", "down_bytes", "seconds"],
+    "metrics": ["round", "client", "split", "loss", "accuracy", "n", "participated", "protocol"],
+    "rounds": [
+        "round",
+        "acc_mean",
+        "acc_std",
+        "acc_p10",
+        "acc_min",
+        "jain",
+        "protocol",
+        "acc_mean_after_aggregation",
+        "acc_mean_paper",
+        "up_bytes",
+        "down_bytes",
+        "seconds",
+    ],
     "divergence": ["round", "group", "part", "block", "metric", "value"],
 }
 
