@@ -125,7 +125,7 @@ def test_presets_carry_the_papers_settings():
     office = run_config(preset("paper-officehome"), "fedavg", 1)
     assert (office.scheme, office.clients, office.alpha) == ("domain", 16, 1.0)
     assert tuple(preset("default").methods) == compare_lib.PAPER_METHODS
-    with pytest.raises(UserError, match="unknown compare preset"):
+    with pytest.raises(UserError, match="unknown preset"):
         preset("paper-imagenet")
 
 
