@@ -44,8 +44,10 @@ def _check_partition(config: RunConfig, dataset: data_lib.ImageSet, seen: set[tu
     if config.scheme.endswith(".json"):
         partition_lib.load(config.scheme)
         return
-    key = (config.dataset, config.scheme, config.alpha, config.clients, config.seed, config.partition_rule)
-    key += (config.min_samples, config.test_fraction, config.classes_per_client)
+    key = (
+        *(config.dataset, config.scheme, config.alpha, config.clients, config.seed, config.partition_rule),
+        *(config.min_samples, config.test_fraction, config.classes_per_client),
+    )
     if key in seen:
         return
     seen.add(key)

@@ -148,8 +148,10 @@ def get(name: str, allowed: tuple[str, ...] | None = None) -> Preset:
 def protocol(config: RunConfig, *, preset: str | None = None, method_overrides: Mapping | None = None) -> dict:
     """The protocol a run (or every run of a grid) follows, as one flat, JSON-ready record."""
     spec = model_lib.get_preset(config.model)
-    augment = "off" if config.augment_shift == 0 and config.augment_scale == 0 else (
-        f"shift {config.augment_shift:g}, scale {config.augment_scale:g}"
+    augment = (
+        "off"
+        if config.augment_shift == 0 and config.augment_scale == 0
+        else (f"shift {config.augment_shift:g}, scale {config.augment_scale:g}")
     )
     record = {
         "preset": preset,

@@ -178,12 +178,15 @@ def test_both_evaluation_protocols_are_recorded_at_their_moments(tmp_path):
             assert metrics.loc[("paper", round_, c), "accuracy"] == pytest.approx(expected)
             assert metrics.loc[("paper", round_, c), "participated"]
         for c in set(range(4)) - set(sample_clients(config, round_)):
-            assert metrics.loc[("paper", round_, c), "accuracy"] == metrics.loc[
-                ("after-aggregation", round_ - 1, c), "accuracy"
-            ]
+            assert (
+                metrics.loc[("paper", round_, c), "accuracy"]
+                == metrics.loc[("after-aggregation", round_ - 1, c), "accuracy"]
+            )
     rounds = result.rounds.set_index("round")
     paper_mean = result.metrics[result.metrics["protocol"] == "paper"].groupby("round")["accuracy"].mean()
-    aggregated_mean = result.metrics[result.metrics["protocol"] == "after-aggregation"].groupby("round")["accuracy"].mean()
+    aggregated_mean = (
+        result.metrics[result.metrics["protocol"] == "after-aggregation"].groupby("round")["accuracy"].mean()
+    )
     assert np.allclose(rounds["acc_mean"], paper_mean) and np.allclose(rounds["acc_mean_paper"], paper_mean)
     assert np.allclose(rounds["acc_mean_after_aggregation"], aggregated_mean)
     assert set(rounds["protocol"]) == {"paper"} and result.summary["protocol"] == "paper"

@@ -324,7 +324,9 @@ def test_capped_rule_redraws_until_min_samples_and_names_the_fix_when_impossible
     assert min(len(tr) + len(te) for tr, te in zip(part.train, part.test)) >= 256
     assert part.params["rule"] == "capped" and part.params["min_samples"] == 256
     with pytest.raises(UserError, match="min_samples=900"):
-        P.make(labels, scheme="dirichlet", num_clients=64, seed=1, alpha=0.5, min_samples=900, rule="capped", max_redraws=3)
+        P.make(
+            labels, scheme="dirichlet", num_clients=64, seed=1, alpha=0.5, min_samples=900, rule="capped", max_redraws=3
+        )
     with pytest.raises(UserError, match="partition rule"):
         P.make(labels, scheme="dirichlet", num_clients=4, seed=1, rule="greedy")
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from fedsens.commands._common import clean_errors
+from fedsens.commands._options import training_options
 from fedsens.personalize.errors import UserError
 
 
@@ -26,25 +27,22 @@ def _resolve_auto(personalize: str | None, sweep_dir: Path | None, top: int) -> 
 
 
 @clean_errors
+@training_options("embedded")
 def train(
     dataset: str | None = typer.Option(
-        None, help="digits (embedded default), synthetic, cifar100, organamnist, officehome"
+        None, help="digits, synthetic, cifar100, organamnist, officehome (default: digits; a --preset sets its own)"
     ),
-    data_root: str | None = typer.Option(None, help="folder holding the dataset files"),
+    data_root: str | None = typer.Option(
+        None, help="folder holding the dataset files (default: none, digits need none)"
+    ),
     partition: str | None = typer.Option(
-        None, "--partition", "--scheme", help="iid | dirichlet | pathological | domain, or a partition.json"
+        None,
+        "--partition",
+        "--scheme",
+        help="iid | dirichlet | pathological | domain, or a partition.json (default: dirichlet; a preset sets its own)",
     ),
-    alpha: float | None = typer.Option(None, help="Dirichlet concentration (small = strong label skew)"),
-    clients: int | None = typer.Option(None, help="number of clients"),
-    join_ratio: float | None = typer.Option(None, help="fraction of clients sampled each round"),
-    rounds: int | None = typer.Option(None, help="federated rounds"),
-    local_epochs: int | None = typer.Option(None, help="local epochs per round"),
-    local_steps: int | None = typer.Option(None, help="local SGD steps per round (overrides --local-epochs)"),
-    batch_size: int | None = typer.Option(None),
-    optimizer: str | None = typer.Option(None, help="sgd (the paper's) or adamw"),
-    lr: float | None = typer.Option(None, help="local learning rate"),
-    model: str | None = typer.Option(
-        None, help="vit-micro, vit-mini, vit-nano, vit_tiny_patch16_224, vit_small_patch16_224"
+    alpha: float | None = typer.Option(
+        None, help="Dirichlet concentration, small = strong label skew (default: 0.3; a --preset sets its own)"
     ),
     personalize: str | None = typer.Option(
         None,
@@ -58,9 +56,8 @@ def train(
         help="fedavg (default), fedperfix, fedper, fedbn, fedrep, fedbabu, "
         "apfl, perfedavg, local, vanilla-attention, vanilla-prefix",
     ),
-    seed: int | None = typer.Option(None),
-    device: str | None = typer.Option(None, help="auto (CUDA when present), cpu, cuda, cuda:1"),
-    eval_every: int | None = typer.Option(None, help="evaluate every client every N rounds"),
+    seed: int | None = typer.Option(None, help="seed of the partition, sampling, init and batches (default: 0)"),
+    device: str | None = typer.Option(None, help="auto (CUDA when present), cpu, cuda, cuda:1 (default: auto)"),
     out: Path = typer.Option(Path("runs/train"), help="run folder"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its checkpoint"),
     overwrite: bool = typer.Option(False, "--overwrite", help="start over even if --out holds a run"),
@@ -74,32 +71,32 @@ def train(
     perfedavg_beta: float | None = typer.Option(None, help="Per-FedAvg: outer step size (default: --lr)"),
     fedrep_head_epochs: int | None = typer.Option(None, help="FedRep: head epochs before the body's"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+    preset_name: str = typer.Option(
+        "embedded",
+        "--preset",
+        help="embedded (the default: RunConfig's CPU settings) | quick | default | paper-cifar100 | "
+        "paper-organamnist | paper-officehome. Options you give override the preset.",
+    ),
+    *,
+    knobs: dict,
 ) -> None:
     """Run one federated training.
 
-    Writes config.json, partition.json, parts.csv, metrics.csv, rounds.csv and summary.json into --out.
+    Writes protocol.json, config.json, partition.json, parts.csv, metrics.csv, rounds.csv and summary.json
+    into --out.
     """
-    from fedsens.personalize.federation import RunConfig, run
+    from fedsens.personalize import presets
+    from fedsens.personalize.federation import run
 
     given = {
         "dataset": dataset,
         "data_root": data_root,
         "scheme": partition,
         "alpha": alpha,
-        "clients": clients,
-        "join_ratio": join_ratio,
-        "rounds": rounds,
-        "local_epochs": local_epochs,
-        "local_steps": local_steps,
-        "batch_size": batch_size,
-        "optimizer": optimizer,
-        "lr": lr,
-        "model": model,
         "personalize": _resolve_auto(personalize, sweep_dir, top),
         "method": method,
         "seed": seed,
         "device": device,
-        "eval_every": eval_every,
         "finetune_steps": finetune_steps,
         "fedperfix_local": fedperfix_local,
         "plugin_scale": plugin_scale,
@@ -110,12 +107,15 @@ def train(
         "perfedavg_beta": perfedavg_beta,
         "fedrep_head_epochs": fedrep_head_epochs,
     }
-    config = RunConfig(out=str(out), **{k: v for k, v in given.items() if v is not None})
+    config = presets.overlay(presets.get(preset_name).run_config(), out=str(out), **given, **knobs)
+    record = presets.protocol(config, preset=preset_name)
+    typer.echo(presets.protocol_text(record))
+    presets.write_protocol(out, record)
     result = run(config, resume=resume, overwrite=overwrite, quiet=quiet)
     s = result.summary
     what = f"personalize={config.personalize}" if config.method == "fedavg" else f"method={config.method}"
     typer.echo(
-        f"{what}: mean client accuracy last {s['acc_last']:.3f}, "
+        f"{what}: mean client accuracy ({s['protocol']} evaluation) last {s['acc_last']:.3f}, "
         f"best {s['acc_best']:.3f} (round {s['round_best']}); {s['seconds_per_round']:.2f} s/round; "
         f"{s['local_params']:,} local params; tables in {result.out}"
     )
