@@ -144,3 +144,50 @@ def test_train_knobs_reach_the_run_config(tmp_path):
     config = json.loads((out / "config.json").read_text())["config"]
     assert (config["optimizer"], config["lr"], config["momentum"], config["weight_decay"]) == ("sgd", 0.02, 0.5, 0.001)
     assert (config["augment_shift"], config["augment_scale"], config["eval_protocol"]) == (0.0, 0.0, "paper")
+
+
+# ---- input checked before any cell or run trains -------------------------------------------------
+
+SMALL = ["--model", "vit-nano", "--clients", "4", "--rounds", "1", "--local-steps", "1", "--quiet"]
+
+
+def _nothing_trained(out) -> bool:
+    return not any(out.rglob("checkpoint.pt"))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["sweep", "--div-every", "0"], "--div-every must be at least 1"),
+        (["sweep", "--dataset", "synthetic", "--parts", "attn@40-41", "--seeds", "0"], "attn@40-41"),
+        (["sweep", "--dataset", "synthetic,cifar10", "--seeds", "0"], "cifar10"),
+        (["sweep", "--dataset", "synthetic", "--seeds", "0", "--min-samples", "100000"], "min_samples"),
+        (["compare", "--dataset", "cifar100", "--methods", "fedavg"], "cifar100"),
+        (["compare", "--dataset", "synthetic", "--methods", "fedavg", "--partition-rule", "greedy"], "partition-rule"),
+    ],
+)
+def test_bad_input_stops_the_grid_in_one_line_before_any_cell(args, message, tmp_path):
+    out = tmp_path / "grid"
+    result = CliRunner().invoke(app, [*args, *SMALL, "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], result.output
+    assert _nothing_trained(out)
+
+
+def test_a_sweep_of_another_method_is_refused():
+    from fedsens.sensitivity.sweep import SweepConfig
+
+    with pytest.raises(Exception, match="a sweep keeps parts local with FedAvg"):
+        SweepConfig(run=presets.get("quick").run_config(method="fedper"))
+
+
+def test_a_grid_in_which_every_cell_failed_exits_non_zero(tmp_path):
+    # SGD at lr 1e12 diverges every cell (a NaN loss by the third step): the runs fail, not the input.
+    diverge = [*SMALL, "--optimizer", "sgd", "--lr", "1e12", "--local-steps", "3"]
+    args = ["compare", "--dataset", "synthetic", "--methods", "fedavg,local", *diverge]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "compare")])
+    assert result.exit_code == 1 and "2 failed" in result.output
+    args = ["sweep", "--dataset", "synthetic", "--seeds", "0", "--only-parts", "--parts", "head", *diverge]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "sweep")])
+    assert result.exit_code == 1 and "2 failed" in result.output
