@@ -191,3 +191,13 @@ def test_a_grid_in_which_every_cell_failed_exits_non_zero(tmp_path):
     args = ["sweep", "--dataset", "synthetic", "--seeds", "0", "--only-parts", "--parts", "head", *diverge]
     result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "sweep")])
     assert result.exit_code == 1 and "2 failed" in result.output
+
+
+def test_train_applies_the_presets_per_method_lr(tmp_path):
+    args = ["train", "--preset", "paper-organamnist", "--method", "perfedavg", "--dataset", "synthetic"]
+    args += ["--model", "vit-nano", "--clients", "2", "--rounds", "1", "--local-steps", "1", "--min-samples", "8"]
+    result = CliRunner().invoke(app, [*args, "--quiet", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["lr"] == 0.001
+    result = CliRunner().invoke(app, [*args, "--lr", "0", "--out", str(tmp_path / "other")])
+    assert result.exit_code == 2 and "--lr must be > 0" in result.output  # an explicit option still wins

@@ -107,7 +107,10 @@ def train(
         "perfedavg_beta": perfedavg_beta,
         "fedrep_head_epochs": fedrep_head_epochs,
     }
-    config = presets.overlay(presets.get(preset_name).run_config(), out=str(out), **given, **knobs)
+    chosen = presets.get(preset_name)
+    # the preset's per-method changes (Per-FedAvg's lr in the paper presets), then every option given
+    own = chosen.method_overrides.get(method or chosen.run_config().method, {})
+    config = presets.overlay(chosen.run_config(**own), out=str(out), **given, **knobs)
     record = presets.protocol(config, preset=preset_name)
     typer.echo(presets.protocol_text(record))
     presets.write_protocol(out, record)
