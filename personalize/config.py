@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedsens.personalize.errors import UserError
-from fedsens.personalize.methods import registry
 
 # Settings a run may change when it is continued (resumed, or reused by a sweep or comparison):
 # none of them changes what the finished run computes (rounds is checked on its own by the grids).
@@ -35,6 +34,8 @@ class RunConfig:
     alpha: float = 0.3
     clients: int = 20
     classes_per_client: int = 2
+    partition_rule: str = "plain"  # plain | capped (the public FedPerfix code's Dirichlet rule; personalize.partition)
+    min_samples: int | None = None  # fewest samples per client; None: just enough for one test and one train sample
     test_fraction: float | None = None  # None: the dataset's default (0.25; Office-Home 0.15)
     join_ratio: float = 0.5
     rounds: int = 40
@@ -53,6 +54,8 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"
     eval_every: int = 1
+    # Both protocols are recorded in metrics.csv; this one is the headline of rounds.csv and summary.json.
+    eval_protocol: str = "after-aggregation"  # after-aggregation (ours) | paper (the public code's timing)
     out: str = "runs/train"
     # The method's own options (see `fedsens methods`): a plain mapping, completed with the method's
     # defaults and type-checked on construction, so config.json records every value the run used.
@@ -71,11 +74,24 @@ class RunConfig:
             (self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})"),
             (self.lr > 0, f"--lr must be > 0 (got {self.lr})"),
             (self.optimizer in ("sgd", "adamw"), f"--optimizer must be sgd or adamw (got {self.optimizer!r})"),
+            (
+                self.partition_rule in ("plain", "capped"),
+                f"--partition-rule must be plain or capped (got {self.partition_rule!r})",
+            ),
+            (self.min_samples is None or self.min_samples >= 1, f"--min-samples must be >= 1 (got {self.min_samples})"),
+            (
+                self.eval_protocol in ("after-aggregation", "paper"),
+                f"--eval-protocol must be after-aggregation or paper (got {self.eval_protocol!r})",
+            ),
+            (self.momentum >= 0, f"--momentum must be >= 0 (got {self.momentum})"),
+            (self.weight_decay >= 0, f"--weight-decay must be >= 0 (got {self.weight_decay})"),
             (self.eval_every >= 1, f"--eval-every must be at least 1 (got {self.eval_every})"),
         ]
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        from fedsens.personalize.methods import registry  # the methods import torch: not at CLI start-up
+
         method = registry.method_class(self.method)
         if method.parts is not None and self.personalize != "none":
             raise UserError(

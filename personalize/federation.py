@@ -126,6 +126,8 @@ def _load_partition(config: RunConfig, dataset: ImageSet, out: Path) -> partitio
             alpha=config.alpha,
             classes_per_client=config.classes_per_client,
             test_fraction=test_fraction,
+            min_samples=config.min_samples,
+            rule=config.partition_rule,
             dataset=config.dataset,
             classes=dataset.classes,
             domain_names=dataset.domain_names,
@@ -135,7 +137,7 @@ def _load_partition(config: RunConfig, dataset: ImageSet, out: Path) -> partitio
     return part
 
 
-def _load_dataset(config: RunConfig) -> ImageSet:
+def load_dataset(config: RunConfig) -> ImageSet:
     """The run's dataset; one that decodes its images (Office-Home) decodes them at the model's input size."""
     spec = dataset_lib.get(config.dataset)
     input_size = None
@@ -148,7 +150,7 @@ def _load_dataset(config: RunConfig) -> ImageSet:
 
 def _build_context(config: RunConfig, method: Method, out: Path) -> RunContext:
     device = resolve_device(config.device)
-    dataset = _load_dataset(config)
+    dataset = load_dataset(config)
     part = _load_partition(config, dataset, out)
     spec = model_lib.input_spec(config.model, data_channels=dataset.channels, data_size=dataset.image_size)
     model = model_lib.build(
@@ -213,10 +215,20 @@ def _start_state(ctx: RunContext, method: Method, resume: bool, overwrite: bool)
     return state
 
 
-def _evaluate_all(ctx: RunContext, method: Method, state: dict, round_: int, participants: set[int]) -> list[dict]:
+def evaluate_clients(
+    ctx: RunContext,
+    method: Method,
+    state: dict,
+    round_: int,
+    models: Mapping[int, Mapping[str, torch.Tensor]],
+    participants: set[int],
+    protocol: str,
+) -> list[dict]:
+    """metrics.csv rows of the clients in `models`, each tested with the shared tensors given for it
+    plus its own local tensors and method state. The one place a client is evaluated."""
     rows = []
-    for c in range(ctx.config.clients):
-        assign(ctx.model, state["shared"])
+    for c, shared in models.items():
+        assign(ctx.model, shared)
         assign(ctx.model, state["local"][c])
         client = ClientContext(ctx, c, round_, state["extra"][c], seeded_generator(ctx.config.seed, round_, c, 2))
         result = method.evaluate_client(client)
@@ -229,13 +241,51 @@ def _evaluate_all(ctx: RunContext, method: Method, state: dict, round_: int, par
                 "accuracy": result.accuracy,
                 "n": result.n,
                 "participated": c in participants,
+                "protocol": protocol,
             }
         )
     return rows
 
 
-def _train_round(ctx: RunContext, method: Method, state: dict, round_: int, hooks: Sequence) -> tuple[list[int], int]:
-    """Train the round's clients and aggregate; returns the participants and the bytes each way."""
+def _evaluate_both(
+    ctx: RunContext,
+    method: Method,
+    state: dict,
+    round_: int,
+    trained: Mapping[int, Mapping[str, torch.Tensor]],
+    start_shared: Mapping[str, torch.Tensor],
+) -> list[dict]:
+    """Both evaluation protocols of one round (runio.EVAL_PROTOCOLS).
+
+    after-aggregation: every client with the round's aggregated shared tensors.
+    paper (the public FedPerfix code's timing): each participant right after its local training, before
+    aggregation; every other client with the start-of-round shared tensors, i.e. the previous round's
+    aggregated model, so its row is copied from the previous round's after-aggregation row when that
+    round was evaluated (FedBABU's pre-evaluation fine-tuning then draws its batches with the previous
+    round's seed) and evaluated otherwise. Only the participants cost an extra evaluation.
+    """
+    participants = set(trained)
+    everyone = {c: state["shared"] for c in range(ctx.config.clients)}
+    after = evaluate_clients(ctx, method, state, round_, everyone, participants, "after-aggregation")
+    previous = {
+        r["client"]: r
+        for r in state["tables"]["metrics"]
+        if r["round"] == round_ - 1 and r.get("protocol", "after-aggregation") == "after-aggregation"
+    }
+    waiting = [c for c in range(ctx.config.clients) if c not in participants]
+    copied = [
+        {**previous[c], "round": round_, "participated": False, "protocol": "paper"} for c in waiting if c in previous
+    ]
+    fresh = {c: start_shared for c in waiting if c not in previous}
+    paper = evaluate_clients(ctx, method, state, round_, {**trained, **fresh}, participants, "paper") + copied
+    return after + sorted(paper, key=lambda r: r["client"])
+
+
+def _train_round(
+    ctx: RunContext, method: Method, state: dict, round_: int, hooks: Sequence
+) -> tuple[list[int], int, dict[int, dict[str, torch.Tensor]]]:
+    """Train the round's clients and aggregate; returns the participants, the bytes each way and each
+    participant's shared tensors as its local training left them (the paper protocol tests those)."""
     participants = sample_clients(ctx.config, round_)
     collected, weights = [], []
     for c in participants:
@@ -255,7 +305,7 @@ def _train_round(ctx: RunContext, method: Method, state: dict, round_: int, hook
     if ctx.shared_names:
         state["shared"] = method.aggregate(collected, weights)
     shared_bytes = sum(t.numel() * t.element_size() for t in state["shared"].values())
-    return participants, shared_bytes * len(participants)
+    return participants, shared_bytes * len(participants), dict(zip(participants, collected))
 
 
 def _write_outputs(ctx: RunContext, state: dict) -> dict[str, pd.DataFrame]:
@@ -270,6 +320,7 @@ def _summary(ctx: RunContext, method: Method, state: dict, rounds: pd.DataFrame)
     best = evaluated.loc[evaluated["acc_mean"].idxmax()] if len(evaluated) else None
     local = ctx.parts[ctx.parts["local"]]
     return {
+        "protocol": ctx.config.eval_protocol,
         "acc_best": float(best["acc_mean"]) if best is not None else None,
         "round_best": int(best["round"]) if best is not None else None,
         "acc_last": float(evaluated["acc_mean"].iloc[-1]) if len(evaluated) else None,
@@ -307,12 +358,16 @@ def run(
     bar = tqdm(total=config.rounds, initial=state["round"], desc=out.name, disable=quiet, unit="round")
     for round_ in range(state["round"] + 1, config.rounds + 1):
         started = time.perf_counter()
-        participants, exchanged = _train_round(ctx, method, state, round_, hooks)
+        start_shared = state["shared"]
+        participants, exchanged, trained = _train_round(ctx, method, state, round_, hooks)
+        accuracies: dict[str, np.ndarray] = {p: np.array([], dtype=float) for p in runio.EVAL_PROTOCOLS}
         if round_ % config.eval_every == 0 or round_ == config.rounds:
-            tables["metrics"].extend(_evaluate_all(ctx, method, state, round_, set(participants)))
-            acc = np.array([r["accuracy"] for r in tables["metrics"] if r["round"] == round_], dtype=float)
-        else:
-            acc = np.array([], dtype=float)
+            rows = _evaluate_both(ctx, method, state, round_, trained, start_shared)
+            tables["metrics"].extend(rows)
+            for protocol in accuracies:
+                accuracies[protocol] = np.array([r["accuracy"] for r in rows if r["protocol"] == protocol], dtype=float)
+        del trained, start_shared
+        acc = accuracies[config.eval_protocol]
         for hook in hooks:
             rows = hook.on_round_end(round_)
             if table_of(hook):
@@ -322,6 +377,8 @@ def run(
             {
                 "round": round_,
                 **accuracy_stats(acc),
+                "protocol": config.eval_protocol,
+                **{f"acc_mean_{p.replace('-', '_')}": accuracy_stats(a)["acc_mean"] for p, a in accuracies.items()},
                 "up_bytes": exchanged,
                 "down_bytes": exchanged,
                 "seconds": round(seconds, 4),

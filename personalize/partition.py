@@ -7,6 +7,8 @@ reuses a saved manifest when the same parameters come again.
 Schemes:
     iid           a random equal split
     dirichlet     label skew: per class, the shares over clients ~ Dir(alpha)
+                  rule "capped" (the public FedPerfix code's): classes are dealt one after another and a
+                  client already holding N / num_clients samples gets no share of the next class
     pathological  each client holds `classes_per_client` classes, a shard of each
     domain        clients spread evenly over the domains, Dirichlet label skew inside each domain
 
@@ -30,6 +32,7 @@ from fedsens.personalize import runio
 from fedsens.personalize.errors import UserError
 
 SCHEMES = ("iid", "dirichlet", "pathological", "domain")
+RULES = ("plain", "capped")
 
 
 @dataclass(frozen=True, eq=False)
@@ -83,6 +86,7 @@ def make(
     min_samples: int | None = None,
     max_redraws: int = 100,
     dataset: str | None = None,
+    rule: str = "plain",
 ) -> Partition:
     """Partition the samples whose labels are given among `num_clients` clients.
 
@@ -90,6 +94,8 @@ def make(
     least one test and one train sample) is the fewest samples any client may hold; Dirichlet
     draws are repeated up to `max_redraws` more times until it holds, then a UserError says what
     to change. `dataset` only goes into the parameters, so two datasets never share a manifest.
+    rule (dirichlet and domain schemes): "plain" draws every class's shares independently; "capped"
+    is the public FedPerfix code's rule (see `_capped_counts`).
     """
     labels = _as_ints(labels, "labels")
     domains = None if domains is None else _as_ints(domains, "domains")
@@ -105,6 +111,7 @@ def make(
         min_samples=min_samples,
         max_redraws=max_redraws,
         dataset=dataset,
+        rule=rule,
     )
     rng = np.random.default_rng(seed)
     encoded = _encode_by_first_appearance(labels)
@@ -142,6 +149,7 @@ def _resolve_params(
     min_samples,
     max_redraws,
     dataset,
+    rule="plain",
 ) -> dict:
     """Validate the arguments and return the JSON-ready parameters that identify a partition."""
     n = len(labels)
@@ -157,6 +165,8 @@ def _resolve_params(
         )
     if not 0 < test_fraction < 1:
         raise UserError(f"test_fraction={test_fraction!r} must lie strictly between 0 and 1, e.g. 0.25")
+    if rule not in RULES:
+        raise UserError(f"unknown partition rule {rule!r}; use one of {', '.join(RULES)}")
     if max_redraws < 0:
         raise UserError(f"max_redraws={max_redraws!r} must be >= 0")
     if min_samples is None:
@@ -199,6 +209,8 @@ def _resolve_params(
     }
     if dataset is not None:
         params["dataset"] = str(dataset)
+    if rule != "plain":  # only then: manifests saved before rules existed keep their parameters and hash
+        params["rule"] = rule
     return params
 
 
@@ -209,9 +221,9 @@ def _dirichlet(
     pool_labels = encoded[pool]
     classes = np.unique(pool_labels)
     class_sizes = np.array([(pool_labels == c).sum() for c in classes])
+    draw = _capped_counts if params.get("rule") == "capped" else _plain_counts
     for _ in range(params["max_redraws"] + 1):
-        shares = rng.dirichlet(np.full(num_clients, params["alpha"]), size=len(classes))
-        counts = _counts_from_shares(shares, class_sizes)
+        counts = draw(class_sizes, num_clients, params["alpha"], rng)
         if counts.sum(axis=0).min() >= params["min_samples"]:
             break
     else:
@@ -227,6 +239,30 @@ def _dirichlet(
         for client, part in enumerate(np.split(members, np.cumsum(row)[:-1])):
             clients[client].append(part)
     return [np.concatenate(parts) for parts in clients]
+
+
+def _plain_counts(class_sizes: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator) -> np.ndarray:
+    """Every class's shares over the clients ~ Dir(alpha), independently."""
+    shares = rng.dirichlet(np.full(num_clients, alpha), size=len(class_sizes))
+    return _counts_from_shares(shares, class_sizes)
+
+
+def _capped_counts(class_sizes: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator) -> np.ndarray:
+    """The public FedPerfix code's rule: classes are dealt in order, each by Dir(alpha) shares, but a
+    client that already holds N / num_clients samples gets no share of the classes still to come.
+    It keeps client sizes far more even than the plain rule (see the README's partition figures)."""
+    cap = class_sizes.sum() / num_clients
+    held = np.zeros(num_clients, dtype=np.int64)
+    rows = []
+    for size in class_sizes:
+        open_ = held < cap  # someone is always under the cap while samples are left to deal
+        shares = rng.dirichlet(np.full(num_clients, alpha)) * open_
+        if not shares.sum() > 0:  # a tiny alpha can put all the mass on capped clients
+            shares = open_.astype(float)
+        row = _counts_from_shares((shares / shares.sum())[None, :], np.array([size]))[0]
+        held += row
+        rows.append(row)
+    return np.stack(rows)
 
 
 def _counts_from_shares(shares: np.ndarray, class_sizes: np.ndarray) -> np.ndarray:

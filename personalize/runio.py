@@ -17,6 +17,7 @@ from typing import Any
 
 import pandas as pd
 
+from fedsens.personalize.schema import EVAL_PROTOCOLS as EVAL_PROTOCOLS
 from fedsens.personalize.schema import RUN_TABLE_COLUMNS
 
 # The column order of the engine's tables, declared in schema.py (kept here under its old name).

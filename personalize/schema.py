@@ -13,8 +13,25 @@ DIVERGENCE_METRICS = ("update_cos", "rel_drift", "weight_div", "cka")
 GAIN = "gain_vs_fedavg"
 
 # --- one run's folder (personalize.federation) -------------------------------------------------
-METRICS_COLUMNS = ["round", "client", "split", "loss", "accuracy", "n", "participated"]
-ROUNDS_COLUMNS = ["round", "acc_mean", "acc_std", "acc_p10", "acc_min", "jain", "up_bytes", "down_bytes", "seconds"]
+# Evaluation protocols, both recorded in every evaluated round: metrics.csv's `protocol` says which one a
+# row belongs to; rounds.csv's acc_* columns are the run's headline protocol (its `protocol` column) and
+# acc_mean_<protocol> the mean under each. "paper" = the public FedPerfix code's timing.
+EVAL_PROTOCOLS = ("after-aggregation", "paper")
+METRICS_COLUMNS = ["round", "client", "split", "loss", "accuracy", "n", "participated", "protocol"]
+ROUNDS_COLUMNS = [
+    "round",
+    "acc_mean",
+    "acc_std",
+    "acc_p10",
+    "acc_min",
+    "jain",
+    "protocol",
+    "acc_mean_after_aggregation",
+    "acc_mean_paper",
+    "up_bytes",
+    "down_bytes",
+    "seconds",
+]
 DIVERGENCE_COLUMNS = ["round", "group", "part", "block", "metric", "value"]
 PARTS_COLUMNS = ["param", "part", "block", "numel", "bytes", "local"]
 # The run tables the round loop writes, by file stem (a hook's own table keeps the columns it emits).
@@ -77,6 +94,7 @@ COMPARISON_COLUMNS = [
     "round_best",
     "rounds",
     "status",
+    "protocol",
 ]
 SUMMARY_COLUMNS = [
     "method",
@@ -84,6 +102,7 @@ SUMMARY_COLUMNS = [
     "accuracy",
     "acc_mean",
     "acc_sd",
+    "accuracy_best",  # the best round's mean client accuracy, mean over seeds: chosen on the test data
     "acc_best",
     "client_std",
     "local_params",
@@ -91,4 +110,6 @@ SUMMARY_COLUMNS = [
     "seconds_per_round",
     "seeds",
     "failed",
+    "protocol",  # the evaluation protocol of every accuracy in the row (the runs' headline)
+    "paper_row",  # under a paper preset: the paper's table row this method reproduces
 ]

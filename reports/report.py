@@ -30,6 +30,7 @@ from fedsens.reports.tables import (
     fedavg_divergence,
     final_client_accuracy,
     gain_ranking,
+    headline_protocol,
     ok_rows,
     partition_counts,
     read_folder,
@@ -184,7 +185,8 @@ def _accuracy_figures(tables: FolderTables, need) -> list[PlannedFigure]:
                 partial(figures.plot_training_curves, rounds),
             )
         )
-    final = final_client_accuracy(frames["metrics"]) if "metrics" in frames else None
+    protocol = headline_protocol(frames)
+    final = final_client_accuracy(frames["metrics"], protocol) if "metrics" in frames else None
     if need(final is not None and len(final) > 0, "metrics.csv with test rows", "the fairness figure"):
         planned.append(
             PlannedFigure(
@@ -237,13 +239,25 @@ def _partition_params(partition: dict) -> str:
 
 
 def headline(tables: FolderTables) -> list[Block]:
-    """The one or two sentences a reader should see first."""
+    """The one or two sentences a reader should see first, and the evaluation protocol they use."""
     frames = tables.frames
     if tables.kind == "sweep":
-        return _sweep_headline(frames)
-    if tables.kind == "comparison":
-        return _comparison_headline(frames["comparison"])
-    return _run_headline(tables.summary, frames.get("rounds"))
+        blocks = _sweep_headline(frames)
+    elif tables.kind == "comparison":
+        blocks = _comparison_headline(frames["comparison"])
+    else:
+        blocks = _run_headline(tables.summary, frames.get("rounds"))
+    protocol = headline_protocol(frames)
+    if protocol:
+        blocks.append(Paragraph(f"Accuracies use the {protocol} evaluation protocol ({_PROTOCOLS.get(protocol, '')})."))
+    return blocks
+
+
+_PROTOCOLS = {
+    "after-aggregation": "every client tested with the round's aggregated model plus its local parts",
+    "paper": "the public FedPerfix code's timing: each participant tested right after its local training, "
+    "before aggregation, every other client with the start-of-round model plus its local parts",
+}
 
 
 def _sweep_headline(frames: dict[str, pd.DataFrame]) -> list[Block]:
@@ -297,9 +311,12 @@ def _comparison_headline(comparison: pd.DataFrame) -> list[Block]:
     best, row = stats.index[0], stats.iloc[0]
     spread = f" ± {row['std']:.4f}" if pd.notna(row["std"]) else ""
     others = "; ".join(f"{method} {other['mean']:.4f}" for method, other in stats.iloc[1:].iterrows())
-    text = f"Best mean client accuracy: {best} {row['mean']:.4f}{spread} over {int(row['count'])} seed(s)" + (
-        f" (then {others})." if others else "."
-    )
+    text = f"Best final-round mean client accuracy: {best} {row['mean']:.4f}{spread} over {int(row['count'])} seed(s)"
+    text += f" (then {others})." if others else "."
+    if "acc_best" in comparison.columns:
+        best_rounds = ok_rows(comparison).groupby("method", sort=False)["acc_best"].mean().dropna()
+        shown = "; ".join(f"{method} {value:.4f}" for method, value in best_rounds.sort_values(ascending=False).items())
+        text += f" Best round per method (chosen on the test data, as the paper reports): {shown}."
     return [Paragraph(text, lead=True)]
 
 
@@ -308,7 +325,9 @@ def _run_headline(summary: dict | None, rounds: pd.DataFrame | None) -> list[Blo
     if summary.get("acc_last") is not None:
         text = f"Final mean client accuracy {summary['acc_last']:.4f}"
         if summary.get("acc_best") is not None:
-            text += f" (best {summary['acc_best']:.4f} at round {summary.get('round_best', '?')})"
+            text += (
+                f" (best {summary['acc_best']:.4f} at round {summary.get('round_best', '?')}, chosen on the test data)"
+            )
         text += f" after {summary.get('rounds', '?')} rounds"
         if summary.get("local_params") is not None:
             text += f"; {int(summary['local_params']):,} parameters kept local per client"

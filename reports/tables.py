@@ -134,9 +134,21 @@ def run_columns(table: pd.DataFrame) -> list[str]:
     return [column for column in ("method", "seed") if column in table.columns]
 
 
-def final_client_accuracy(metrics: pd.DataFrame) -> pd.DataFrame:
-    """Each client's test accuracy at its run's last evaluated round (one row per run and client)."""
+def headline_protocol(frames: dict[str, pd.DataFrame]) -> str | None:
+    """The evaluation protocol of the accuracies the tables headline (rounds.csv's `protocol`), if recorded."""
+    for name in ("rounds", "comparison"):
+        frame = frames.get(name)
+        if frame is not None and "protocol" in frame.columns and frame["protocol"].notna().any():
+            return ",".join(sorted(set(frame["protocol"].dropna().astype(str))))
+    return None
+
+
+def final_client_accuracy(metrics: pd.DataFrame, protocol: str | None = None) -> pd.DataFrame:
+    """Each client's test accuracy at its run's last evaluated round (one row per run and client), under
+    `protocol` when metrics.csv records several (default: after-aggregation)."""
     test = metrics[metrics["split"] == "test"].dropna(subset=["accuracy"])
+    if "protocol" in test.columns and test["protocol"].notna().any():
+        test = test[test["protocol"] == (protocol or "after-aggregation")]
     keys = run_columns(test)
     if not keys:
         return test[test["round"] == test["round"].max()].reset_index(drop=True)

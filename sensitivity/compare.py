@@ -23,7 +23,7 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
-from fedsens.personalize import runio
+from fedsens.personalize import preflight, presets, runio
 from fedsens.personalize.errors import UserError
 from fedsens.personalize.federation import RunConfig
 from fedsens.personalize.methods import METHODS, method_class, paper_methods, registry
@@ -49,6 +49,7 @@ class CompareConfig:
     fresh: bool = False
     quiet: bool = False
     force: bool = False  # run the methods even when the FedAvg reference did not learn
+    preset: str | None = None  # the personalize.presets name it started from (protocol.json, paper rows)
 
     def __post_init__(self):
         if not self.methods:
@@ -102,59 +103,35 @@ def run_config(config: CompareConfig, method: str, seed: int) -> RunConfig:
     return config.run.replace(**changes, method=method, method_options=options, seed=seed, out=str(out))
 
 
-def _paper(dataset: str, *, fedperfix_local: str = "", **changes: Any) -> CompareConfig:
-    """The public code's protocol (FEDPERFIX.md): ViT-S/16 from scratch at 224 px, 64 clients, 8 a
-    round, 50 rounds, 10 local epochs, batch 64, plain SGD at lr 0.01 (Per-FedAvg: 0.001, and beta
-    = lr as the code sets it), FedBABU fine-tuned for 1 step (the code's default), FedPerfix with
-    mid_dim 256 and scale 1.5, no augmentation, seed 1."""
-    run = RunConfig(
-        dataset=dataset,
-        model="vit_small_patch16_224",
-        scheme="dirichlet",
-        alpha=0.5,
-        clients=64,
-        join_ratio=0.125,
-        rounds=50,
-        local_epochs=10,
-        batch_size=64,
-        lr=0.01,
-        momentum=0.0,
-        augment_shift=0.0,
-        augment_scale=0.0,
-    )
-    overrides: dict[str, dict[str, Any]] = {"perfedavg": {"lr": 0.001}}
-    if fedperfix_local:
-        overrides["fedperfix"] = {"method_options": {"local": fedperfix_local}}
-    return CompareConfig(
-        run=run.replace(**changes),
-        seeds=(1,),
-        out=f"runs/compare-{dataset}",
-        method_options={"finetune_steps": 1, "mid_dim": 256, "scale": 1.5},
-        method_overrides=overrides,
-    )
-
-
 def preset(name: str) -> CompareConfig:
-    """A named starting point; the CLI lays every option it was given over it.
+    """A named protocol (personalize.presets) as a comparison; the CLI lays every option it was given
+    over it. default: the embedded default, 20 rounds, all eleven methods, one seed; paper-*: the
+    paper's settings (GPU-sized), Per-FedAvg at its own lr 0.001, seed 1."""
+    chosen = presets.get(name)
+    return CompareConfig(
+        run=chosen.run_config(),
+        preset=name,
+        method_options=chosen.method_options,
+        method_overrides=chosen.method_overrides,
+        **chosen.compare,
+    )
 
-    default: the engine's tuned defaults on the embedded digits data (vit-micro, 20 clients, 10 a
-    round) with 20 rounds and evaluation every 5; the FedPerfix adapter keeps the public code's
-    width ratio (256 on a 384-wide ViT -> 64 on the 96-wide vit-micro); Per-FedAvg's beta is the lr
-    (RunConfig's default), as the public code does. All eleven methods, one seed.
-    paper-*: the paper's settings (GPU-sized). CIFAR-100 also keeps blocks.11 local for FedPerfix,
-    as the public preset does; Office-Home has 16 clients (4 per domain, Dirichlet 1.0 inside each
-    domain, 85/15 split) with the code's join ratio 0.125.
-    """
-    default_run = RunConfig(rounds=20, eval_every=5)
-    presets = {
-        "default": lambda: CompareConfig(run=default_run, method_options={"mid_dim": 64}),
-        "paper-cifar100": lambda: _paper("cifar100", fedperfix_local="blocks.11"),
-        "paper-organamnist": lambda: _paper("organamnist"),
-        "paper-officehome": lambda: _paper("officehome", scheme="domain", alpha=1.0, clients=16, test_fraction=0.15),
-    }
-    if name not in presets:
-        raise UserError(f"unknown compare preset {name!r}; choose one of {', '.join(presets)}")
-    return presets[name]()
+
+def protocol(config: CompareConfig) -> dict:
+    """The protocol every run follows, the per-method changes, and the paper rows (paper presets)."""
+    record = presets.protocol(config.run, preset=config.preset, method_overrides=config.method_overrides)
+    record.update(methods=list(config.methods), seeds=list(config.seeds))
+    rows = paper_rows(config)
+    if rows:
+        record["paper_rows"] = rows
+    return record
+
+
+def paper_rows(config: CompareConfig) -> dict[str, str]:
+    """Our method -> the paper's table row it reproduces, under a paper preset (else empty)."""
+    if not (config.preset or "").startswith("paper-"):
+        return {}
+    return {m: presets.PAPER_ROWS.get(m, "-") for m in config.methods}
 
 
 def run_one(config: CompareConfig, method: str, seed: int) -> str:
@@ -182,6 +159,7 @@ def _row(config: CompareConfig, method: str, seed: int) -> dict:
         acc_best=summary["acc_best"],
         round_best=summary["round_best"],
         rounds=summary["rounds"],
+        protocol=summary.get("protocol", "after-aggregation"),
     )
     return row
 
@@ -191,12 +169,15 @@ def _mean_sd(mean: float, sd: float, seeds: int) -> str:
     return "-" if seeds == 0 else f"{mean:.2f}" if seeds == 1 else f"{mean:.2f} ± {sd:.2f}"
 
 
-def summarize(comparison: pd.DataFrame, dataset: str) -> pd.DataFrame:
-    """One row per method in run order: final accuracy (%) mean ± sd over seeds and the costs."""
+def summarize(comparison: pd.DataFrame, dataset: str, rows_of_paper: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """One row per method in run order: final and best-round accuracy (%) mean ± sd over seeds, the costs,
+    the evaluation protocol and (under a paper preset) the paper row each method reproduces."""
     rows = []
     for method, method_runs in comparison.groupby("method", sort=False):
         done = method_runs[method_runs["status"] == "done"]
         mean, sd = 100 * done["acc_mean"].mean(), 100 * (done["acc_mean"].std(ddof=1) if len(done) > 1 else 0.0)
+        best_sd = 100 * (done["acc_best"].std(ddof=1) if len(done) > 1 else 0.0)
+        protocols = sorted(set(done["protocol"].dropna())) if "protocol" in done else []
         rows.append(
             dict(
                 method=method,
@@ -204,6 +185,7 @@ def summarize(comparison: pd.DataFrame, dataset: str) -> pd.DataFrame:
                 accuracy=_mean_sd(mean, sd, len(done)),
                 acc_mean=mean,
                 acc_sd=sd,
+                accuracy_best=_mean_sd(100 * done["acc_best"].mean(), best_sd, len(done)),
                 acc_best=100 * done["acc_best"].mean(),
                 client_std=100 * done["acc_std"].mean(),
                 local_params=done["local_params"].max(),
@@ -211,6 +193,8 @@ def summarize(comparison: pd.DataFrame, dataset: str) -> pd.DataFrame:
                 seconds_per_round=done["seconds_per_round"].mean(),
                 seeds=len(done),
                 failed=len(method_runs) - len(done),
+                protocol=",".join(protocols),
+                paper_row=(rows_of_paper or {}).get(str(method), ""),
             )
         )
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
@@ -256,7 +240,7 @@ def write_tables(config: CompareConfig) -> dict[str, pd.DataFrame]:
     )
     tables = {
         "comparison": comparison,
-        "summary": summarize(comparison, config.run.dataset),
+        "summary": summarize(comparison, config.run.dataset, paper_rows(config)),
         "rounds": _concatenated(config, "rounds"),
         "metrics": _concatenated(config, "metrics"),
     }
@@ -271,6 +255,8 @@ def run_compare(config: CompareConfig) -> CompareResult:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     todo = [(m, s) for s in config.seeds for m in config.methods]
+    preflight.check(run_config(config, m, s) for m, s in todo)  # bad input stops here, before any run
+    presets.write_protocol(out, protocol(config))
     if not config.fresh:
         for method, seed in todo:
             wanted = run_config(config, method, seed)

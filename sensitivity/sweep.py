@@ -22,10 +22,11 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from fedsens.personalize import runio
+from fedsens.personalize import preflight, presets, runio
 from fedsens.personalize.errors import UserError
 from fedsens.personalize.federation import RunConfig
 from fedsens.personalize.hooks import Hook
+from fedsens.personalize.methods import method_class
 from fedsens.personalize.schema import CELL_COLUMNS, GAIN, SANITY_COLUMNS, SENSITIVITY_COLUMNS
 from fedsens.sensitivity import ranking as ranking_lib
 from fedsens.sensitivity import runs, sanity
@@ -52,6 +53,7 @@ class SweepConfig:
     fresh: bool = False
     quiet: bool = False
     force: bool = False  # run the grid even when the FedAvg reference did not learn
+    preset: str | None = None  # the personalize.presets name it started from (recorded in protocol.json)
 
     def __post_init__(self):
         parts = tuple(dict.fromkeys(("none", *(p.strip() for p in self.parts if p.strip()))))
@@ -63,6 +65,14 @@ class SweepConfig:
             raise UserError("the sweep needs at least one seed; pass e.g. --seeds 0,1,2")
         if any(a <= 0 for a in self.alphas):
             raise UserError(f"every alpha must be > 0 (got {', '.join(map(str, self.alphas))})")
+        if self.div_every < 1:
+            raise UserError(f"--div-every must be at least 1 (got {self.div_every})")
+        fixed = method_class(self.run.method).parts
+        if fixed is not None:
+            raise UserError(
+                f"--method {self.run.method} keeps {fixed} local itself, but the sweep's cells vary the parts "
+                "kept local; choose a method that takes --personalize (e.g. fedavg)"
+            )
 
     def partitions(self) -> list[tuple[str, str, float]]:
         """(dataset, scheme, alpha) combinations; an empty axis takes the value in `run`."""
@@ -73,10 +83,6 @@ class SweepConfig:
                 self.alphas or (self.run.alpha,),
             )
         )
-        if self.div_every < 1:
-            raise UserError(f"--div-every must be at least 1 (got {self.div_every})")
-        if self.run.method != "fedavg":
-            raise UserError(f"a sweep keeps parts local with FedAvg; method {self.run.method!r} fixes its own parts")
 
 
 @dataclass(frozen=True)
@@ -114,44 +120,19 @@ class SweepResult:
     seconds: float
 
 
-def _paper(dataset: str, *, clients: int = 64, scheme: str = "dirichlet", alpha: float = 0.5) -> dict:
-    """The public FedPerfix code's protocol (FEDPERFIX.md): ViT-Small/16 at 224 from scratch, plain SGD
-    (lr 0.01, no momentum, batch 64), 10 local epochs, 50 rounds, join ratio 0.125, no augmentation."""
-    return dict(
-        dataset=dataset,
-        scheme=scheme,
-        alpha=alpha,
-        clients=clients,
-        join_ratio=0.125,
-        rounds=50,
-        local_epochs=10,
-        batch_size=64,
-        lr=0.01,
-        momentum=0.0,
-        augment_shift=0.0,
-        augment_scale=0.0,
-        model="vit_small_patch16_224",
-    )
-
-
 def preset(name: str) -> SweepConfig:
-    """A named starting point; callers override its fields (the CLI: every option given explicitly).
+    """A named protocol (personalize.presets) as a sweep; callers override its fields (the CLI: every
+    option given explicitly). quick (the default): the embedded default with 15 rounds and divergence
+    every 5 rounds; paper-*: the paper's settings (GPU-sized)."""
+    chosen = presets.get(name)
+    return SweepConfig(run=chosen.run_config(), preset=name, **chosen.sweep)
 
-    quick: the engine's tuned defaults for the embedded digits data (vit-micro, 20 clients, lr, augmentation
-    ...), the seven default cells x 3 seeds, with 15 rounds instead of 40 (21 cells of 40 rounds take over
-    half an hour on a 2-core CPU) and divergence every 5 rounds (every round costs about a third more time
-    on this tiny model; on the paper's ViT-Small it is negligible).
-    paper-*: the paper's settings (GPU-sized); Office-Home has 16 clients (4 per domain, Dirichlet 1.0 inside).
-    """
-    presets = {
-        "quick": SweepConfig(run=RunConfig(rounds=15), div_every=5),
-        "paper-cifar100": SweepConfig(run=RunConfig(**_paper("cifar100"))),
-        "paper-organamnist": SweepConfig(run=RunConfig(**_paper("organamnist"))),
-        "paper-officehome": SweepConfig(run=RunConfig(**_paper("officehome", clients=16, scheme="domain", alpha=1.0))),
-    }
-    if name not in presets:
-        raise UserError(f"unknown sweep preset {name!r}; choose one of {', '.join(presets)}")
-    return presets[name]
+
+def protocol(config: SweepConfig) -> dict:
+    """The protocol every cell follows (the cells differ only in the part kept local and the grid's axes)."""
+    record = presets.protocol(config.run, preset=config.preset)
+    record.update(seeds=list(config.seeds), cells=list(config.parts), div_every=config.div_every)
+    return record
 
 
 def grid(config: SweepConfig) -> list[Cell]:
@@ -211,6 +192,8 @@ def run_sweep(config: SweepConfig) -> SweepResult:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     cells = grid(config)
+    preflight.check(cell_config(config, cell) for cell in cells)  # bad input stops here, before any cell
+    presets.write_protocol(out, protocol(config))
     if not config.fresh:
         for cell in cells:
             wanted = cell_config(config, cell)

@@ -126,14 +126,15 @@ def test_presets_carry_the_papers_settings():
     settings = (fedperfix.model, fedperfix.clients, fedperfix.join_ratio, fedperfix.lr, fedperfix.local_epochs)
     assert settings == ("vit_small_patch16_224", 64, 0.125, 0.01, 10)
     assert fedperfix.method_options == {"local": "blocks.11", "blocks": "all", "scale": 1.5, "mid_dim": 256}
-    assert run_config(cifar, "vanilla-prefix", 1).method_options["local"] == ""  # blocks.11: FedPerfix's only
+    # the public code's vanilla prefix is a switch on its FedPerfix preset: blocks.11 stays local too (issue 10)
+    assert run_config(cifar, "vanilla-prefix", 1).method_options["local"] == "blocks.11"
     assert run_config(cifar, "fedbabu", 1).method_options == {"finetune_steps": 1}
     assert (perfedavg.lr, perfedavg.method_options) == (0.001, {"beta": None})  # None: beta = lr, as the public code
     assert run_config(preset("paper-organamnist"), "fedperfix", 1).method_options["local"] == ""
     office = run_config(preset("paper-officehome"), "fedavg", 1)
     assert (office.scheme, office.clients, office.alpha) == ("domain", 16, 1.0)
     assert tuple(preset("default").methods) == compare_lib.PAPER_METHODS
-    with pytest.raises(UserError, match="unknown compare preset"):
+    with pytest.raises(UserError, match="unknown preset"):
         preset("paper-imagenet")
 
 

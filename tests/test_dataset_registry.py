@@ -93,11 +93,11 @@ def test_a_run_decodes_officehome_at_the_models_input_size(tmp_path, monkeypatch
     real = datasets.load_for_run
     monkeypatch.setattr(datasets, "load_for_run", lambda *a, **k: sizes.append(k["input_size"]) or real(*a, **k))
     config = RunConfig(dataset="officehome", data_root=str(tmp_path), model="vit-nano", scheme="iid", clients=2)
-    loaded = federation._load_dataset(config)
+    loaded = federation.load_dataset(config)
     assert sizes == [32] and loaded.image_size == 32  # vit-nano caps its input at 32 px
     assert (tmp_path / ".fedsens_cache_officehome_32.pt").is_file()
     paper = config.replace(model="vit_tiny_patch16_224")
-    assert federation._load_dataset(paper).image_size == 224  # the paper's models: decoded straight at 224
+    assert federation.load_dataset(paper).image_size == 224  # the paper's models: decoded straight at 224
     assert (tmp_path / ".fedsens_cache_officehome_224.pt").is_file()
 
 

@@ -70,9 +70,11 @@ def test_shared_is_the_weighted_mean_and_local_never_leaves_a_client(tmp_path):
 def test_every_client_is_evaluated_and_tables_have_the_design_columns(tmp_path):
     result = run(RunConfig(out=str(tmp_path), **TINY), quiet=True)
     metrics = pd.read_csv(tmp_path / "metrics.csv")
-    assert list(metrics.columns) == ["round", "client", "split", "loss", "accuracy", "n", "participated"]
-    assert sorted(metrics.loc[metrics["round"] == 2, "client"]) == [0, 1, 2, 3]
-    assert metrics["participated"].sum() == 2 * 2  # two of four clients each round
+    assert list(metrics.columns) == ["round", "client", "split", "loss", "accuracy", "n", "participated", "protocol"]
+    for protocol in runio.EVAL_PROTOCOLS:  # both protocols, every client, every round
+        rows = metrics[metrics["protocol"] == protocol]
+        assert sorted(rows.loc[rows["round"] == 2, "client"]) == [0, 1, 2, 3]
+        assert rows["participated"].sum() == 2 * 2  # two of four clients each round
     rounds = pd.read_csv(tmp_path / "rounds.csv")
     assert list(rounds.columns) == schema.ROUNDS_COLUMNS
     for name in ("config.json", "partition.json", "parts.csv", "summary.json"):
@@ -151,3 +153,38 @@ def test_bad_arguments_are_user_errors(bad):
 def test_more_clients_than_samples_is_a_user_error(tmp_path):
     with pytest.raises(UserError):
         run(RunConfig(out=str(tmp_path), **{**TINY, "clients": 5000}), quiet=True)
+
+
+def test_both_evaluation_protocols_are_recorded_at_their_moments(tmp_path):
+    """paper: a participant is tested on its model right after local training; a client that sat the
+    round out on the start-of-round model (= the previous round's aggregated one); after-aggregation:
+    everyone on the aggregated model. The headline protocol picks rounds.csv's acc_* columns."""
+    recorder = Recorder()
+    config = RunConfig(out=str(tmp_path), eval_protocol="paper", **{**TINY, "rounds": 3})
+    result = run(config, hooks=[recorder], quiet=True)
+    metrics = result.metrics.set_index(["protocol", "round", "client"])
+    ctx = recorder.ctx
+    from fedsens.personalize.client import ClientContext
+    from fedsens.personalize.inputs import seeded_generator
+    from fedsens.personalize.methods import get_method
+
+    for round_ in (2, 3):
+        for c in sample_clients(config, round_):  # participants: their post-training model
+            ctx.model.load_state_dict({**ctx.model.state_dict(), **recorder.ends[(round_, c)]})
+            client = ClientContext(ctx, c, round_, {}, seeded_generator(config.seed, round_, c, 2))
+            expected = get_method(config).evaluate_client(client).accuracy
+            assert metrics.loc[("paper", round_, c), "accuracy"] == pytest.approx(expected)
+            assert metrics.loc[("paper", round_, c), "participated"]
+        for c in set(range(4)) - set(sample_clients(config, round_)):
+            assert (
+                metrics.loc[("paper", round_, c), "accuracy"]
+                == metrics.loc[("after-aggregation", round_ - 1, c), "accuracy"]
+            )
+    rounds = result.rounds.set_index("round")
+    paper_mean = result.metrics[result.metrics["protocol"] == "paper"].groupby("round")["accuracy"].mean()
+    aggregated_mean = (
+        result.metrics[result.metrics["protocol"] == "after-aggregation"].groupby("round")["accuracy"].mean()
+    )
+    assert np.allclose(rounds["acc_mean"], paper_mean) and np.allclose(rounds["acc_mean_paper"], paper_mean)
+    assert np.allclose(rounds["acc_mean_after_aggregation"], aggregated_mean)
+    assert set(rounds["protocol"]) == {"paper"} and result.summary["protocol"] == "paper"

@@ -299,3 +299,38 @@ def test_cli_split_bad_alpha_is_one_error_line(tmp_path):
     assert result.exit_code == 2
     assert "error: alpha=0.0 must be > 0" in result.output
     assert "Traceback" not in result.output
+
+
+def _cifar_shaped_labels():
+    return np.repeat(np.arange(100), 600)  # 600 per class x 100 classes, as CIFAR-100 train+test
+
+
+def test_capped_rule_stops_filling_a_client_at_its_share_and_keeps_sizes_even():
+    labels = _cifar_shaped_labels()
+    sizes = {}
+    for rule in ("plain", "capped"):
+        part = P.make(labels, scheme="dirichlet", num_clients=64, seed=1, alpha=0.5, min_samples=4, rule=rule)
+        sizes[rule] = np.array([len(tr) + len(te) for tr, te in zip(part.train, part.test)])
+    cap = len(labels) / 64
+    # a capped client received nothing after reaching the cap, so it overshoots by less than one class
+    assert sizes["capped"].max() < cap + 600
+    assert sizes["capped"].std() < sizes["plain"].std() / 2
+    assert sizes["capped"].sum() == len(labels)
+
+
+def test_capped_rule_redraws_until_min_samples_and_names_the_fix_when_impossible():
+    labels = _cifar_shaped_labels()
+    part = P.make(labels, scheme="dirichlet", num_clients=64, seed=1, alpha=0.5, min_samples=256, rule="capped")
+    assert min(len(tr) + len(te) for tr, te in zip(part.train, part.test)) >= 256
+    assert part.params["rule"] == "capped" and part.params["min_samples"] == 256
+    with pytest.raises(UserError, match="min_samples=900"):
+        P.make(
+            labels, scheme="dirichlet", num_clients=64, seed=1, alpha=0.5, min_samples=900, rule="capped", max_redraws=3
+        )
+    with pytest.raises(UserError, match="partition rule"):
+        P.make(labels, scheme="dirichlet", num_clients=4, seed=1, rule="greedy")
+
+
+def test_plain_rule_keeps_the_manifest_parameters_of_before():
+    part = P.make(np.repeat(np.arange(4), 10), scheme="dirichlet", num_clients=2, seed=0, alpha=1.0)
+    assert "rule" not in part.params

@@ -281,6 +281,8 @@ def write_comparison_folder(folder: Path, *, methods=("fedavg", "fedper", "fedpe
                     "local_params": 250 * index,
                     "comm_bytes_per_round": 8000 - 1000 * index,
                     "seconds": 1.5,
+                    "acc_best": rounds["acc_mean"].max(),
+                    "protocol": "after-aggregation",
                 }
             )
     comparison = pd.DataFrame(rows)
@@ -399,14 +401,16 @@ def test_sweep_report_leads_with_the_ranking(folders, reports):
 def test_comparison_report_names_the_best_method(folders, reports):
     comparison = pd.read_csv(folders["comparison"] / "comparison.csv")
     best = comparison.groupby("method")["acc_mean"].mean().idxmax()
-    assert f"Best mean client accuracy: {best}" in reports["comparison"]
+    assert f"Best final-round mean client accuracy: {best}" in reports["comparison"]
+    assert "Best round per method (chosen on the test data" in reports["comparison"]
+    assert "after-aggregation evaluation protocol" in reports["comparison"]
     assert "samples per client and domain" in (folders["comparison"] / "report" / "partition.svg").read_text()
 
 
 def test_comparison_of_one_seed_gives_no_spread(tmp_path):
     comparison = write_comparison_folder(tmp_path / "comparison", methods=("fedavg", "local"), seeds=(0,))
-    (lead,) = [block.text for block in headline(read_folder(comparison))]
-    assert lead.startswith("Best mean client accuracy: local ") and "±" not in lead and "nan" not in lead
+    (lead,) = [block.text for block in headline(read_folder(comparison)) if block.lead]
+    assert lead.startswith("Best final-round mean client accuracy: local ") and "±" not in lead and "nan" not in lead
 
 
 def test_run_report_shows_its_summary_and_parts(folders, reports):

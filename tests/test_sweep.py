@@ -117,7 +117,7 @@ def test_presets_and_bad_settings():
         64,
         "domain",
     )
-    with pytest.raises(UserError, match="unknown sweep preset"):
+    with pytest.raises(UserError, match="unknown preset"):
         preset("huge")
     with pytest.raises(UserError, match="alpha"):
         SweepConfig(run=TINY_RUN, alphas=(0.0,))
@@ -255,7 +255,7 @@ def test_cli_bad_input_is_one_line(tmp_path):
     bad_seeds = runner.invoke(app, ["sweep", "--seeds", "a,b", "--out", str(tmp_path)])
     assert bad_seeds.exit_code == 2 and "error: --seeds 'a,b'" in bad_seeds.output
     bad_preset = runner.invoke(app, ["sweep", "--preset", "huge", "--out", str(tmp_path)])
-    assert bad_preset.exit_code == 2 and "unknown sweep preset" in bad_preset.output
+    assert bad_preset.exit_code == 2 and "unknown preset" in bad_preset.output
 
 
 def test_explicit_options_override_the_preset():

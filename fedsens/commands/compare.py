@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from fedsens.commands._common import clean_errors, comma_list, overlay
+from fedsens.commands._options import training_options
 from fedsens.commands.data import NO_VERIFY_HELP, dataset_help
 from fedsens.commands.methods import options_option
 
@@ -29,19 +30,22 @@ def summary_text(result: CompareResult) -> str:
     table = result.summary.rename(
         columns={
             "accuracy": "accuracy % (final)",
-            "acc_best": "best-round %",
+            "accuracy_best": "best round % (chosen on the test data)",
             "client_std": "client sd %",
             "comm_mb_per_round": "MB/round",
             "seconds_per_round": "s/round",
         }
     )
-    shown = table[
-        ["method", "accuracy % (final)", "best-round %", "client sd %", "local_params", "MB/round", "s/round", "seeds"]
-    ]
+    columns = ["method", "accuracy % (final)", "best round % (chosen on the test data)", "client sd %"]
+    columns += ["local_params", "MB/round", "s/round", "seeds"]
+    if table["paper_row"].astype(bool).any():  # a paper preset: which of the paper's rows each method is
+        columns.insert(1, "paper_row")
+    shown = table[columns]
     return shown.to_string(index=False, float_format=lambda v: f"{v:.2f}")
 
 
 @clean_errors
+@training_options("default")
 def compare(
     preset_name: str = typer.Option(
         "default",
@@ -52,16 +56,18 @@ def compare(
     methods: str | None = typer.Option(
         None, help="Comma-separated methods (default: all eleven), e.g. fedavg,fedper,fedperfix."
     ),
-    seeds: str | None = typer.Option(None, help="Comma-separated seeds, e.g. 0,1,2."),
+    seeds: str | None = typer.Option(None, help="Comma-separated seeds, e.g. 0,1,2. (default: 0; paper-*: 1)"),
     dataset: str | None = typer.Option(None, help=dataset_help()),
     data_root: str | None = typer.Option(None, help="Folder holding the dataset's files."),
-    model: str | None = typer.Option(None, help="Model preset, e.g. vit-micro or vit_small_patch16_224."),
-    rounds: int | None = typer.Option(None, help="Federated rounds per run."),
-    clients: int | None = typer.Option(None, help="Number of clients."),
-    alpha: float | None = typer.Option(None, help="Dirichlet concentration (small = strong label skew)."),
-    out: str | None = typer.Option(None, help="Comparison folder (finished runs in it are reused)."),
+    alpha: float | None = typer.Option(
+        None, help="Dirichlet concentration, small = strong label skew. (default: 0.3; a --preset sets its own)"
+    ),
+    out: str | None = typer.Option(
+        None,
+        help="Comparison folder, finished runs in it are reused. (default: runs/compare; paper-*: runs/compare-DATA)",
+    ),
     fresh: bool = typer.Option(False, "--fresh", help="Re-run every method instead of resuming."),
-    device: str | None = typer.Option(None, help="auto (CUDA when present), cpu or cuda."),
+    device: str | None = typer.Option(None, help="auto (CUDA when present), cpu or cuda. (default: auto)"),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
     option: list[str] | None = options_option(
         "A method option KEY=VALUE (repeatable), given to every compared method that has KEY, e.g. -o scale=1.0."
@@ -70,6 +76,8 @@ def compare(
     force: bool = typer.Option(
         False, "--force", help="Run the methods even when the FedAvg reference (first seed) did not learn."
     ),
+    *,
+    knobs: dict,
 ) -> None:
     """Run each method for each seed (same partition and initial weights within a seed), then tabulate.
 
@@ -77,19 +85,18 @@ def compare(
     the summary: final-round mean client accuracy (mean ± sd over seeds) and each method's costs.
     """
     from fedsens.personalize.methods.registry import parse_assignments
-    from fedsens.sensitivity.compare import run_compare
+    from fedsens.personalize.presets import protocol_text
+    from fedsens.sensitivity.compare import protocol, run_compare
 
     config = build_config(
         preset_name,
         run=dict(
             dataset=dataset,
             data_root=data_root,
-            model=model,
-            rounds=rounds,
-            clients=clients,
             alpha=alpha,
             device=device,
             verify=False if no_verify else None,
+            **knobs,
         ),
         compare=dict(
             methods=comma_list(methods, str, "--methods", "fedavg,fedperfix"),
@@ -101,8 +108,12 @@ def compare(
         ),
         options=parse_assignments(option),
     )
+    typer.echo(protocol_text(protocol(config)))
     result = run_compare(config)
-    typer.echo(f"\n{config.run.dataset}, {config.run.model}, {config.run.clients} clients, {config.run.rounds} rounds:")
+    typer.echo(
+        f"\n{config.run.dataset}, {config.run.model}, {config.run.clients} clients, {config.run.rounds} rounds, "
+        f"{config.run.eval_protocol} evaluation; best round chosen on the test data:"
+    )
     typer.echo(summary_text(result))
     typer.echo(
         f"\n{len(result.ran)} runs trained, {len(result.skipped)} reused, {len(result.failed)} failed "
@@ -110,3 +121,5 @@ def compare(
     )
     for name in result.failed:
         typer.echo(f"failed: {name} (see {result.out / 'runs' / name / 'error.txt'})", err=True)
+    if result.failed and not result.ran and not result.skipped:
+        raise typer.Exit(1)  # every run failed: nothing in the tables to read

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from fedsens.commands._common import clean_errors, comma_list, overlay
+from fedsens.commands._options import training_options
 from fedsens.commands.data import NO_VERIFY_HELP, dataset_help
 from fedsens.commands.methods import method_option, options_option
 from fedsens.personalize.errors import UserError
@@ -71,13 +72,13 @@ def ranking_text(result: SweepResult) -> str:
 
 
 @clean_errors
+@training_options("quick")
 def sweep(
     preset_name: str = typer.Option(
         "quick", "--preset", help=f"quick | paper-cifar100 | paper-organamnist | paper-officehome. {PRESET_NOTE}"
     ),
     dataset: str | None = typer.Option(None, help=dataset_help("Dataset (comma-separate several)")),
     data_root: str | None = typer.Option(None, help="Folder holding the dataset's files."),
-    model: str | None = typer.Option(None, help="Model preset, e.g. vit-micro or vit_small_patch16_224."),
     parts: list[str] | None = typer.Option(
         None,
         "--parts",
@@ -86,16 +87,19 @@ def sweep(
     ),
     only_parts: bool = typer.Option(False, "--only-parts", help="Run FedAvg and the --parts cells only."),
     seeds: str | None = typer.Option(None, help="Comma-separated seeds, e.g. 0,1,2 (quick preset: 0,1,2)."),
-    scheme: str | None = typer.Option(None, help="Partition scheme(s): dirichlet, pathological, iid, domain."),
-    alphas: str | None = typer.Option(None, help="Comma-separated Dirichlet alphas, e.g. 0.1,0.5."),
-    clients: int | None = typer.Option(None, help="Number of clients."),
-    join_ratio: float | None = typer.Option(None, help="Share of clients sampled each round."),
-    rounds: int | None = typer.Option(None, help="Federated rounds per cell."),
-    local_epochs: int | None = typer.Option(None, help="Local epochs per round."),
-    div_every: int | None = typer.Option(None, help="Record the divergence metrics every N rounds."),
+    scheme: str | None = typer.Option(
+        None,
+        help="Partition scheme(s): dirichlet, pathological, iid, domain. (default: dirichlet; a --preset sets its own)",
+    ),
+    alphas: str | None = typer.Option(
+        None, help="Comma-separated Dirichlet alphas, e.g. 0.1,0.5. (default: 0.3; a --preset sets its own)"
+    ),
+    div_every: int | None = typer.Option(
+        None, help="Record the divergence metrics every N rounds. (default: 5, the quick preset's; paper-*: 1)"
+    ),
     out: str = typer.Option("runs/sweep", help="Sweep folder (finished cells in it are reused)."),
     fresh: bool = typer.Option(False, "--fresh", help="Re-run every cell instead of resuming."),
-    device: str | None = typer.Option(None, help="auto (CUDA when present), cpu or cuda."),
+    device: str | None = typer.Option(None, help="auto (CUDA when present), cpu or cuda. (default: auto)"),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
     method: str | None = method_option(
         help="The method every cell trains with (fedavg by default); it must take "
@@ -113,15 +117,18 @@ def sweep(
         "setting at which it learns and flattens, as options for the sweep.",
     ),
     budget_minutes: float = typer.Option(30.0, "--budget-minutes", help="Time budget of --calibrate, in minutes."),
+    *,
+    knobs: dict,
 ) -> None:
     """Run one federated cell per (partition, seed, part kept local), then rank the parts.
 
     The first seed's FedAvg reference is trained and judged first: at chance the sweep stops (exit 2)
-    unless --force. Writes sensitivity.csv, ranking.csv and the cells' tables under --out and prints the ranking.
+    unless --force. Writes protocol.json, sensitivity.csv, ranking.csv and the cells' tables under --out
+    and prints the ranking.
     """
-    from fedsens.personalize.methods import method_class
     from fedsens.personalize.methods.registry import parse_assignments
-    from fedsens.sensitivity.sweep import DEFAULT_PARTS, run_sweep
+    from fedsens.personalize.presets import protocol_text
+    from fedsens.sensitivity.sweep import DEFAULT_PARTS, protocol, run_sweep
 
     if only_parts and not parts:
         raise UserError("--only-parts needs at least one --parts spec")
@@ -130,15 +137,11 @@ def sweep(
         preset_name,
         run=dict(
             data_root=data_root,
-            model=model,
-            clients=clients,
-            join_ratio=join_ratio,
-            rounds=rounds,
-            local_epochs=local_epochs,
             device=device,
             method=method,
             method_options=parse_assignments(option) or None,
             verify=False if no_verify else None,
+            **knobs,
         ),
         sweep=dict(
             parts=cell_parts,
@@ -153,12 +156,7 @@ def sweep(
             force=force,
         ),
     )
-    fixed = method_class(config.run.method).parts
-    if fixed is not None:
-        raise UserError(
-            f"--method {config.run.method} keeps {fixed} local itself, but the sweep's cells vary the parts "
-            "kept local; choose a method that takes --personalize (e.g. fedavg)"
-        )
+    typer.echo(protocol_text(protocol(config)))
     if calibrate:
         from fedsens.sensitivity import sanity
         from fedsens.sensitivity.sweep import cell_config, grid
@@ -175,3 +173,5 @@ def sweep(
     )
     for name in result.failed:
         typer.echo(f"failed: {name} (see {result.out / 'cells' / name / 'error.txt'})", err=True)
+    if result.failed and not result.ran and not result.skipped:
+        raise typer.Exit(1)  # every cell failed: nothing in the tables to read

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from fedsens.commands._common import clean_errors
+from fedsens.commands._options import training_options
 from fedsens.commands.data import NO_VERIFY_HELP, dataset_help
 from fedsens.commands.methods import method_option, options_option
 from fedsens.personalize.errors import UserError
@@ -28,23 +29,22 @@ def _resolve_auto(personalize: str | None, sweep_dir: Path | None, top: int) -> 
 
 
 @clean_errors
+@training_options("embedded")
 def train(
-    dataset: str | None = typer.Option(None, help=dataset_help("Dataset (digits is the embedded default)")),
-    data_root: str | None = typer.Option(None, help="folder holding the dataset files"),
-    partition: str | None = typer.Option(
-        None, "--partition", "--scheme", help="iid | dirichlet | pathological | domain, or a partition.json"
+    dataset: str | None = typer.Option(
+        None, help=dataset_help("Dataset (default: digits, the embedded default; a --preset sets its own)")
     ),
-    alpha: float | None = typer.Option(None, help="Dirichlet concentration (small = strong label skew)"),
-    clients: int | None = typer.Option(None, help="number of clients"),
-    join_ratio: float | None = typer.Option(None, help="fraction of clients sampled each round"),
-    rounds: int | None = typer.Option(None, help="federated rounds"),
-    local_epochs: int | None = typer.Option(None, help="local epochs per round"),
-    local_steps: int | None = typer.Option(None, help="local SGD steps per round (overrides --local-epochs)"),
-    batch_size: int | None = typer.Option(None),
-    optimizer: str | None = typer.Option(None, help="sgd (the paper's) or adamw"),
-    lr: float | None = typer.Option(None, help="local learning rate"),
-    model: str | None = typer.Option(
-        None, help="vit-micro, vit-mini, vit-nano, vit_tiny_patch16_224, vit_small_patch16_224"
+    data_root: str | None = typer.Option(
+        None, help="folder holding the dataset files (default: none, digits need none)"
+    ),
+    partition: str | None = typer.Option(
+        None,
+        "--partition",
+        "--scheme",
+        help="iid | dirichlet | pathological | domain, or a partition.json (default: dirichlet; a preset sets its own)",
+    ),
+    alpha: float | None = typer.Option(
+        None, help="Dirichlet concentration, small = strong label skew (default: 0.3; a --preset sets its own)"
     ),
     personalize: str | None = typer.Option(
         None,
@@ -53,22 +53,31 @@ def train(
     ),
     sweep_dir: Path | None = typer.Option(None, "--from", help="sweep folder whose ranking --personalize auto uses"),
     top: int = typer.Option(2, help="with --personalize auto: how many top-ranked parts to keep local"),
-    seed: int | None = typer.Option(None),
-    device: str | None = typer.Option(None, help="auto (CUDA when present), cpu, cuda, cuda:1"),
-    eval_every: int | None = typer.Option(None, help="evaluate every client every N rounds"),
+    seed: int | None = typer.Option(None, help="seed of the partition, sampling, init and batches (default: 0)"),
+    device: str | None = typer.Option(None, help="auto (CUDA when present), cpu, cuda, cuda:1 (default: auto)"),
     out: Path = typer.Option(Path("runs/train"), help="run folder"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its checkpoint"),
     overwrite: bool = typer.Option(False, "--overwrite", help="start over even if --out holds a run"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+    preset_name: str = typer.Option(
+        "embedded",
+        "--preset",
+        help="embedded (the default: RunConfig's CPU settings) | quick | default | paper-cifar100 | "
+        "paper-organamnist | paper-officehome. Options you give override the preset.",
+    ),
     method: str | None = method_option(help="the personalized-FL method (fedavg by default); `fedsens methods`"),
     option: list[str] | None = options_option(),
     no_verify: bool = typer.Option(False, "--no-verify", help=NO_VERIFY_HELP),
+    *,
+    knobs: dict,
 ) -> None:
     """Run one federated training.
 
-    Writes config.json, partition.json, parts.csv, metrics.csv, rounds.csv and summary.json into --out.
+    Writes protocol.json, config.json, partition.json, parts.csv, metrics.csv, rounds.csv and summary.json
+    into --out.
     """
-    from fedsens.personalize.federation import RunConfig, run
+    from fedsens.personalize import presets
+    from fedsens.personalize.federation import run
     from fedsens.personalize.methods.registry import parse_assignments
 
     given = {
@@ -76,29 +85,26 @@ def train(
         "data_root": data_root,
         "scheme": partition,
         "alpha": alpha,
-        "clients": clients,
-        "join_ratio": join_ratio,
-        "rounds": rounds,
-        "local_epochs": local_epochs,
-        "local_steps": local_steps,
-        "batch_size": batch_size,
-        "optimizer": optimizer,
-        "lr": lr,
-        "model": model,
         "personalize": _resolve_auto(personalize, sweep_dir, top),
         "method": method,
         "seed": seed,
         "device": device,
-        "eval_every": eval_every,
-        "method_options": parse_assignments(option) or None,
         "verify": False if no_verify else None,
     }
-    config = RunConfig(out=str(out), **{k: v for k, v in given.items() if v is not None})
+    chosen = presets.get(preset_name)
+    # the preset's settings for the method (Per-FedAvg's lr, FedPerfix's adapter ...), then every option
+    # given; -o options are laid over the preset's method options
+    own = chosen.method_settings(method or chosen.run_config().method)
+    options = {**own.get("method_options", {}), **parse_assignments(option)}
+    config = presets.overlay(chosen.run_config(**own), out=str(out), method_options=options or None, **given, **knobs)
+    record = presets.protocol(config, preset=preset_name)
+    typer.echo(presets.protocol_text(record))
+    presets.write_protocol(out, record)
     result = run(config, resume=resume, overwrite=overwrite, quiet=quiet)
     s = result.summary
     what = f"personalize={config.personalize}" if config.method == "fedavg" else f"method={config.method}"
     typer.echo(
-        f"{what}: mean client accuracy last {s['acc_last']:.3f}, "
+        f"{what}: mean client accuracy ({s['protocol']} evaluation) last {s['acc_last']:.3f}, "
         f"best {s['acc_best']:.3f} (round {s['round_best']}); {s['seconds_per_round']:.2f} s/round; "
         f"{s['local_params']:,} local params; tables in {result.out}"
     )

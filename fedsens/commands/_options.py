@@ -1,0 +1,118 @@
+"""The training knobs every training command takes (`train`, `sweep`, `compare`), defined once.
+
+`training_options(default_preset)` appends one block of options to a command's signature and hands
+them to it as one dict, `knobs`, of RunConfig fields (None = not given, so the preset's value stays).
+Each option's help shows the value the command uses when it is left out: the command's default
+preset's (the embedded default), and says that a `--preset` sets its own.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import typer
+
+F = TypeVar("F", bound=Callable)
+
+
+@dataclass(frozen=True)
+class Knob:
+    name: str  # the RunConfig field (or `augment`, which sets augment_shift and augment_scale)
+    kind: Any
+    help: str
+    flag: str = ""  # the option's spelling when not --<name with dashes>
+
+
+KNOBS = (
+    Knob("model", str, "Model preset: vit-micro, vit-mini, vit-nano, vit_tiny_patch16_224, vit_small_patch16_224."),
+    Knob("clients", int, "Number of clients."),
+    Knob("join_ratio", float, "Share of the clients sampled each round."),
+    Knob("rounds", int, "Federated rounds."),
+    Knob("local_epochs", int, "Local epochs per round."),
+    Knob("local_steps", int, "Local steps per round instead of epochs (overrides --local-epochs)."),
+    Knob("batch_size", int, "Local batch size."),
+    Knob("optimizer", str, "Local optimizer: sgd (the paper's) or adamw (fresh per client and round)."),
+    Knob("lr", float, "Local learning rate."),
+    Knob("momentum", float, "SGD momentum (the paper's: 0)."),
+    Knob("weight_decay", float, "Weight decay."),
+    Knob("augment", bool, "Random shifts and rescaling while training (the paper's: off).", "--augment/--no-augment"),
+    Knob(
+        "partition_rule",
+        str,
+        "Dirichlet rule: plain, or capped (the public code's: no more samples to a client once it holds N/clients).",
+    ),
+    Knob("min_samples", int, "Fewest samples a client may hold; partitions are redrawn until it holds."),
+    Knob(
+        "eval_protocol",
+        str,
+        "Headline evaluation (both are recorded): after-aggregation (every client with "
+        "the aggregated model) or paper (each participant before aggregation, the others with the "
+        "start-of-round model).",
+    ),
+    Knob("eval_every", int, "Evaluate every client every N rounds (and at the last)."),
+)
+
+
+def _shown(value: Any, knob: Knob, run: dict[str, Any]) -> str:
+    if knob.name == "augment":
+        return "on" if run["augment_shift"] or run["augment_scale"] else "off"
+    if value is None:
+        return "none (one test and one train sample)" if knob.name == "min_samples" else "none"
+    return str(value)
+
+
+def _help(knob: Knob, preset_name: str) -> str:
+    from fedsens.personalize import presets  # light: dataclasses and the model table only
+
+    run = presets.get(preset_name).defaults()
+    value = run.get(knob.name)
+    # parentheses, not brackets: typer's rich help would read [..] as markup and drop it
+    return f"{knob.help} (default: {_shown(value, knob, run)}, the {preset_name} preset's; a --preset sets its own)"
+
+
+def to_run_fields(knobs: dict[str, Any]) -> dict[str, Any]:
+    """The knobs as RunConfig fields (None where not given)."""
+    fields = {k: v for k, v in knobs.items() if k != "augment"}
+    augment = knobs.get("augment")
+    if augment is not None:
+        from fedsens.personalize.config import RunConfig
+
+        on = RunConfig()
+        fields["augment_shift"] = on.augment_shift if augment else 0.0
+        fields["augment_scale"] = on.augment_scale if augment else 0.0
+    return fields
+
+
+def training_options(default_preset: str) -> Callable[[F], F]:
+    """Add the KNOBS block at the end of a command's options; the command receives them as `knobs`."""
+
+    def decorate(command: F) -> F:
+        signature = inspect.signature(command, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.name != "knobs"]
+        extra = []
+        for knob in KNOBS:
+            flag = knob.flag or f"--{knob.name.replace('_', '-')}"
+            option = typer.Option(None, flag, help=_help(knob, default_preset), show_default=False)
+            extra.append(
+                inspect.Parameter(
+                    knob.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=knob.kind | None
+                )
+            )
+
+        @functools.wraps(command)
+        def wrapper(*args, **kwargs):
+            knobs = {knob.name: kwargs.pop(knob.name, None) for knob in KNOBS}
+            return command(*args, knobs=to_run_fields(knobs), **kwargs)
+
+        wrapper.__signature__ = signature.replace(parameters=[*own, *extra])  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {
+            **{p.name: p.annotation for p in own},
+            **{p.name: p.annotation for p in extra},
+        }
+        return wrapper  # type: ignore[return-value]
+
+    return decorate

@@ -1,0 +1,69 @@
+"""Check a batch of run configurations before any of them trains.
+
+A grid (sweep, comparison) catches a run's failure and goes on, which is right for a NaN loss in one
+cell and wrong for bad input: an unknown dataset, missing files, a partition that cannot be drawn or a
+part spec that matches nothing would fail every cell the same way. `check` raises the first such
+problem as one UserError, having trained nothing and written nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from fedsens.personalize import data as data_lib
+from fedsens.personalize import federation
+from fedsens.personalize import model as model_lib
+from fedsens.personalize import partition as partition_lib
+from fedsens.personalize.config import RunConfig
+from fedsens.personalize.errors import UserError
+from fedsens.personalize.methods import get_method
+
+
+def check(configs: Iterable[RunConfig]) -> None:
+    """Load each dataset once, draw each partition once, resolve each method's local parts once."""
+    datasets: dict[tuple, data_lib.ImageSet] = {}
+    partitions: set[tuple] = set()
+    manifests: set[tuple] = set()
+    for config in configs:
+        key = (config.dataset, config.data_root, config.model, config.verify)
+        if key not in datasets:
+            datasets[key] = federation.load_dataset(config)  # as the run will load it (size, --no-verify)
+        dataset = datasets[key]
+        _check_partition(config, dataset, partitions)
+        method = get_method(config)
+        spec = method.local_spec()
+        if (config.model, config.dataset, config.method, spec) in manifests:
+            continue
+        manifests.add((config.model, config.dataset, config.method, spec))
+        shape = model_lib.input_spec(config.model, data_channels=dataset.channels, data_size=dataset.image_size)
+        model = model_lib.build(config.model, dataset.num_classes, shape.in_chans, shape.img_size, seed=config.seed)
+        method.prepare_model(model)
+        model_lib.manifest(model, spec)
+
+
+def _check_partition(config: RunConfig, dataset: data_lib.ImageSet, seen: set[tuple]) -> None:
+    if config.scheme.endswith(".json"):
+        partition_lib.load(config.scheme)
+        return
+    key = (
+        *(config.dataset, config.scheme, config.alpha, config.clients, config.seed, config.partition_rule),
+        *(config.min_samples, config.test_fraction, config.classes_per_client),
+    )
+    if key in seen:
+        return
+    seen.add(key)
+    test_fraction = config.test_fraction or data_lib.dataset_defaults(config.dataset)["test_fraction"]
+    part = partition_lib.make(
+        dataset.labels,
+        dataset.domains,
+        scheme=config.scheme,
+        num_clients=config.clients,
+        seed=config.seed,
+        alpha=config.alpha,
+        classes_per_client=config.classes_per_client,
+        test_fraction=test_fraction,
+        min_samples=config.min_samples,
+        rule=config.partition_rule,
+    )
+    if part.num_clients != config.clients:  # pragma: no cover - make always gives num_clients
+        raise UserError(f"the partition has {part.num_clients} clients but --clients is {config.clients}")
