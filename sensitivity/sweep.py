@@ -27,6 +27,7 @@ from fedsens.personalize.errors import UserError
 from fedsens.personalize.federation import RunConfig
 from fedsens.sensitivity import ranking as ranking_lib
 from fedsens.sensitivity import runs
+from fedsens.sensitivity import stats as stats_lib
 from fedsens.sensitivity.divergence import METRICS, DivergenceRecorder, group_names
 
 DEFAULT_PARTS = ("none", "embed", "attn", "mlp", "norm", "head", "all")
@@ -44,6 +45,9 @@ SENSITIVITY_COLUMNS = [
     "acc_last",
     "acc_best",
     "gain_vs_fedavg",
+    "acc_tail",
+    "tail_rounds",
+    "gain_tail_vs_fedavg",
     "local_params",
     "comm_bytes_per_round",
     "comm_saved",
@@ -298,7 +302,8 @@ def sensitivity_table(out: Path, cells: list[Cell]) -> pd.DataFrame:
         folder = out / "cells" / cell.name
         status = runs.status(folder)
         summary = runio.read_json(folder / "summary.json") if (folder / "summary.json").exists() else {}
-        accuracy = runs.final_accuracy(runs.read_csv(folder / "rounds.csv") if status == "done" else pd.DataFrame())
+        rounds = runs.read_csv(folder / "rounds.csv") if status == "done" else pd.DataFrame()
+        accuracy = runs.final_accuracy(rounds)
         if status == "done":
             accuracy["acc_best"] = summary.get("acc_best", accuracy["acc_best"])
         reference = out / "cells" / dataclasses.replace(cell, local_part="none").name
@@ -311,6 +316,7 @@ def sensitivity_table(out: Path, cells: list[Cell]) -> pd.DataFrame:
                 local_part=cell.local_part,
                 status=status,
                 **accuracy,
+                **stats_lib.tail_accuracy(rounds),
                 local_params=summary.get("local_params", float("nan")),
                 comm_bytes_per_round=summary.get("comm_bytes_per_round", float("nan")),
                 **_part_divergence(runs.read_csv(folder / "parts.csv"), runs.read_csv(reference / "divergence.csv")),
@@ -318,11 +324,13 @@ def sensitivity_table(out: Path, cells: list[Cell]) -> pd.DataFrame:
                 rounds=summary.get("rounds", float("nan")),
             )
         )
-    table = pd.DataFrame(rows, columns=[c for c in SENSITIVITY_COLUMNS if c not in ("gain_vs_fedavg", "comm_saved")])
+    derived = ("gain_vs_fedavg", "gain_tail_vs_fedavg", "comm_saved")
+    table = pd.DataFrame(rows, columns=[c for c in SENSITIVITY_COLUMNS if c not in derived])
     keys = ["dataset", "scheme", "alpha", "seed"]
-    fedavg = table.loc[table["local_part"] == "none", keys + ["acc_mean", "comm_bytes_per_round"]]
+    fedavg = table.loc[table["local_part"] == "none", keys + ["acc_mean", "acc_tail", "comm_bytes_per_round"]]
     paired = table.merge(fedavg, on=keys, how="left", suffixes=("", "_fedavg"))
     table["gain_vs_fedavg"] = (paired["acc_mean"] - paired["acc_mean_fedavg"]).to_numpy()
+    table["gain_tail_vs_fedavg"] = (paired["acc_tail"] - paired["acc_tail_fedavg"]).to_numpy()
     table["comm_saved"] = (1 - paired["comm_bytes_per_round"] / paired["comm_bytes_per_round_fedavg"]).to_numpy()
     return table[SENSITIVITY_COLUMNS]
 
@@ -331,7 +339,8 @@ def write_tables(out: Path, cells: list[Cell]) -> dict[str, pd.DataFrame]:
     """sensitivity.csv, ranking.csv and the concatenated rounds / metrics / divergence tables."""
     tables = {name: _concatenated(out, cells, name) for name in ("rounds", "metrics", "divergence")}
     tables["sensitivity"] = sensitivity_table(out, cells)
-    tables["ranking"] = ranking_lib.rank(tables["sensitivity"])
+    gains = stats_lib.paired_gains(stats_lib.client_outcomes(tables["metrics"]))
+    tables["ranking"] = ranking_lib.rank(tables["sensitivity"], gains)
     for name, frame in tables.items():
         runio.write_table(out / f"{name}.csv", frame.to_dict("records"), list(frame.columns))
     return tables

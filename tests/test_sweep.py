@@ -236,10 +236,13 @@ def test_cli_sweep_end_to_end_and_top_parts(tmp_path):
         "--device",
         "cpu",
         "--quiet",
+        "--split-seeds",
     ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "parts by accuracy gain over FedAvg" in result.output
+    assert "halves of the seeds" in result.output and (out / "split_seeds.csv").is_file()
+    assert pd.read_csv(out / "ranking.csv")["boot_low"].isna().all()  # one seed: no bootstrap interval
     assert "3 cells trained, 0 reused, 0 failed" in result.output
     assert set(pd.read_csv(out / "divergence.csv")["round"]) == {2}  # --div-every 2
     assert top_parts(out, 2) in ("head,attn", "attn,head")
