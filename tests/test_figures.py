@@ -298,3 +298,16 @@ def test_partition_heatmap_adds_domains_when_there_are_any():
     meshes = _heatmaps(fig)
     assert [m.get_array().size for m in meshes] == [6, 4]
     assert [ax.get_xlabel() for ax in fig.axes if ax.get_xlabel() in ("class", "domain")] == ["class", "domain"]
+
+
+def test_critical_difference_places_parts_at_their_mean_rank_and_joins_unresolved_neighbours():
+    ranking = _ranking({}).assign(
+        mean_rank=[1.2, 2.3, 2.5], resolved_vs_next=[True, False, np.nan], friedman_p=[0.001] * 3
+    )
+    fig = figures.plot_critical_difference(ranking)
+    (ax,) = fig.axes
+    labels = [t.get_text() for t in ax.texts]
+    assert labels == ["attn (1.20)", "head (2.30)", "mlp (2.50)"]
+    bars = [line for line in ax.lines if line.get_linewidth() == 4]
+    assert len(bars) == 1 and list(bars[0].get_xdata()) == [2.3, 2.5]  # head-mlp unresolved, attn-head resolved
+    assert "Friedman p = 0.001" in ax.get_title()
