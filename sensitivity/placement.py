@@ -43,7 +43,7 @@ def _ranking(sweep_dir: Path) -> pd.DataFrame:
     return pd.read_csv(path)
 
 
-def _attention_blocks(sweep_dir: Path) -> list[int]:
+def attention_blocks(sweep_dir: Path) -> list[int]:
     """The model's blocks holding attention, from any cell's parts.csv."""
     for parts_csv in sorted((sweep_dir / "cells").glob("*/parts.csv")):
         parts = pd.read_csv(parts_csv)
@@ -57,7 +57,7 @@ def place_fedperfix(sweep_dir: str | Path, top_blocks: int) -> Placement:
     """The adapter blocks and extra local parts the sweep in `sweep_dir` suggests for FedPerfix."""
     sweep_dir = Path(sweep_dir)
     order = accuracy_order(_ranking(sweep_dir))  # ranked parts, best first
-    available = _attention_blocks(sweep_dir)
+    available = attention_blocks(sweep_dir)
     if not 1 <= top_blocks <= len(available):
         raise UserError(f"--top-blocks must be in 1..{len(available)} (the model's attention blocks); got {top_blocks}")
     per_block = [(int(m.group(1)), part) for part in order.index if (m := PER_BLOCK_ATTN.match(str(part)))]

@@ -13,8 +13,6 @@ from fedsens.personalize.errors import UserError
 def _resolve_auto(personalize: str | None, sweep_dir: Path | None, top: int) -> str | None:
     """`--personalize auto --from SWEEP --top K` -> the K parts the sweep ranked most sensitive."""
     if personalize != "auto":
-        if sweep_dir is not None:
-            raise UserError("--from only makes sense with --personalize auto")
         return personalize
     if sweep_dir is None:
         raise UserError("--personalize auto needs --from SWEEP_DIR (a folder written by `fedsens sweep`)")
@@ -23,6 +21,28 @@ def _resolve_auto(personalize: str | None, sweep_dir: Path | None, top: int) -> 
     spec = top_parts(sweep_dir, top)
     typer.echo(f"--personalize auto: the sweep in {sweep_dir} ranks {spec!r} as the top {top}")
     return spec
+
+
+def _place_fedperfix(method: str | None, sweep_dir: Path | None, top_blocks: int | None) -> dict:
+    """`--method fedperfix --from SWEEP --top-blocks K` -> the plugin options the sweep's ranking chooses.
+
+    Today's FedPerfix takes adapters in the last N blocks (`plugin_depth`); a placement in other blocks
+    needs per-block adapter options and is refused with that reason."""
+    if method != "fedperfix" or sweep_dir is None:
+        if top_blocks is not None:
+            raise UserError("--top-blocks only makes sense with --method fedperfix --from SWEEP_DIR")
+        return {}
+    from fedsens.sensitivity.placement import attention_blocks, place_fedperfix
+
+    placement = place_fedperfix(sweep_dir, top_blocks or 1)
+    depth = len(placement.blocks)
+    if placement.blocks != tuple(attention_blocks(sweep_dir)[-depth:]):
+        raise UserError(
+            f"the sweep places FedPerfix's adapters in blocks {', '.join(map(str, placement.blocks))}, but today's "
+            "FedPerfix takes only the last N blocks (--plugin-depth); per-block placement needs its `blocks` option"
+        )
+    typer.echo(f"--method fedperfix --from {sweep_dir}: {placement.why}")
+    return {"placement": placement, "plugin_depth": depth, "fedperfix_local": placement.local or None}
 
 
 @clean_errors
@@ -74,13 +94,24 @@ def train(
     perfedavg_beta: float | None = typer.Option(None, help="Per-FedAvg: outer step size (default: --lr)"),
     fedrep_head_epochs: int | None = typer.Option(None, help="FedRep: head epochs before the body's"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+    top_blocks: int | None = typer.Option(
+        None,
+        "--top-blocks",
+        help="with --method fedperfix --from SWEEP: adapters in the K blocks the sweep ranks most sensitive "
+        "(default 1); parts ranked above attention are kept local too; written to placement.json",
+    ),
 ) -> None:
     """Run one federated training.
 
     Writes config.json, partition.json, parts.csv, metrics.csv, rounds.csv and summary.json into --out.
     """
+    from fedsens.personalize import runio
     from fedsens.personalize.federation import RunConfig, run
 
+    if sweep_dir is not None and personalize != "auto" and method != "fedperfix":
+        raise UserError("--from only makes sense with --personalize auto or --method fedperfix")
+    placed = _place_fedperfix(method, sweep_dir, top_blocks)
+    placement = placed.pop("placement", None)
     given = {
         "dataset": dataset,
         "data_root": data_root,
@@ -110,7 +141,11 @@ def train(
         "perfedavg_beta": perfedavg_beta,
         "fedrep_head_epochs": fedrep_head_epochs,
     }
+    given.update({k: v for k, v in placed.items() if v is not None})
     config = RunConfig(out=str(out), **{k: v for k, v in given.items() if v is not None})
+    if placement is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        runio.write_json(out / "placement.json", {**placement.as_dict(), "sweep": str(sweep_dir)})
     result = run(config, resume=resume, overwrite=overwrite, quiet=quiet)
     s = result.summary
     what = f"personalize={config.personalize}" if config.method == "fedavg" else f"method={config.method}"
