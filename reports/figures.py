@@ -151,6 +151,28 @@ def plot_critical_difference(ranking: pd.DataFrame, *, ax: Axes | None = None) -
     return fig
 
 
+def plot_block_gains(ranking: pd.DataFrame, *, ax: Axes | None = None) -> Figure:
+    """Gain over FedAvg when one block's part is kept local (`attn@3` ...), by block, one line per part type,
+    with the t-interval across seeds as a band. `ranking`: ranking.csv rows (per-block parts only are drawn)."""
+    rows = ranking[ranking["metric"] == "gain_vs_fedavg"] if "metric" in ranking.columns else ranking
+    found = rows["part"].astype(str).str.extract(r"^([a-z]+)@(\d+)$")
+    rows = rows.assign(kind=found[0], block=pd.to_numeric(found[1])).dropna(subset=["kind"])
+    fig, ax = _one_axes(ax, width=6.4, height=4.0)
+    kinds = _part_order(rows["kind"])
+    colors = dict(zip(kinds, _colors(len(kinds))))
+    for kind in kinds:
+        line = rows[rows["kind"] == kind].sort_values("block")
+        ax.plot(line["block"], line["score"], marker="o", color=colors[kind], label=kind)
+        ax.fill_between(line["block"], line["ci_low"], line["ci_high"], color=colors[kind], alpha=0.15)
+    ax.axhline(0, color="0.3", linewidth=0.8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("block kept local (0 = next to the input)")
+    ax.set_ylabel("accuracy gain over FedAvg")
+    ax.set_title("Sensitivity by block")
+    ax.legend(title="part", fontsize="small")
+    return fig
+
+
 def _divergence_table(divergence: pd.DataFrame, metric: str, rounds: str) -> pd.DataFrame:
     rows = divergence[divergence["metric"] == metric]
     if rounds == "last":

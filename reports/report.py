@@ -42,6 +42,7 @@ FIGURE_NAMES = (
     "sensitivity",
     "rank_agreement",
     "critical_difference",
+    "block_gains",
     "divergence_heatmap",
     "divergence_rounds",
     "training_curves",
@@ -133,6 +134,15 @@ def _ranking_figures(frames: dict[str, pd.DataFrame], need) -> list[PlannedFigur
             )
         )
         gains_rows = gain_ranking(rows)
+        if gains_rows["part"].astype(str).str.contains("@").any():
+            planned.append(
+                PlannedFigure(
+                    f"block_gains{suffix}",
+                    f"Accuracy gain over FedAvg when one block's part is kept local{where} (--per-block cells): "
+                    "mean over seeds, band = t-interval across seeds.",
+                    partial(figures.plot_block_gains, rows),
+                )
+            )
         if "mean_rank" in gains_rows and gains_rows["mean_rank"].notna().sum() >= 2:
             planned.append(
                 PlannedFigure(

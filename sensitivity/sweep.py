@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
+from fedsens.personalize import model as model_lib
 from fedsens.personalize import runio
 from fedsens.personalize.errors import UserError
 from fedsens.personalize.federation import RunConfig
@@ -99,6 +100,20 @@ class SweepConfig:
             raise UserError(f"--div-every must be at least 1 (got {self.div_every})")
         if self.run.method != "fedavg":
             raise UserError(f"a sweep keeps parts local with FedAvg; method {self.run.method!r} fixes its own parts")
+
+
+PER_BLOCK_KINDS = ("attn", "mlp", "norm")
+
+
+def per_block_parts(model: str, kinds: tuple[str, ...]) -> tuple[str, ...]:
+    """One part spec per block for each part type in `kinds` (`attn@0`, `attn@1`, ...): `--per-block`."""
+    unknown = [kind for kind in kinds if kind not in PER_BLOCK_KINDS]
+    if unknown:
+        raise UserError(f"--per-block takes {', '.join(PER_BLOCK_KINDS)} (got {', '.join(unknown)})")
+    depth = model_lib.get_preset(model).depth
+    if depth is None:  # a timm-named model keeps timm's depth: build it once to count its blocks
+        depth = len(model_lib.build(model, num_classes=2, in_chans=3, img_size=224).blocks)
+    return tuple(f"{kind}@{block}" for kind in kinds for block in range(depth))
 
 
 @dataclass(frozen=True)

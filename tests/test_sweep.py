@@ -263,3 +263,12 @@ def test_explicit_options_override_the_preset():
     config = build_config("paper-cifar100", run=dict(rounds=3, lr=None), sweep=dict(seeds=(4,), alphas=None))
     assert (config.run.rounds, config.run.lr, config.seeds) == (3, 0.01, (4,))
     assert config.partitions() == [("cifar100", "dirichlet", 0.5)]
+
+
+def test_per_block_parts_name_one_cell_per_block():
+    from fedsens.sensitivity.sweep import per_block_parts
+
+    assert per_block_parts("vit-micro", ("attn", "mlp")) == tuple(f"{k}@{b}" for k in ("attn", "mlp") for b in range(4))
+    assert len(per_block_parts("vit_tiny_patch16_224", ("norm",))) == 12
+    with pytest.raises(UserError, match="--per-block takes attn, mlp, norm"):
+        per_block_parts("vit-micro", ("head",))

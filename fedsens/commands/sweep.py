@@ -93,6 +93,11 @@ def sweep(
     fresh: bool = typer.Option(False, "--fresh", help="Re-run every cell instead of resuming."),
     device: str | None = typer.Option(None, help="auto (CUDA when present), cpu or cuda."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    per_block: str | None = typer.Option(
+        None,
+        "--per-block",
+        help="Also one cell per block for these part types, e.g. attn or attn,mlp (cells attn@0, attn@1, ...).",
+    ),
     split_seeds: bool = typer.Option(
         False,
         "--split-seeds",
@@ -132,6 +137,13 @@ def sweep(
             alphas=comma_list(alphas, float, "--alphas", "0.1,0.5"),
         ),
     )
+    if per_block:
+        import dataclasses
+
+        from fedsens.sensitivity.sweep import per_block_parts
+
+        kinds = tuple(comma_list(per_block, str, "--per-block", "attn,mlp") or ())
+        config = dataclasses.replace(config, parts=(*config.parts, *per_block_parts(config.run.model, kinds)))
     result = run_sweep(config)
     typer.echo(ranking_text(result))
     if split_seeds:
