@@ -11,6 +11,9 @@ DIVERGENCE_METRICS = ("update_cos", "rel_drift", "weight_div", "cka")
 
 # The metric name of the sweep's accuracy ranking (ranking.csv) beside the divergence metrics.
 GAIN = "gain_vs_fedavg"
+# A cell's gain over FedAvg in its mean client accuracy over the last rounds (the sweep ranks by it; GAIN's
+# block of ranking.csv then scores it).
+TAIL_GAIN = "gain_tail_vs_fedavg"
 
 # --- one run's folder (personalize.federation) -------------------------------------------------
 # Evaluation protocols, both recorded in every evaluated round: metrics.csv's `protocol` says which one a
@@ -55,6 +58,9 @@ SENSITIVITY_COLUMNS = [
     "acc_last",
     "acc_best",
     GAIN,
+    "acc_tail",
+    "tail_rounds",
+    TAIL_GAIN,
     "local_params",
     "comm_bytes_per_round",
     "comm_saved",
@@ -71,6 +77,15 @@ RANKING_COLUMNS = [
     "rank",
     "metric",
     "spearman_vs_gain",
+    "score_last",
+    "boot_low",
+    "boot_high",
+    "mean_rank",
+    "friedman_p",
+    "diff_low",
+    "diff_high",
+    "resolved_vs_next",
+    "p_vs_next",
     "dataset",
     "scheme",
     "alpha",

@@ -110,6 +110,70 @@ def _without_part_summaries(divergence: pd.DataFrame) -> pd.DataFrame:
     return divergence[~(is_summary & has_groups)]
 
 
+def plot_critical_difference(ranking: pd.DataFrame, *, ax: Axes | None = None) -> Figure:
+    """Critical-difference style: each ranked part at its mean Friedman rank over (seed, client) blocks
+    (1 = largest gain); a bar joins neighbours in the ranking whose order is not resolved at 95%.
+
+    `ranking`: ranking.csv rows with `mean_rank`, `resolved_vs_next` and `friedman_p` (a sweep of
+    several seeds); other metrics' rows are ignored.
+    """
+    rows = ranking[ranking["metric"] == "gain_vs_fedavg"] if "metric" in ranking.columns else ranking
+    rows = rows.dropna(subset=["rank", "mean_rank"]).sort_values("rank", kind="stable").reset_index(drop=True)
+    fig, ax = _one_axes(ax, width=6.4, height=2.0 + 0.25 * len(rows))
+    count = len(rows)
+    ax.set_xlim(count + 0.5, 0.5)  # rank 1 on the right, as in Demšar's diagrams
+    ax.set_ylim(-(count + 1), 1.5)
+    ax.axhline(0, color="0.3", linewidth=1)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.tick_params(left=False, labelleft=False)
+    for index, (part, mean_rank) in enumerate(zip(rows["part"], rows["mean_rank"])):
+        level = -(index + 1)
+        ax.plot([mean_rank, mean_rank], [0, level], color="0.4", linewidth=0.8)
+        ax.annotate(
+            f"{part} ({mean_rank:.2f})",
+            (mean_rank, level),
+            xytext=(4, 0),
+            textcoords="offset points",
+            va="center",
+            fontsize="small",
+        )
+    unresolved = rows["resolved_vs_next"].map(lambda v: str(v).lower() in ("false", "0", "0.0"))
+    color = _colors(1)[0]
+    for index in np.flatnonzero(unresolved.to_numpy()):
+        if index + 1 < count:  # the bar joins this part to the next one in the ranking
+            ends = rows["mean_rank"].iloc[[index, index + 1]].to_numpy(float)
+            height = 0.35 + 0.3 * (index % 3)
+            ax.plot(ends, [height, height], color=color, linewidth=4, solid_capstyle="round")
+    friedman_p = rows["friedman_p"].dropna() if "friedman_p" in rows.columns else pd.Series(dtype=float)
+    note = f"Friedman p = {friedman_p.iloc[0]:.2g}; " if len(friedman_p) else ""
+    ax.set_xlabel("mean rank over (seed, client) blocks (1 = largest gain over FedAvg)")
+    ax.set_title(f"{note}bars join neighbours not resolved at 95%", fontsize="medium")
+    ax.grid(False)
+    return fig
+
+
+def plot_block_gains(ranking: pd.DataFrame, *, ax: Axes | None = None) -> Figure:
+    """Gain over FedAvg when one block's part is kept local (`attn@3` ...), by block, one line per part type,
+    with the t-interval across seeds as a band. `ranking`: ranking.csv rows (per-block parts only are drawn)."""
+    rows = ranking[ranking["metric"] == "gain_vs_fedavg"] if "metric" in ranking.columns else ranking
+    found = rows["part"].astype(str).str.extract(r"^([a-z]+)@(\d+)$")
+    rows = rows.assign(kind=found[0], block=pd.to_numeric(found[1])).dropna(subset=["kind"])
+    fig, ax = _one_axes(ax, width=6.4, height=4.0)
+    kinds = _part_order(rows["kind"])
+    colors = dict(zip(kinds, _colors(len(kinds))))
+    for kind in kinds:
+        line = rows[rows["kind"] == kind].sort_values("block")
+        ax.plot(line["block"], line["score"], marker="o", color=colors[kind], label=kind)
+        ax.fill_between(line["block"], line["ci_low"], line["ci_high"], color=colors[kind], alpha=0.15)
+    ax.axhline(0, color="0.3", linewidth=0.8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("block kept local (0 = next to the input)")
+    ax.set_ylabel("accuracy gain over FedAvg")
+    ax.set_title("Sensitivity by block")
+    ax.legend(title="part", fontsize="small")
+    return fig
+
+
 def _divergence_table(divergence: pd.DataFrame, metric: str, rounds: str) -> pd.DataFrame:
     rows = divergence[divergence["metric"] == metric]
     if rounds == "last":

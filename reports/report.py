@@ -44,6 +44,8 @@ PNG_DPI = 110  # sharp on screen while keeping index.html well under a few MB
 FIGURE_NAMES = (
     "sensitivity",
     "rank_agreement",
+    "critical_difference",
+    "block_gains",
     "divergence_heatmap",
     "divergence_rounds",
     "training_curves",
@@ -134,6 +136,26 @@ def _ranking_figures(frames: dict[str, pd.DataFrame], need) -> list[PlannedFigur
                 partial(figures.plot_sensitivity, rows),
             )
         )
+        gains_rows = gain_ranking(rows)
+        if gains_rows["part"].astype(str).str.contains("@").any():
+            planned.append(
+                PlannedFigure(
+                    f"block_gains{suffix}",
+                    f"Accuracy gain over FedAvg when one block's part is kept local{where} (--per-block cells): "
+                    "mean over seeds, band = t-interval across seeds.",
+                    partial(figures.plot_block_gains, rows),
+                )
+            )
+        if "mean_rank" in gains_rows and gains_rows["mean_rank"].notna().sum() >= 2:
+            planned.append(
+                PlannedFigure(
+                    f"critical_difference{suffix}",
+                    f"Each ranked part at its mean rank over (seed, client) blocks{where}; a bar joins neighbours in "
+                    "the ranking whose order the hierarchical bootstrap of their paired difference does not resolve "
+                    "at 95%.",
+                    partial(figures.plot_critical_difference, rows),
+                )
+            )
         if need(
             (rows["metric"] != "gain_vs_fedavg").any(),
             f"divergence rows in ranking.csv{where}",

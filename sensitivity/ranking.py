@@ -1,7 +1,11 @@
 """From the sensitivity table to a ranking of parts, and from the ranking to a part spec for `train`.
 
-The accuracy ranking orders parts by their mean gain over FedAvg across seeds (a t-interval across
-seeds beside it). Each divergence metric, measured in the FedAvg cells alone, gives its own ranking
+The accuracy ranking orders parts by their mean gain over FedAvg across seeds, each cell scored by its
+mean client accuracy over the last evaluated rounds (`gain_tail_vs_fedavg`; `score_last` keeps the
+final-round gain beside it). Beside the t-interval across seeds: the hierarchical-bootstrap interval of
+the per-client paired gain (`boot_low/high`), Friedman's mean rank and p-value over the parts, and for
+each part whether its order against the next-ranked part is resolved at 95% (see sensitivity/stats.py).
+Each divergence metric, measured in the FedAvg cells alone, gives its own ranking
 (higher drift / weight divergence, lower update cosine / CKA = more sensitive), with its Spearman
 correlation to the accuracy ranking: does one cheap FedAvg run predict the expensive sweep?
 
@@ -21,9 +25,10 @@ import pandas as pd
 from scipy import stats
 
 from fedsens.personalize.errors import UserError
-from fedsens.personalize.schema import DIVERGENCE_METRICS, GAIN, RANKING_COLUMNS
+from fedsens.personalize.schema import DIVERGENCE_METRICS, GAIN, RANKING_COLUMNS, TAIL_GAIN
 from fedsens.personalize.stats import spearman
 from fedsens.sensitivity import sanity
+from fedsens.sensitivity import stats as stats_lib
 
 # Whether a larger value of the metric means the clients pull the part further apart.
 HIGHER_IS_MORE_SENSITIVE = {"update_cos": False, "rel_drift": True, "weight_div": True, "cka": False}
@@ -57,12 +62,36 @@ def _block(table: pd.DataFrame, column: str, metric: str, higher_first: bool, co
     return block.sort_values(["rank", "part"], na_position="last").reset_index(drop=True)
 
 
-def rank_partition(table: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
-    """The ranking blocks of one partition's sensitivity rows (all seeds)."""
+def _client_statistics(gain: pd.DataFrame, gains: pd.DataFrame, confidence: float) -> pd.DataFrame:
+    """The accuracy block with the per-client paired statistics laid beside it (rows keep their order)."""
+    ranked = gain.dropna(subset=["rank"])["part"].tolist()
+    boot = {
+        part: stats_lib.hierarchical_bootstrap(stats_lib.seed_client_matrix(gains, part), confidence=confidence)
+        for part in gain["part"]
+    }
+    gain["boot_low"] = [boot[p][0] for p in gain["part"]]
+    gain["boot_high"] = [boot[p][1] for p in gain["part"]]
+    friedman_p, mean_rank = stats_lib.friedman(stats_lib.blocks_by_parts(gains, ranked))
+    gain["mean_rank"] = gain["part"].map(mean_rank)
+    gain["friedman_p"] = friedman_p
+    adjacent = stats_lib.adjacent_resolution(gains, ranked, confidence=confidence).set_index("part")
+    for column in ("diff_low", "diff_high", "resolved_vs_next", "p_vs_next"):
+        gain[column] = gain["part"].map(adjacent[column]) if len(adjacent) else math.nan
+    return gain
+
+
+def rank_partition(table: pd.DataFrame, confidence: float = 0.95, gains: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The ranking blocks of one partition's sensitivity rows (all seeds); `gains`: its per-client paired
+    gains (sensitivity.stats.paired_gains), which add the bootstrap, Friedman and resolution columns."""
     parts = table[table["local_part"] != "none"]
-    done = parts.assign(**{GAIN: parts[GAIN].where(parts["status"] == "done")})  # a failed cell keeps its row, NaN
+    column = TAIL_GAIN if TAIL_GAIN in parts and parts[TAIL_GAIN].notna().any() else GAIN
+    ok = parts["status"] == "done"
+    done = parts.assign(**{GAIN: parts[column].where(ok), "last": parts[GAIN].where(ok)})  # failed cell: NaN
     gain = _block(done, GAIN, GAIN, higher_first=True, confidence=confidence)
     gain["spearman_vs_gain"] = math.nan  # the accuracy ranking itself
+    gain["score_last"] = gain["part"].map(done.groupby("local_part")["last"].mean())
+    if gains is not None and len(gains):
+        gain = _client_statistics(gain, gains, confidence)
     blocks = [gain]
     accuracy_order = gain.set_index("part")["score"].where(gain.set_index("part")["rank"].notna())
     for metric in DIVERGENCE_METRICS:
@@ -74,18 +103,21 @@ def rank_partition(table: pd.DataFrame, confidence: float = 0.95) -> pd.DataFram
     return pd.concat(blocks, ignore_index=True)
 
 
-def rank(sensitivity: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
+def rank(sensitivity: pd.DataFrame, gains: pd.DataFrame | None = None, confidence: float = 0.95) -> pd.DataFrame:
     """ranking.csv: per partition, the accuracy block then one block per divergence metric."""
     keys = ["dataset", "scheme", "alpha"]
     frames = []
     for (dataset, scheme, alpha), table in sensitivity.groupby(keys, sort=False):
-        frame = rank_partition(table, confidence)
+        mine = None
+        if gains is not None and len(gains):
+            mine = gains[(gains["dataset"] == dataset) & (gains["scheme"] == scheme) & (gains["alpha"] == alpha)]
+        frame = rank_partition(table, confidence, mine)
         frame["dataset"], frame["scheme"], frame["alpha"] = dataset, scheme, alpha
         frame["trustworthy"] = sanity.ranking_trust(frame, table)
         frames.append(frame)
     if not frames:
         return pd.DataFrame(columns=RANKING_COLUMNS)
-    return pd.concat(frames, ignore_index=True)[RANKING_COLUMNS]
+    return pd.concat(frames, ignore_index=True).reindex(columns=RANKING_COLUMNS)
 
 
 def accuracy_order(ranking: pd.DataFrame) -> pd.Series:
@@ -119,3 +151,43 @@ def top_parts(sweep_dir: str | Path, k: int) -> str:
         )
     terms = [term.strip() for part in order.index[:k] for term in str(part).split(",")]
     return ",".join(dict.fromkeys(terms))
+
+
+SPLIT_COLUMNS = ["dataset", "scheme", "alpha", "seeds_a", "seeds_b", "order_a", "order_b", "kendall_tau"]
+
+
+def seed_half_agreement(sensitivity: pd.DataFrame) -> pd.DataFrame:
+    """Per partition: the accuracy ranking of each of two disjoint halves of the seeds, and Kendall's tau
+    between the two halves' scores of the ranked parts (1 = the same order; NaN below 2 seeds)."""
+    rows = []
+    for (dataset, scheme, alpha), table in sensitivity.groupby(["dataset", "scheme", "alpha"], sort=False):
+        first, second = stats_lib.seed_halves(table["seed"].unique().tolist())
+        scores, orders = [], []
+        for half in (first, second):
+            block = rank_partition(table[table["seed"].isin(half)]) if half else pd.DataFrame(columns=RANKING_COLUMNS)
+            gain = block[(block["metric"] == GAIN)].dropna(subset=["rank"])
+            scores.append(gain.set_index("part")["score"])
+            orders.append(" > ".join(gain["part"]))
+        rows.append(
+            dict(
+                dataset=dataset,
+                scheme=scheme,
+                alpha=alpha,
+                seeds_a=",".join(map(str, first)),
+                seeds_b=",".join(map(str, second)),
+                order_a=orders[0],
+                order_b=orders[1],
+                kendall_tau=stats_lib.kendall_tau(scores[0], scores[1]),
+            )
+        )
+    return pd.DataFrame(rows, columns=SPLIT_COLUMNS)
+
+
+def write_seed_half_agreement(sweep_dir: str | Path) -> pd.DataFrame:
+    """split_seeds.csv in a finished sweep folder, from its sensitivity.csv."""
+    path = Path(sweep_dir) / "sensitivity.csv"
+    if not path.is_file():
+        raise UserError(f"{sweep_dir} is not a finished sweep folder (no sensitivity.csv)")
+    table = seed_half_agreement(pd.read_csv(path))
+    table.to_csv(Path(sweep_dir) / "split_seeds.csv", index=False)
+    return table

@@ -22,14 +22,16 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
+from fedsens.personalize import model as model_lib
 from fedsens.personalize import preflight, presets, runio
 from fedsens.personalize.errors import UserError
 from fedsens.personalize.federation import RunConfig
 from fedsens.personalize.hooks import Hook
 from fedsens.personalize.methods import method_class
-from fedsens.personalize.schema import CELL_COLUMNS, GAIN, SANITY_COLUMNS, SENSITIVITY_COLUMNS
+from fedsens.personalize.schema import CELL_COLUMNS, GAIN, SANITY_COLUMNS, SENSITIVITY_COLUMNS, TAIL_GAIN
 from fedsens.sensitivity import ranking as ranking_lib
 from fedsens.sensitivity import runs, sanity
+from fedsens.sensitivity import stats as stats_lib
 from fedsens.sensitivity.divergence import METRICS, DivergenceRecorder, group_names
 
 DEFAULT_PARTS = ("none", "embed", "attn", "mlp", "norm", "head", "all")
@@ -83,6 +85,20 @@ class SweepConfig:
                 self.alphas or (self.run.alpha,),
             )
         )
+
+
+PER_BLOCK_KINDS = ("attn", "mlp", "norm")
+
+
+def per_block_parts(model: str, kinds: tuple[str, ...]) -> tuple[str, ...]:
+    """One part spec per block for each part type in `kinds` (`attn@0`, `attn@1`, ...): `--per-block`."""
+    unknown = [kind for kind in kinds if kind not in PER_BLOCK_KINDS]
+    if unknown:
+        raise UserError(f"--per-block takes {', '.join(PER_BLOCK_KINDS)} (got {', '.join(unknown)})")
+    depth = model_lib.get_preset(model).depth
+    if depth is None:  # a timm-named model keeps timm's depth: build it once to count its blocks
+        depth = len(model_lib.build(model, num_classes=2, in_chans=3, img_size=224).blocks)
+    return tuple(f"{kind}@{block}" for kind in kinds for block in range(depth))
 
 
 @dataclass(frozen=True)
@@ -270,7 +286,8 @@ def sensitivity_table(out: Path, cells: list[Cell]) -> pd.DataFrame:
         folder = out / "cells" / cell.name
         status = runs.status(folder)
         summary = runio.read_json(folder / "summary.json") if (folder / "summary.json").exists() else {}
-        accuracy = runs.final_accuracy(runs.read_csv(folder / "rounds.csv") if status == "done" else pd.DataFrame())
+        rounds = runs.read_csv(folder / "rounds.csv") if status == "done" else pd.DataFrame()
+        accuracy = runs.final_accuracy(rounds)
         if status == "done":
             accuracy["acc_best"] = summary.get("acc_best", accuracy["acc_best"])
         reference = out / "cells" / dataclasses.replace(cell, local_part="none").name
@@ -283,6 +300,7 @@ def sensitivity_table(out: Path, cells: list[Cell]) -> pd.DataFrame:
                 local_part=cell.local_part,
                 status=status,
                 **accuracy,
+                **stats_lib.tail_accuracy(rounds),
                 local_params=summary.get("local_params", float("nan")),
                 comm_bytes_per_round=summary.get("comm_bytes_per_round", float("nan")),
                 **_part_divergence(runs.read_csv(folder / "parts.csv"), runs.read_csv(reference / "divergence.csv")),
@@ -290,12 +308,13 @@ def sensitivity_table(out: Path, cells: list[Cell]) -> pd.DataFrame:
                 rounds=summary.get("rounds", float("nan")),
             )
         )
-    derived = (GAIN, "comm_saved", *SANITY_COLUMNS)
+    derived = (GAIN, TAIL_GAIN, "comm_saved", *SANITY_COLUMNS)
     table = pd.DataFrame(rows, columns=[c for c in SENSITIVITY_COLUMNS if c not in derived])
     keys = ["dataset", "scheme", "alpha", "seed"]
-    fedavg = table.loc[table["local_part"] == "none", keys + ["acc_mean", "comm_bytes_per_round"]]
+    fedavg = table.loc[table["local_part"] == "none", keys + ["acc_mean", "acc_tail", "comm_bytes_per_round"]]
     paired = table.merge(fedavg, on=keys, how="left", suffixes=("", "_fedavg"))
     table["gain_vs_fedavg"] = (paired["acc_mean"] - paired["acc_mean_fedavg"]).to_numpy()
+    table["gain_tail_vs_fedavg"] = (paired["acc_tail"] - paired["acc_tail_fedavg"]).to_numpy()
     table["comm_saved"] = (1 - paired["comm_bytes_per_round"] / paired["comm_bytes_per_round_fedavg"]).to_numpy()
     table = sanity.sanity_columns(table, out / "cells")
     return table[SENSITIVITY_COLUMNS]
@@ -305,7 +324,8 @@ def write_tables(out: Path, cells: list[Cell]) -> dict[str, pd.DataFrame]:
     """sensitivity.csv, ranking.csv and the concatenated rounds / metrics / divergence tables."""
     tables = {name: _concatenated(out, cells, name) for name in ("rounds", "metrics", "divergence")}
     tables["sensitivity"] = sensitivity_table(out, cells)
-    tables["ranking"] = ranking_lib.rank(tables["sensitivity"])
+    gains = stats_lib.paired_gains(stats_lib.client_outcomes(tables["metrics"]))
+    tables["ranking"] = ranking_lib.rank(tables["sensitivity"], gains)
     for name, frame in tables.items():
         runio.write_table(out / f"{name}.csv", frame.to_dict("records"), list(frame.columns))
     return tables

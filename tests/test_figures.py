@@ -298,3 +298,32 @@ def test_partition_heatmap_adds_domains_when_there_are_any():
     meshes = _heatmaps(fig)
     assert [m.get_array().size for m in meshes] == [6, 4]
     assert [ax.get_xlabel() for ax in fig.axes if ax.get_xlabel() in ("class", "domain")] == ["class", "domain"]
+
+
+def test_critical_difference_places_parts_at_their_mean_rank_and_joins_unresolved_neighbours():
+    ranking = _ranking({}).assign(
+        mean_rank=[1.2, 2.3, 2.5], resolved_vs_next=[True, False, np.nan], friedman_p=[0.001] * 3
+    )
+    fig = figures.plot_critical_difference(ranking)
+    (ax,) = fig.axes
+    labels = [t.get_text() for t in ax.texts]
+    assert labels == ["attn (1.20)", "head (2.30)", "mlp (2.50)"]
+    bars = [line for line in ax.lines if line.get_linewidth() == 4]
+    assert len(bars) == 1 and list(bars[0].get_xdata()) == [2.3, 2.5]  # head-mlp unresolved, attn-head resolved
+    assert "Friedman p = 0.001" in ax.get_title()
+
+
+def test_block_gains_draw_one_line_per_part_type_by_block():
+    rows = [
+        dict(part=f"{kind}@{b}", score=0.1 * b + (0.5 if kind == "mlp" else 0), ci_low=0, ci_high=1, rank=1)
+        for kind in ("mlp", "attn")
+        for b in (1, 0, 2)
+    ]
+    ranking = pd.DataFrame([*rows, dict(part="head", score=9.0, ci_low=0, ci_high=1, rank=1)]).assign(
+        metric="gain_vs_fedavg"
+    )
+    (ax,) = figures.plot_block_gains(ranking).axes
+    lines = {line.get_label(): line for line in ax.lines if not line.get_label().startswith("_")}
+    assert list(lines) == ["attn", "mlp"]  # model order; head (not per block) is not drawn
+    assert list(lines["attn"].get_xdata()) == [0, 1, 2]
+    assert list(np.round(lines["mlp"].get_ydata(), 6)) == [0.5, 0.6, 0.7]

@@ -227,6 +227,9 @@ def write_sweep_folder(folder: Path, *, parts=("none", *PARTS, "all"), seeds=(0,
                 "rank": ranked.index(part) + 1 if part in ranked else np.nan,
                 "metric": "gain_vs_fedavg",
                 "spearman_vs_gain": np.nan,
+                "mean_rank": ranked.index(part) + 1.5 if part in ranked else np.nan,
+                "friedman_p": 0.01,
+                "resolved_vs_next": part == ranked[0],
                 **partition,
             }
             for part, score in gains.items()
@@ -299,6 +302,7 @@ EXPECTED_FIGURES = {
     "run": {"training_curves", "fairness", "divergence_heatmap", "divergence_rounds", "partition"},
     "sweep": {
         "sensitivity",
+        "critical_difference",
         "rank_agreement",
         "divergence_heatmap",
         "divergence_rounds",
@@ -373,7 +377,8 @@ def test_detect_says_when_a_sweep_is_unfinished(tmp_path):
 
 
 def test_every_figure_name_is_known_to_the_stale_file_cleanup():
-    assert set().union(*EXPECTED_FIGURES.values()) == set(FIGURE_NAMES)
+    per_block = {"block_gains"}  # drawn only for --per-block sweeps (tests/test_figures.py draws it)
+    assert set().union(*EXPECTED_FIGURES.values(), per_block) == set(FIGURE_NAMES)
 
 
 @pytest.mark.parametrize("kind", ["run", "sweep", "comparison"])
@@ -425,10 +430,12 @@ def test_sweep_over_two_partitions_ranks_each(tmp_path):
     )
     planned, notes = plan_figures(read_folder(sweep))
     names = [plan.name for plan in planned]
-    assert names[:4] == [
+    assert names[:6] == [
         "sensitivity-digits_dirichlet_0.1",
+        "critical_difference-digits_dirichlet_0.1",
         "rank_agreement-digits_dirichlet_0.1",
         "sensitivity-digits_dirichlet_1",
+        "critical_difference-digits_dirichlet_1",
         "rank_agreement-digits_dirichlet_1",
     ]
     assert notes == []

@@ -240,10 +240,13 @@ def test_cli_sweep_end_to_end_and_top_parts(tmp_path):
         "cpu",
         "--quiet",
         "--force",
+        "--split-seeds",
     ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "parts by accuracy gain over FedAvg" in result.output
+    assert "halves of the seeds" in result.output and (out / "split_seeds.csv").is_file()
+    assert pd.read_csv(out / "ranking.csv")["boot_low"].isna().all()  # one seed: no bootstrap interval
     assert "2 cells trained, 1 reused, 0 failed" in result.output  # the reference check trained the FedAvg cell
     assert set(pd.read_csv(out / "divergence.csv")["round"]) == {2}  # --div-every 2
     assert top_parts(out, 2) in ("head,attn", "attn,head")
@@ -264,3 +267,12 @@ def test_explicit_options_override_the_preset():
     config = build_config("paper-cifar100", run=dict(rounds=3, lr=None), sweep=dict(seeds=(4,), alphas=None))
     assert (config.run.rounds, config.run.lr, config.seeds) == (3, 0.01, (4,))
     assert config.partitions() == [("cifar100", "dirichlet", 0.5)]
+
+
+def test_per_block_parts_name_one_cell_per_block():
+    from fedsens.sensitivity.sweep import per_block_parts
+
+    assert per_block_parts("vit-micro", ("attn", "mlp")) == tuple(f"{k}@{b}" for k in ("attn", "mlp") for b in range(4))
+    assert len(per_block_parts("vit_tiny_patch16_224", ("norm",))) == 12
+    with pytest.raises(UserError, match="--per-block takes attn, mlp, norm"):
+        per_block_parts("vit-micro", ("head",))

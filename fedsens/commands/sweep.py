@@ -37,14 +37,18 @@ def ranking_text(result: SweepResult) -> str:
     ranking = result.ranking
     for (dataset, scheme, alpha), table in ranking.groupby(["dataset", "scheme", "alpha"], sort=False):
         gain = table[table["metric"] == ranking_lib.GAIN]
-        shown = gain.assign(rank=gain["rank"].astype("Int64"))[["rank", "part", "score", "ci_low", "ci_high"]].rename(
-            columns={"score": "gain_vs_fedavg", "ci_low": "ci95_low", "ci_high": "ci95_high"}
+        columns = ["rank", "part", "score", "ci_low", "ci_high", "boot_low", "boot_high", "score_last"]
+        shown = gain.assign(rank=gain["rank"].astype("Int64"))[columns].rename(
+            columns={"score": "gain_tail", "ci_low": "t95_low", "ci_high": "t95_high", "score_last": "gain_final"}
         )
         if "trustworthy" in gain:
             shown["trust"] = ["untrusted" if pd.notna(v) and not bool(v) else "" for v in gain["trustworthy"]]
+        shown["resolved_vs_next"] = gain["resolved_vs_next"].map({True: "yes", False: "no"}).fillna("-")
         lines.append(
-            f"\n{dataset} / {scheme} / alpha {alpha:g}: parts by accuracy gain over FedAvg "
-            "(mean over seeds, 95% t-interval; 'all' = local only, not ranked)"
+            f"\n{dataset} / {scheme} / alpha {alpha:g}: parts by accuracy gain over FedAvg (mean client accuracy "
+            "over the last rounds, mean over seeds; 95% t-interval over seeds, 95% hierarchical bootstrap over "
+            "seeds and clients; resolved_vs_next: the order against the next part is resolved at 95%; "
+            "'all' = local only, not ranked)"
         )
         sensitivity = result.sensitivity
         partition = (sensitivity["dataset"] == dataset) & (sensitivity["scheme"] == scheme)
@@ -52,6 +56,9 @@ def ranking_text(result: SweepResult) -> str:
         if note:
             lines.append(f"WARNING: {note}")
         lines.append(shown.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:+.4f}"))
+        friedman = gain["friedman_p"].dropna()
+        if len(friedman):
+            lines.append(f"Friedman test over the ranked parts (blocks: seed x client): p = {friedman.iloc[0]:.2g}")
         divergence = table[table["metric"] != ranking_lib.GAIN].groupby("metric", sort=False)
         summary = pd.DataFrame(
             [
@@ -117,6 +124,17 @@ def sweep(
         "setting at which it learns and flattens, as options for the sweep.",
     ),
     budget_minutes: float = typer.Option(30.0, "--budget-minutes", help="Time budget of --calibrate, in minutes."),
+    per_block: str | None = typer.Option(
+        None,
+        "--per-block",
+        help="Also one cell per block for these part types, e.g. attn or attn,mlp (cells attn@0, attn@1, ...).",
+    ),
+    split_seeds: bool = typer.Option(
+        False,
+        "--split-seeds",
+        help="Also rank each of two disjoint halves of the seeds and report Kendall's tau between the two "
+        "rankings (split_seeds.csv); on a finished --out only the tables are recomputed.",
+    ),
     *,
     knobs: dict,
 ) -> None:
@@ -156,6 +174,13 @@ def sweep(
             force=force,
         ),
     )
+    if per_block:
+        import dataclasses
+
+        from fedsens.sensitivity.sweep import per_block_parts
+
+        kinds = tuple(comma_list(per_block, str, "--per-block", "attn,mlp") or ())
+        config = dataclasses.replace(config, parts=(*config.parts, *per_block_parts(config.run.model, kinds)))
     typer.echo(protocol_text(protocol(config)))
     if calibrate:
         from fedsens.sensitivity import sanity
@@ -167,6 +192,12 @@ def sweep(
         return
     result = run_sweep(config)
     typer.echo(ranking_text(result))
+    if split_seeds:
+        from fedsens.sensitivity.ranking import write_seed_half_agreement
+
+        halves = write_seed_half_agreement(result.out)
+        typer.echo("\nThe ranking of two disjoint halves of the seeds (Kendall's tau, 1 = the same order):")
+        typer.echo(halves.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:+.2f}"))
     typer.echo(
         f"\n{len(result.ran)} cells trained, {len(result.skipped)} reused, {len(result.failed)} failed "
         f"in {result.seconds:.0f} s; tables in {result.out}"

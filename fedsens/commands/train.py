@@ -16,8 +16,6 @@ from fedsens.personalize.errors import UserError
 def _resolve_auto(personalize: str | None, sweep_dir: Path | None, top: int) -> str | None:
     """`--personalize auto --from SWEEP --top K` -> the K parts the sweep ranked most sensitive."""
     if personalize != "auto":
-        if sweep_dir is not None:
-            raise UserError("--from only makes sense with --personalize auto")
         return personalize
     if sweep_dir is None:
         raise UserError("--personalize auto needs --from SWEEP_DIR (a folder written by `fedsens sweep`)")
@@ -26,6 +24,20 @@ def _resolve_auto(personalize: str | None, sweep_dir: Path | None, top: int) -> 
     spec = top_parts(sweep_dir, top)
     typer.echo(f"--personalize auto: the sweep in {sweep_dir} ranks {spec!r} as the top {top}")
     return spec
+
+
+def _place_fedperfix(method: str | None, sweep_dir: Path | None, top_blocks: int | None):
+    """`--method fedperfix --from SWEEP --top-blocks K` -> the placement the sweep's ranking chooses (or None):
+    FedPerfix's `blocks` (where the adapters go) and `local` (parts ranked above attention) options."""
+    if method != "fedperfix" or sweep_dir is None:
+        if top_blocks is not None:
+            raise UserError("--top-blocks only makes sense with --method fedperfix --from SWEEP_DIR")
+        return None
+    from fedsens.sensitivity.placement import place_fedperfix
+
+    placement = place_fedperfix(sweep_dir, top_blocks or 1)
+    typer.echo(f"--method fedperfix --from {sweep_dir}: {placement.why}")
+    return placement
 
 
 @clean_errors
@@ -68,6 +80,12 @@ def train(
     method: str | None = method_option(help="the personalized-FL method (fedavg by default); `fedsens methods`"),
     option: list[str] | None = options_option(),
     no_verify: bool = typer.Option(False, "--no-verify", help=NO_VERIFY_HELP),
+    top_blocks: int | None = typer.Option(
+        None,
+        "--top-blocks",
+        help="with --method fedperfix --from SWEEP: adapters in the K blocks the sweep ranks most sensitive "
+        "(default 1); parts ranked above attention are kept local too; written to placement.json",
+    ),
     *,
     knobs: dict,
 ) -> None:
@@ -76,10 +94,13 @@ def train(
     Writes protocol.json, config.json, partition.json, parts.csv, metrics.csv, rounds.csv and summary.json
     into --out.
     """
-    from fedsens.personalize import presets
+    from fedsens.personalize import presets, runio
     from fedsens.personalize.federation import run
     from fedsens.personalize.methods.registry import parse_assignments
 
+    if sweep_dir is not None and personalize != "auto" and method != "fedperfix":
+        raise UserError("--from only makes sense with --personalize auto or --method fedperfix")
+    placement = _place_fedperfix(method, sweep_dir, top_blocks)
     given = {
         "dataset": dataset,
         "data_root": data_root,
@@ -96,10 +117,15 @@ def train(
     # given; -o options are laid over the preset's method options
     own = chosen.method_settings(method or chosen.run_config().method)
     options = {**own.get("method_options", {}), **parse_assignments(option)}
+    if placement is not None:  # the sweep's placement, unless -o says otherwise
+        placed = {"blocks": ",".join(map(str, placement.blocks)), "local": placement.local}
+        options = {**options, **{k: v for k, v in placed.items() if k not in parse_assignments(option)}}
     config = presets.overlay(chosen.run_config(**own), out=str(out), method_options=options or None, **given, **knobs)
     record = presets.protocol(config, preset=preset_name)
     typer.echo(presets.protocol_text(record))
     presets.write_protocol(out, record)
+    if placement is not None:
+        runio.write_json(out / "placement.json", {**placement.as_dict(), "sweep": str(sweep_dir)})
     result = run(config, resume=resume, overwrite=overwrite, quiet=quiet)
     s = result.summary
     what = f"personalize={config.personalize}" if config.method == "fedavg" else f"method={config.method}"
