@@ -21,13 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from tqdm import tqdm
 
 from fedsens.personalize import runio
 from fedsens.personalize.errors import UserError
 from fedsens.personalize.federation import RunConfig
 from fedsens.personalize.methods import METHODS
-from fedsens.sensitivity import runs
+from fedsens.sensitivity import executors, runs
 
 PAPER_METHODS = (
     "fedavg",
@@ -166,9 +165,9 @@ def preset(name: str) -> CompareConfig:
     return presets[name]()
 
 
-def run_one(config: CompareConfig, method: str, seed: int) -> str:
-    """Train (or continue) one method x seed; returns 'done', 'skipped' or 'failed'."""
-    return runs.run_resumable(run_config(config, method, seed), fresh=config.fresh, quiet=config.quiet)
+def run_job(config: CompareConfig, method: str, seed: int) -> executors.Job:
+    """One method x seed as a job any executor can run."""
+    return executors.Job(f"{method}-s{seed}", run_config(config, method, seed))
 
 
 def _row(config: CompareConfig, method: str, seed: int) -> dict:
@@ -274,8 +273,9 @@ def write_tables(config: CompareConfig) -> dict[str, pd.DataFrame]:
     return tables
 
 
-def run_compare(config: CompareConfig) -> CompareResult:
-    """Run every method x seed not yet finished, then write the comparison's tables."""
+def run_compare(config: CompareConfig, executor: executors.ExecutorConfig | None = None) -> CompareResult:
+    """Run every method x seed not yet finished (in this process, or where `executor` says), then write
+    the comparison's tables."""
     started = time.perf_counter()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -285,11 +285,13 @@ def run_compare(config: CompareConfig) -> CompareResult:
             wanted = run_config(config, method, seed)
             runs.check_same_settings(Path(wanted.out), wanted)
     runio.write_json(out / "compare.json", dataclasses.asdict(config))
+    jobs = [run_job(config, method, seed) for method, seed in todo]
+    status = executors.run_jobs(
+        jobs, executor or executors.ExecutorConfig(), fresh=config.fresh, quiet=config.quiet, desc="compare"
+    )
     outcome: dict[str, list[str]] = {"done": [], "skipped": [], "failed": []}
-    for index, (method, seed) in enumerate(todo):
-        if not config.quiet:
-            tqdm.write(f"[{index + 1}/{len(todo)}] {method} seed {seed}")
-        outcome[run_one(config, method, seed)].append(f"{method}-s{seed}")
+    for job in jobs:
+        outcome[status[job.name]].append(job.name)
     _check_same_partition(config)
     tables = write_tables(config)
     return CompareResult(

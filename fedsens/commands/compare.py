@@ -57,12 +57,27 @@ def compare(
     fresh: bool = typer.Option(False, "--fresh", help="Re-run every method instead of resuming."),
     device: str | None = typer.Option(None, help="auto (CUDA when present), cpu or cuda."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    jobs: int | None = typer.Option(
+        None,
+        "--jobs",
+        help="Runs trained at a time in worker processes on this machine, each with --threads torch threads "
+        "(1: one after another in this process; default 1; with GPUs one run per GPU, round-robin).",
+    ),
+    executor: str = typer.Option("local", "--executor", help="local (this machine) or ray (one Ray task per run)."),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address", help="With --executor ray: auto or HOST:PORT of a cluster (default: start one here)."
+    ),
+    cpus_per_cell: float = typer.Option(1.0, "--cpus-per-cell", help="With --executor ray: CPUs per run."),
+    gpus_per_cell: float | None = typer.Option(
+        None, "--gpus-per-cell", help="GPUs per run (default: 1 where there are GPUs, else 0)."
+    ),
 ) -> None:
     """Run each method for each seed (same partition and initial weights within a seed), then tabulate.
 
     Writes comparison.csv, summary.csv and the runs' rounds/metrics tables under --out and prints
     the summary: final-round mean client accuracy (mean ± sd over seeds) and each method's costs.
     """
+    from fedsens.sensitivity import executors
     from fedsens.sensitivity.compare import run_compare
 
     config = build_config(
@@ -84,7 +99,8 @@ def compare(
             quiet=quiet,
         ),
     )
-    result = run_compare(config)
+    where = executors.from_options(executor, jobs, 1, cpus_per_cell, gpus_per_cell, ray_address)
+    result = run_compare(config, where)
     typer.echo(f"\n{config.run.dataset}, {config.run.model}, {config.run.clients} clients, {config.run.rounds} rounds:")
     typer.echo(summary_text(result))
     typer.echo(

@@ -86,11 +86,27 @@ def sweep(
     fresh: bool = typer.Option(False, "--fresh", help="Re-run every cell instead of resuming."),
     device: str | None = typer.Option(None, help="auto (CUDA when present), cpu or cuda."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    jobs: int | None = typer.Option(
+        None,
+        "--jobs",
+        help="Cells trained at a time in worker processes on this machine, each with --threads torch threads "
+        "(1: one after another in this process; quick preset: the number of cores, else 1; "
+        "with GPUs one cell per GPU, round-robin).",
+    ),
+    executor: str = typer.Option("local", "--executor", help="local (this machine) or ray (one Ray task per cell)."),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address", help="With --executor ray: auto or HOST:PORT of a cluster (default: start one here)."
+    ),
+    cpus_per_cell: float = typer.Option(1.0, "--cpus-per-cell", help="With --executor ray: CPUs per cell."),
+    gpus_per_cell: float | None = typer.Option(
+        None, "--gpus-per-cell", help="GPUs per cell (default: 1 where there are GPUs, else 0)."
+    ),
 ) -> None:
     """Run one federated cell per (partition, seed, part kept local), then rank the parts.
 
     Writes sensitivity.csv, ranking.csv and the cells' tables under --out and prints the ranking.
     """
+    from fedsens.sensitivity import executors
     from fedsens.sensitivity.sweep import DEFAULT_PARTS, run_sweep
 
     if only_parts and not parts:
@@ -119,7 +135,9 @@ def sweep(
             alphas=comma_list(alphas, float, "--alphas", "0.1,0.5"),
         ),
     )
-    result = run_sweep(config)
+    default_jobs = executors.cores() if preset_name == "quick" else 1
+    where = executors.from_options(executor, jobs, default_jobs, cpus_per_cell, gpus_per_cell, ray_address)
+    result = run_sweep(config, where)
     typer.echo(ranking_text(result))
     typer.echo(
         f"\n{len(result.ran)} cells trained, {len(result.skipped)} reused, {len(result.failed)} failed "
