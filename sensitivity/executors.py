@@ -398,8 +398,8 @@ def _ray_job(job: Job, events, threads: int, driver_node: str, driver_cwd: str) 
 def _connect_ray(executor: ExecutorConfig):
     """ray, connected to the cluster at `ray_address`, or to a new one on this machine bound to loopback
     only; also whether this call started the connection (and so shuts it down)."""
-    # Read by Ray when it is imported: a single-machine cluster binds 127.0.0.1, not every interface.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if executor.ray_address is None:  # read when Ray is imported: a one-machine cluster binds 127.0.0.1 only
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
