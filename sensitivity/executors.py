@@ -5,6 +5,7 @@ decides WHERE they run. Every executor trains a job with the same function, `run
 so a table never depends on where it ran. The driver (this process) skips finished runs, clears a
 run's folder for --fresh, shows one progress bar over runs and rounds fed by the workers, and keeps
 each run's `log.txt`: where each attempt started, and whether it was retried after a worker died.
+This module holds the in-process and process-pool executors; `ray_executor` the Ray one.
 """
 
 from __future__ import annotations
@@ -177,7 +178,7 @@ def _log(folder: Path, line: str) -> None:
         log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
 
 
-class _Driver:
+class Driver:
     """One bar over every job's rounds, and the jobs' logs; fed by events from wherever the jobs run:
     ('start', name, where) when an attempt begins, ('round', name, round) when a round ends."""
 
@@ -222,7 +223,7 @@ class _Driver:
         self.bar.close()
 
 
-def _where() -> str:
+def worker_location() -> str:
     return f"{socket.gethostname()} pid {os.getpid()}"
 
 
@@ -231,7 +232,7 @@ def run_jobs(jobs: Sequence[Job], executor: ExecutorConfig, *, fresh: bool = Fal
     names = [job.name for job in jobs]
     if len(set(names)) != len(names):
         raise ValueError("two jobs share a name")
-    driver = _Driver(jobs, desc, quiet, _describe(executor))
+    driver = Driver(jobs, desc, quiet, _describe(executor))
     outcome: dict[str, str] = {}
     todo = []
     for job in jobs:
@@ -245,7 +246,9 @@ def run_jobs(jobs: Sequence[Job], executor: ExecutorConfig, *, fresh: bool = Fal
             todo.append(job)
     try:
         if executor.kind == "ray":
-            outcome.update(_run_ray(todo, executor, driver))
+            from fedsens.sensitivity.ray_executor import run_ray  # Ray is an optional dependency
+
+            outcome.update(run_ray(todo, executor, driver))
         elif executor.jobs > 1 and len(todo) > 1:
             outcome.update(_run_pool(todo, executor, driver))
         else:
@@ -261,11 +264,11 @@ def _describe(executor: ExecutorConfig) -> str:
     return "in-process" if executor.jobs == 1 else f"process pool of {executor.jobs}"
 
 
-def _run_serial(todo: Sequence[Job], driver: _Driver) -> dict[str, str]:
+def _run_serial(todo: Sequence[Job], driver: Driver) -> dict[str, str]:
     """Today's behaviour: one run after another in this process (the CLI has set torch's threads)."""
     outcome = {}
     for job in todo:
-        driver.event(("start", job.name, _where()))
+        driver.event(("start", job.name, worker_location()))
         outcome[job.name] = train_job(job, driver.event)
         driver.finish(job.name, outcome[job.name])
     return outcome
@@ -296,7 +299,7 @@ def _init_worker(events, threads: int, groups: list[str], counter) -> None:
 
 def _pool_job(job: Job) -> str:
     events = _worker["events"]
-    events.put(("start", job.name, _where()))
+    events.put(("start", job.name, worker_location()))
     return train_job(job, events.put, _worker["threads"])
 
 
@@ -318,7 +321,7 @@ def _drain(queue) -> list[tuple]:
             return found
 
 
-def _run_pool(todo: Sequence[Job], executor: ExecutorConfig, driver: _Driver) -> dict[str, str]:
+def _run_pool(todo: Sequence[Job], executor: ExecutorConfig, driver: Driver) -> dict[str, str]:
     """`jobs` runs at a time in spawned worker processes; a run whose worker died is re-submitted (it
     resumes from its checkpoint) up to `max_retries` times, then recorded as failed."""
     context = multiprocessing.get_context("spawn")
@@ -362,95 +365,3 @@ def _run_pool(todo: Sequence[Job], executor: ExecutorConfig, driver: _Driver) ->
                     _log(Path(job.config.out), "a worker process of the pool died; re-submitted")
                 pending.append(job)
     return outcome
-
-
-# ---- Ray: one task per run ------------------------------------------------------------------------
-
-
-class _Events:
-    """A Ray actor the tasks report to and the driver drains (the bar's and logs' only channel)."""
-
-    def __init__(self):
-        self.queue: list[tuple] = []
-
-    def report(self, event: tuple) -> None:
-        self.queue.append(event)
-
-    def drain(self) -> list[tuple]:
-        found, self.queue = self.queue, []
-        return found
-
-
-def _ray_job(job: Job, events, threads: int, driver_node: str, driver_cwd: str) -> tuple[str, dict]:
-    """A Ray task: on the driver's node the run trains in its folder (a retry resumes from the checkpoint);
-    elsewhere it trains from its start in a temporary folder and its files go back to the driver."""
-    import ray
-
-    node = ray.get_runtime_context().get_node_id()
-    events.report.remote(("start", job.name, f"{_where()} node {node[:8]}"))
-    report = lambda event: events.report.remote(event)  # noqa: E731
-    if node == driver_node and Path(driver_cwd).is_dir():
-        os.chdir(driver_cwd)  # relative paths in the settings (a --data-root) mean what they mean on the driver
-        return train_job(job, report, threads), {}
-    return train_portable(job, report, threads)
-
-
-def _connect_ray(executor: ExecutorConfig):
-    """ray, connected to the cluster at `ray_address`, or to a new one on this machine bound to loopback
-    only; also whether this call started the connection (and so shuts it down)."""
-    if executor.ray_address is None:  # read when Ray is imported: a one-machine cluster binds 127.0.0.1 only
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    try:
-        import ray
-    except ImportError:
-        raise UserError('--executor ray needs Ray: pip install "fedsens[ray]"') from None
-    if ray.is_initialized():
-        return ray, False
-    options: dict[str, Any] = dict(log_to_driver=False, configure_logging=False)
-    try:
-        if executor.ray_address is None:
-            ray.init(include_dashboard=False, **options)
-        else:
-            ray.init(address=executor.ray_address, **options)
-    except ConnectionError as err:
-        raise UserError(f"--ray-address {executor.ray_address}: no Ray cluster answered ({err})") from None
-    return ray, True
-
-
-def _run_ray(todo: Sequence[Job], executor: ExecutorConfig, driver: _Driver) -> dict[str, str]:
-    if not todo:
-        return {}
-    ray, connected_here = _connect_ray(executor)
-    try:
-        gpus = executor.gpus_per_cell
-        if gpus is None:
-            gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-        events = ray.remote(num_cpus=0)(_Events).remote()
-        task = ray.remote(_ray_job).options(
-            num_cpus=executor.cpus_per_cell, num_gpus=gpus, max_retries=executor.max_retries, retry_exceptions=False
-        )
-        node, cwd = ray.get_runtime_context().get_node_id(), os.getcwd()
-        refs = {task.remote(job, events, executor.threads, node, cwd): job for job in todo}
-        outcome: dict[str, str] = {}
-        while refs:
-            ready, _ = ray.wait(list(refs), num_returns=1, timeout=0.3)
-            driver.events(ray.get(events.drain.remote()))
-            for ref in ready:
-                job = refs.pop(ref)
-                note = ""
-                try:
-                    outcome[job.name], files = ray.get(ref)
-                    write_returned(Path(job.config.out), files)
-                except ray.exceptions.RayError as err:  # retries used up, or the task could not run
-                    note = f": {type(err).__name__} after {driver.attempts[job.name]} attempts"
-                    Path(job.config.out).mkdir(parents=True, exist_ok=True)
-                    (Path(job.config.out) / "error.txt").write_text(f"{err}\n")
-                    outcome[job.name] = "failed"
-                driver.finish(job.name, outcome[job.name], note)
-        driver.events(ray.get(events.drain.remote()))
-        return outcome
-    finally:
-        if connected_here:
-            ray.shutdown()
