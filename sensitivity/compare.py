@@ -14,6 +14,7 @@ table), and the runs' rounds.csv / metrics.csv concatenated with leading columns
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,14 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from tqdm import tqdm
 
 from fedsens.personalize import preflight, presets, runio
 from fedsens.personalize.errors import UserError
 from fedsens.personalize.federation import RunConfig
 from fedsens.personalize.methods import METHODS, method_class, paper_methods, registry
 from fedsens.personalize.schema import COMPARISON_COLUMNS, RUN_KEY_COLUMNS, SUMMARY_COLUMNS
-from fedsens.sensitivity import runs, sanity
+from fedsens.sensitivity import executors, runs, sanity
 
 PAPER_METHODS = paper_methods()  # each method class declares its row of the paper's table
 
@@ -134,9 +134,9 @@ def paper_rows(config: CompareConfig) -> dict[str, str]:
     return {m: presets.PAPER_ROWS.get(m, "-") for m in config.methods}
 
 
-def run_one(config: CompareConfig, method: str, seed: int) -> str:
-    """Train (or continue) one method x seed; returns 'done', 'skipped' or 'failed'."""
-    return runs.run_resumable(run_config(config, method, seed), fresh=config.fresh, quiet=config.quiet)
+def run_job(config: CompareConfig, method: str, seed: int) -> executors.Job:
+    """One method x seed as a job any executor can run."""
+    return executors.Job(f"{method}-s{seed}", run_config(config, method, seed))
 
 
 def _row(config: CompareConfig, method: str, seed: int) -> dict:
@@ -249,8 +249,9 @@ def write_tables(config: CompareConfig) -> dict[str, pd.DataFrame]:
     return tables
 
 
-def run_compare(config: CompareConfig) -> CompareResult:
-    """Run every method x seed not yet finished, then write the comparison's tables."""
+def run_compare(config: CompareConfig, executor: executors.ExecutorConfig | None = None) -> CompareResult:
+    """Run every method x seed not yet finished (in this process, or where `executor` says), then write
+    the comparison's tables."""
     started = time.perf_counter()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -262,21 +263,32 @@ def run_compare(config: CompareConfig) -> CompareResult:
             wanted = run_config(config, method, seed)
             runs.check_same_settings(Path(wanted.out), wanted)
     runio.write_json(out / "compare.json", dataclasses.asdict(config))
+    if config.fresh:  # cleared once here: the reference trained by the check below must not be cleared again
+        for method, seed in todo:
+            shutil.rmtree(run_config(config, method, seed).out, ignore_errors=True)
+    checked: dict[str, str] = {}
     if "fedavg" in config.methods:  # the reference check: FedAvg of the first seed, judged before the others run
         reference = run_config(config, "fedavg", config.seeds[0])
+
+        def train_reference(bar) -> str:
+            checked["status"] = runs.run_resumable(reference, quiet=True)
+            return checked["status"]
+
         sanity.check_reference(
-            lambda bar: runs.run_resumable(reference, fresh=config.fresh, quiet=config.quiet),
+            train_reference,
             reference,
             out,
             force=config.force,
             where=f"run fedavg-s{config.seeds[0]}",
             quiet=True,
         )
+    jobs = [run_job(config, method, seed) for method, seed in todo]
+    status = executors.run_jobs(jobs, executor or executors.ExecutorConfig(), quiet=config.quiet, desc="compare")
+    if checked.get("status") == "done":  # the check trained the reference: the grid did not reuse it
+        status[f"fedavg-s{config.seeds[0]}"] = "done"
     outcome: dict[str, list[str]] = {"done": [], "skipped": [], "failed": []}
-    for index, (method, seed) in enumerate(todo):
-        if not config.quiet:
-            tqdm.write(f"[{index + 1}/{len(todo)}] {method} seed {seed}")
-        outcome[run_one(config, method, seed)].append(f"{method}-s{seed}")
+    for job in jobs:
+        outcome[status[job.name]].append(job.name)
     _check_same_partition(config)
     tables = write_tables(config)
     return CompareResult(

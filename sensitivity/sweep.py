@@ -12,25 +12,24 @@ error in `cells/<cell>/error.txt` while the other cells go on.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
+import shutil
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import pandas as pd
-from tqdm import tqdm
 
 from fedsens.personalize import model as model_lib
 from fedsens.personalize import preflight, presets, runio
 from fedsens.personalize.errors import UserError
 from fedsens.personalize.federation import RunConfig
-from fedsens.personalize.hooks import Hook
 from fedsens.personalize.methods import method_class
 from fedsens.personalize.schema import CELL_COLUMNS, GAIN, SANITY_COLUMNS, SENSITIVITY_COLUMNS, TAIL_GAIN
+from fedsens.sensitivity import executors, runs, sanity
 from fedsens.sensitivity import ranking as ranking_lib
-from fedsens.sensitivity import runs, sanity
 from fedsens.sensitivity import stats as stats_lib
 from fedsens.sensitivity.divergence import METRICS, DivergenceRecorder, group_names
 
@@ -172,38 +171,21 @@ def cell_config(config: SweepConfig, cell: Cell) -> RunConfig:
     )
 
 
-class _Progress(Hook):
-    """Wraps the cell's recorder so the sweep's one bar advances round by round (engine kept quiet)."""
-
-    def __init__(self, recorder: DivergenceRecorder, bar: tqdm):
-        self.recorder, self.bar = recorder, bar
-        self.table = recorder.table
-
-    def on_run_start(self, ctx) -> None:
-        self.recorder.on_run_start(ctx)
-
-    def on_client_start(self, round: int, client: int, model) -> None:
-        self.recorder.on_client_start(round, client, model)
-
-    def on_client_end(self, round: int, client: int, model) -> None:
-        self.recorder.on_client_end(round, client, model)
-
-    def on_round_end(self, round: int) -> list[dict]:
-        rows = self.recorder.on_round_end(round)
-        self.bar.update(1)
-        return rows
+def cell_hooks(div_every: int, probe_size: int) -> tuple:
+    """A cell's hooks, built where the cell trains: the divergence recorder."""
+    return (DivergenceRecorder(every=div_every, probe_size=probe_size),)
 
 
-def run_cell(config: SweepConfig, cell: Cell, bar: tqdm | None = None) -> str:
-    """Train one cell (resuming its checkpoint); returns 'done', 'skipped' or 'failed'."""
-    hook = DivergenceRecorder(every=config.div_every, probe_size=config.probe_size)
-    return runs.run_resumable(
-        cell_config(config, cell), (_Progress(hook, bar) if bar is not None else hook,), fresh=config.fresh, quiet=True
+def cell_job(config: SweepConfig, cell: Cell) -> executors.Job:
+    """The cell as a job any executor can run (its hooks travel as a picklable factory)."""
+    return executors.Job(
+        cell.name, cell_config(config, cell), functools.partial(cell_hooks, config.div_every, config.probe_size)
     )
 
 
-def run_sweep(config: SweepConfig) -> SweepResult:
-    """Run every cell not yet finished, then write the sweep's tables and ranking."""
+def run_sweep(config: SweepConfig, executor: executors.ExecutorConfig | None = None) -> SweepResult:
+    """Run every cell not yet finished (in this process, or where `executor` says), then write the
+    sweep's tables and ranking."""
     started = time.perf_counter()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -215,24 +197,35 @@ def run_sweep(config: SweepConfig) -> SweepResult:
             wanted = cell_config(config, cell)
             runs.check_same_settings(Path(wanted.out), wanted)
     runio.write_json(out / "sweep.json", {**dataclasses.asdict(config), "cells": [c.name for c in cells]})
+    if config.fresh:  # cleared once here: the reference trained by the check below must not be cleared again
+        for cell in cells:
+            shutil.rmtree(cell_config(config, cell).out, ignore_errors=True)
+    reference = cell_config(config, cells[0])
+    checked: dict[str, str] = {}
+
+    def train_reference(bar) -> str:
+        checked["status"] = runs.run_resumable(reference, cell_hooks(config.div_every, config.probe_size), quiet=True)
+        return checked["status"]
+
     sanity.check_reference(
-        partial(run_cell, config, cells[0]),
-        cell_config(config, cells[0]),
+        train_reference,
+        reference,
         out,
         force=config.force,
         where=f"cell {cells[0].name}",
         quiet=config.quiet,
     )
+    status = executors.run_jobs(
+        [cell_job(config, cell) for cell in cells],
+        executor or executors.ExecutorConfig(),
+        quiet=config.quiet,
+        desc="sweep",
+    )
+    if checked.get("status") == "done":  # the check trained the reference: the grid did not reuse it
+        status[cells[0].name] = "done"
     outcome: dict[str, list[str]] = {"done": [], "skipped": [], "failed": []}
-    rounds = config.run.rounds
-    bar = tqdm(total=len(cells) * rounds, desc="sweep", unit="round", disable=config.quiet, dynamic_ncols=True)
-    for index, cell in enumerate(cells):
-        bar.set_postfix_str(f"cell {index + 1}/{len(cells)} {cell.name}")
-        bar.n = index * rounds  # a resumed or skipped cell jumps ahead
-        bar.refresh()
-        outcome[run_cell(config, cell, bar)].append(cell.name)
-    bar.n = len(cells) * rounds
-    bar.close()
+    for cell in cells:
+        outcome[status[cell.name]].append(cell.name)
     tables = write_tables(out, cells)
     return SweepResult(
         out,

@@ -76,6 +76,20 @@ def compare(
     force: bool = typer.Option(
         False, "--force", help="Run the methods even when the FedAvg reference (first seed) did not learn."
     ),
+    jobs: int | None = typer.Option(
+        None,
+        "--jobs",
+        help="Runs trained at a time in worker processes on this machine, each with --threads torch threads "
+        "(1: one after another in this process; default 1; with GPUs one run per GPU, round-robin).",
+    ),
+    executor: str = typer.Option("local", "--executor", help="local (this machine) or ray (one Ray task per run)."),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address", help="With --executor ray: auto or HOST:PORT of a cluster (default: start one here)."
+    ),
+    cpus_per_cell: float = typer.Option(1.0, "--cpus-per-cell", help="With --executor ray: CPUs per run."),
+    gpus_per_cell: float | None = typer.Option(
+        None, "--gpus-per-cell", help="GPUs per run (default: 1 where there are GPUs, else 0)."
+    ),
     *,
     knobs: dict,
 ) -> None:
@@ -86,6 +100,7 @@ def compare(
     """
     from fedsens.personalize.methods.registry import parse_assignments
     from fedsens.personalize.presets import protocol_text
+    from fedsens.sensitivity import executors
     from fedsens.sensitivity.compare import protocol, run_compare
 
     config = build_config(
@@ -109,7 +124,8 @@ def compare(
         options=parse_assignments(option),
     )
     typer.echo(protocol_text(protocol(config)))
-    result = run_compare(config)
+    where = executors.from_options(executor, jobs, 1, cpus_per_cell, gpus_per_cell, ray_address)
+    result = run_compare(config, where)
     typer.echo(
         f"\n{config.run.dataset}, {config.run.model}, {config.run.clients} clients, {config.run.rounds} rounds, "
         f"{config.run.eval_protocol} evaluation; best round chosen on the test data:"

@@ -135,6 +135,21 @@ def sweep(
         help="Also rank each of two disjoint halves of the seeds and report Kendall's tau between the two "
         "rankings (split_seeds.csv); on a finished --out only the tables are recomputed.",
     ),
+    jobs: int | None = typer.Option(
+        None,
+        "--jobs",
+        help="Cells trained at a time in worker processes on this machine, each with --threads torch threads "
+        "(1: one after another in this process; quick preset: the number of cores, else 1; "
+        "with GPUs one cell per GPU, round-robin).",
+    ),
+    executor: str = typer.Option("local", "--executor", help="local (this machine) or ray (one Ray task per cell)."),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address", help="With --executor ray: auto or HOST:PORT of a cluster (default: start one here)."
+    ),
+    cpus_per_cell: float = typer.Option(1.0, "--cpus-per-cell", help="With --executor ray: CPUs per cell."),
+    gpus_per_cell: float | None = typer.Option(
+        None, "--gpus-per-cell", help="GPUs per cell (default: 1 where there are GPUs, else 0)."
+    ),
     *,
     knobs: dict,
 ) -> None:
@@ -146,6 +161,7 @@ def sweep(
     """
     from fedsens.personalize.methods.registry import parse_assignments
     from fedsens.personalize.presets import protocol_text
+    from fedsens.sensitivity import executors
     from fedsens.sensitivity.sweep import DEFAULT_PARTS, protocol, run_sweep
 
     if only_parts and not parts:
@@ -190,7 +206,9 @@ def sweep(
         found = sanity.calibrate(reference, Path(config.out), budget_minutes=budget_minutes, quiet=quiet)
         typer.echo(sanity.calibration_text(found, reference))
         return
-    result = run_sweep(config)
+    default_jobs = executors.cores() if preset_name == "quick" else 1
+    where = executors.from_options(executor, jobs, default_jobs, cpus_per_cell, gpus_per_cell, ray_address)
+    result = run_sweep(config, where)
     typer.echo(ranking_text(result))
     if split_seeds:
         from fedsens.sensitivity.ranking import write_seed_half_agreement
