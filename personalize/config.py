@@ -58,6 +58,15 @@ class RunConfig:
     plugin_depth: int | None = None
     plugin_init: str = "zero"
     fedperfix_local: str = ""
+    # Scale (personalize.federation / clientstore): where the clients' own tensors live, how often
+    # the checkpoint is written (None: every round unless the in-memory client state is large).
+    client_store: str = "memory"  # memory | disk (memory-mapped files under OUT/clients)
+    checkpoint_every: int | None = None
+    # The synthetic population from the command line (personalize.data.synthetic_population):
+    # 0 samples per client = the fixed 512-sample set; otherwise clients x per-client samples.
+    synthetic_per_client: int = 0
+    synthetic_size: int = 16
+    synthetic_classes: int = 10
 
     def __post_init__(self):
         checks = [
@@ -71,6 +80,14 @@ class RunConfig:
             (self.lr > 0, f"--lr must be > 0 (got {self.lr})"),
             (self.optimizer in ("sgd", "adamw"), f"--optimizer must be sgd or adamw (got {self.optimizer!r})"),
             (self.eval_every >= 1, f"--eval-every must be at least 1 (got {self.eval_every})"),
+            (
+                self.client_store in ("memory", "disk"),
+                f"--client-store must be memory or disk (got {self.client_store!r})",
+            ),
+            (
+                self.checkpoint_every is None or self.checkpoint_every >= 1,
+                f"--checkpoint-every must be at least 1 (got {self.checkpoint_every})",
+            ),
         ]
         for ok, message in checks:
             if not ok:

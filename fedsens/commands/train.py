@@ -74,6 +74,17 @@ def train(
     perfedavg_beta: float | None = typer.Option(None, help="Per-FedAvg: outer step size (default: --lr)"),
     fedrep_head_epochs: int | None = typer.Option(None, help="FedRep: head epochs before the body's"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+    client_store: str | None = typer.Option(
+        None, help="memory (default) or disk: the clients' own tensors memory-mapped under OUT/clients"
+    ),
+    checkpoint_every: int | None = typer.Option(
+        None, help="write the checkpoint every N rounds (default 1; 10 when the in-memory client state is > 256 MB)"
+    ),
+    synthetic_per_client: int | None = typer.Option(
+        None, help="synthetic: samples per client (population = clients x this), e.g. 8 with --clients 10000"
+    ),
+    synthetic_size: int | None = typer.Option(None, help="synthetic: image side in pixels (default 16)"),
+    synthetic_classes: int | None = typer.Option(None, help="synthetic: number of classes (default 10)"),
 ) -> None:
     """Run one federated training.
 
@@ -109,6 +120,11 @@ def train(
         "apfl_alpha": apfl_alpha,
         "perfedavg_beta": perfedavg_beta,
         "fedrep_head_epochs": fedrep_head_epochs,
+        "client_store": client_store,
+        "checkpoint_every": checkpoint_every,
+        "synthetic_per_client": synthetic_per_client,
+        "synthetic_size": synthetic_size,
+        "synthetic_classes": synthetic_classes,
     }
     config = RunConfig(out=str(out), **{k: v for k, v in given.items() if v is not None})
     result = run(config, resume=resume, overwrite=overwrite, quiet=quiet)
