@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from fedsens.commands import compare, data, report, split, sweep, train
+from fedsens.commands import bench, compare, data, report, split, sweep, train
 
 app = typer.Typer(
     name="fedsens",
@@ -41,6 +41,7 @@ app.command("train")(train.train)
 app.command("sweep")(sweep.sweep)
 app.command("compare")(compare.compare)
 app.command("report")(report.report)
+app.command("bench")(bench.bench)
 
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -162,6 +162,15 @@ def _load_digits(root: Path | None) -> ImageSet:
     return ImageSet("digits", torch.from_numpy(images), torch.from_numpy(bunch.target.astype(np.int64)), classes)
 
 
+def synthetic_options(clients: int, per_client: int, image_size: int, classes: int) -> dict:
+    """The `synthetic` loader's options for a population of `clients` x `per_client` samples
+    (per_client 0: the loader's fixed default set), so scale can be tested from the command line."""
+    if per_client < 0:
+        raise UserError(f"--synthetic-per-client must be >= 0 (got {per_client})")
+    options = {"image_size": image_size, "num_classes": classes}
+    return {**options, "num_samples": clients * per_client} if per_client else options
+
+
 def _load_synthetic(
     root: Path | None,
     *,

@@ -136,7 +136,12 @@ def _load_partition(config: RunConfig, dataset: data_lib.ImageSet, out: Path) ->
 
 def _build_context(config: RunConfig, method: Method, out: Path) -> RunContext:
     device = resolve_device(config.device)
-    dataset = data_lib.load(config.dataset, config.data_root)
+    options = {}
+    if config.dataset == "synthetic":
+        options = data_lib.synthetic_options(
+            config.clients, config.synthetic_per_client, config.synthetic_size, config.synthetic_classes
+        )
+    dataset = data_lib.load(config.dataset, config.data_root, **options)
     part = _load_partition(config, dataset, out)
     spec = model_lib.input_spec(config.model, data_channels=dataset.channels, data_size=dataset.image_size)
     model = model_lib.build(

@@ -134,3 +134,29 @@ def test_a_killed_run_resumes_exactly_for_both_stores(tmp_path, store, every, me
 class Quiet(Killer):
     def on_round_end(self, round_):
         return [{"round": round_, "value": float(round_)}]
+
+
+def test_synthetic_population_of_any_size_from_the_config(tmp_path):
+    config = RunConfig(
+        out=str(tmp_path), **{**TINY, "clients": 300, "rounds": 1, "join_ratio": 0.01, "scheme": "iid"},
+        synthetic_per_client=4, synthetic_size=8, synthetic_classes=3,
+    )  # fmt: skip
+    result = federation.run(config, quiet=True)
+    assert len(result.metrics) == 300 and set(result.metrics["n"]) == {1}  # 4 samples: 3 train, 1 test each
+    assert (result.metrics["accuracy"] >= 0).all()
+
+
+def test_bench_smoke_writes_the_table(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedsens.cli import app
+
+    out = tmp_path / "bench"
+    args = ["bench", "--clients", "6", "--local", "head", "--rounds", "1", "--join-ratio", "0.5"]
+    done = CliRunner().invoke(app, [*args, "--model", "vit-nano", "--per-client", "4", "--out", str(out), "--quiet"])
+    assert done.exit_code == 0, done.output
+    table = pd.read_csv(out / "bench.csv")
+    for column in ("config", "clients", "personalize", "s_per_round", "train_ratio", "eval_ratio", "peak_rss_mb"):
+        assert column in table
+    assert set(table["loop"]) == {"fedsens", "pfllib"} and (table["local_bytes"] > 0).all()
+    assert (table["train_ratio"] > 0).all() and (table["peak_rss_mb"] > 0).all()
