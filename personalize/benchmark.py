@@ -232,9 +232,9 @@ class _Reference:
 def run_case_in_subprocess(case: BenchCase, out: Path, threads: int = 1) -> dict:
     """One case in a fresh interpreter, so that its peak RSS is its own."""
     code = (
-        "import json, sys, torch; torch.set_num_threads(%d); from pathlib import Path; "
+        f"import json, sys, torch; torch.set_num_threads({int(threads)}); from pathlib import Path; "
         "from fedsens.personalize import benchmark as b; "
-        "print(json.dumps(b.measure(b.BenchCase(**json.loads(sys.argv[1])), Path(sys.argv[2]))))" % threads
+        "print(json.dumps(b.measure(b.BenchCase(**json.loads(sys.argv[1])), Path(sys.argv[2]))))"
     )
     out.mkdir(parents=True, exist_ok=True)
     done = subprocess.run(
