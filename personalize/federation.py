@@ -227,6 +227,8 @@ def _start_state(ctx: RunContext, method: Method, resume: bool, overwrite: bool)
     if {k: saved.get(k) for k in _comparable(ctx.config)} != _comparable(ctx.config):
         raise UserError(f"{ctx.out} holds a run with a different configuration; use another --out or --overwrite")
     saved_state = runio.load_checkpoint(checkpoint)
+    if "table_sizes" not in saved_state:
+        raise UserError(f"{checkpoint} was written by an older fedsens (per-client state); rerun with --overwrite")
     if ctx.config.client_store == "disk":
         # The mapped files already hold the clients' state up to the checkpoint, give or take the
         # rows it recorded (re-applied below); nothing needs building.
