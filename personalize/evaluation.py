@@ -97,12 +97,13 @@ def evaluate_clients(
     _assign(ctx.named, shared)
     ctx.model.eval()
     if batched and _plain_evaluation(method):
-        if not ctx.local_names:
-            return _together(ctx, clients)
-        head = _head_prefix(ctx)
-        if head is not None and all(n.startswith(head) for n in ctx.local_names):
-            return _shared_body(ctx, clients, local, head)
-        return _functional(ctx, clients, local)
+        with torch.no_grad():  # methods that adapt (per-client path below) need gradients
+            if not ctx.local_names:
+                return _together(ctx, clients)
+            head = _head_prefix(ctx)
+            if head is not None and all(n.startswith(head) for n in ctx.local_names):
+                return _shared_body(ctx, clients, local, head)
+            return _functional(ctx, clients, local)
     results = []
     for c in clients:
         _assign(ctx.named, local.client(c))

@@ -1,6 +1,7 @@
 """Costs that do not grow with rounds or clients: batched evaluation, compact client state, resume."""
 
 import os
+import statistics
 import time
 
 import pandas as pd
@@ -88,7 +89,9 @@ def test_round_50_bookkeeping_costs_what_round_2_does(tmp_path, monkeypatch):
     config = dict(TINY, clients=4, rounds=50, local_steps=1, personalize="head")
     federation.run(RunConfig(out=str(tmp_path), **config), quiet=True)
     assert sizes[50] <= sizes[2] * 1.05  # the checkpoint holds state, not history
-    assert spent[50] < 3 * spent[2] + 0.02, (spent[2], spent[50])
+    early = statistics.median(spent[r] for r in range(2, 7))  # medians: single rounds are noisy on a busy machine
+    late = statistics.median(spent[r] for r in range(46, 51))
+    assert late < 3 * early + 0.02, (early, late)
     assert rss[50] < rss[2] * 1.1 + 10, (rss[2], rss[50])
     assert len(pd.read_csv(tmp_path / "metrics.csv")) == 50 * 4
 
@@ -160,3 +163,15 @@ def test_bench_smoke_writes_the_table(tmp_path):
         assert column in table
     assert set(table["loop"]) == {"fedsens", "pfllib"} and (table["local_bytes"] > 0).all()
     assert (table["train_ratio"] > 0).all() and (table["peak_rss_mb"] > 0).all()
+
+
+def test_batched_evaluation_keeps_no_autograd_graph(tmp_path):
+    config = RunConfig(out=str(tmp_path), personalize="head", **TINY)
+    algorithm = get_method(config)
+    ctx = federation._build_context(config, algorithm, tmp_path)
+    state = federation._start_state(ctx, algorithm, resume=False, overwrite=True)
+    seen = []
+    handle = ctx.model.blocks[0].register_forward_hook(lambda module, args, output: seen.append(output.requires_grad))
+    evaluate_clients(ctx, algorithm, 1, [0, 1], state.shared, state.local, state.extra)
+    handle.remove()
+    assert seen and not any(seen)  # activations of earlier batches are not kept alive
