@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -45,6 +45,9 @@ class RunContext:
     local_names: tuple[str, ...]
     shared_names: tuple[str, ...]
     out: Path
+    # Every parameter and buffer by name, built once per run: loading a client's tensors is then a
+    # few copies, not a walk over the module tree.
+    named: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def autocast(self):
         if self.device.type == "cuda":
@@ -130,7 +133,8 @@ class ClientContext:
     @torch.no_grad()
     def evaluate(self, model: nn.Module | None = None) -> EvalResult:
         net = model or self.model
-        net.eval()
+        if net.training:  # the loop puts the model in eval mode once for all clients
+            net.eval()
         loss_sum, correct, n = 0.0, 0, 0
         for x, y in self.test_batches():
             with self.run.autocast():

@@ -57,6 +57,29 @@ def write_table(path: Path, rows: list[dict], columns: list[str] | None = None) 
     return frame
 
 
+def append_rows(path: Path, rows: list[dict], columns: list[str]) -> int:
+    """Append rows to a CSV (its header first when the file is new); returns the file's size after.
+
+    A run's tables grow by one round's rows each round instead of being rewritten whole, so the cost
+    of a round does not grow with the round number.
+    """
+    path = Path(path)
+    new = not path.exists() or path.stat().st_size == 0
+    if rows or new:
+        frame = pd.DataFrame(rows, columns=columns)
+        with open(path, "a", newline="") as handle:
+            frame.to_csv(handle, index=False, header=new)
+    return path.stat().st_size
+
+
+def truncate(path: Path, size: int) -> None:
+    """Cut a table back to `size` bytes (what it held at the checkpoint a run resumes from)."""
+    path = Path(path)
+    if path.exists() and path.stat().st_size > size:
+        with open(path, "r+b") as handle:
+            handle.truncate(size)
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     import torch  # here, not at the top: the partition and dataset writers use this module without torch
 

@@ -55,13 +55,15 @@ def test_shared_is_the_weighted_mean_and_local_never_leaves_a_client(tmp_path):
     for name, value in state["shared"].items():
         expected = sum(recorder.ends[(1, c)][name].double() * w for c, w in zip(participants, weights)) / sum(weights)
         assert torch.allclose(value.double(), expected, atol=1e-6), name
-    init_head = [state["local"][c]["head.weight"] for c in range(4) if c not in participants]
+    local_heads = state["local"]["tensors"]["head.weight"]  # clients x shape, one tensor for all clients
+    assert local_heads.shape[0] == 4
+    init_head = [local_heads[c] for c in range(4) if c not in participants]
     for c in range(4):
         if c in participants:
-            assert torch.equal(state["local"][c]["head.weight"], recorder.ends[(1, c)]["head.weight"])
+            assert torch.equal(local_heads[c], recorder.ends[(1, c)]["head.weight"])
         else:  # non-participants keep their (initial) local parameters
-            assert torch.equal(state["local"][c]["head.weight"], init_head[0])
-    heads = [state["local"][c]["head.weight"] for c in participants]
+            assert torch.equal(local_heads[c], init_head[0])
+    heads = [local_heads[c] for c in participants]
     assert not torch.equal(heads[0], heads[1])  # each participant kept its own head, nothing averaged
     rows = pd.read_csv(tmp_path / "recorder.csv")
     assert rows["clients"].tolist() == [len(participants)]

@@ -71,6 +71,7 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its checkpoint"),
     overwrite: bool = typer.Option(False, "--overwrite", help="start over even if --out holds a run"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+<<<<<<< HEAD
     preset_name: str = typer.Option(
         "embedded",
         "--preset",
@@ -88,6 +89,19 @@ def train(
     ),
     *,
     knobs: dict,
+=======
+    client_store: str | None = typer.Option(
+        None, help="memory (default) or disk: the clients' own tensors memory-mapped under OUT/clients"
+    ),
+    checkpoint_every: int | None = typer.Option(
+        None, help="write the checkpoint every N rounds (default 1; 10 when the in-memory client state is > 256 MB)"
+    ),
+    synthetic_per_client: int | None = typer.Option(
+        None, help="synthetic: samples per client (population = clients x this), e.g. 8 with --clients 10000"
+    ),
+    synthetic_size: int | None = typer.Option(None, help="synthetic: image side in pixels (default 16)"),
+    synthetic_classes: int | None = typer.Option(None, help="synthetic: number of classes (default 10)"),
+>>>>>>> perf
 ) -> None:
     """Run one federated training.
 
@@ -110,7 +124,25 @@ def train(
         "method": method,
         "seed": seed,
         "device": device,
+<<<<<<< HEAD
         "verify": False if no_verify else None,
+=======
+        "eval_every": eval_every,
+        "finetune_steps": finetune_steps,
+        "fedperfix_local": fedperfix_local,
+        "plugin_scale": plugin_scale,
+        "plugin_mid_dim": plugin_mid_dim,
+        "plugin_depth": plugin_depth,
+        "plugin_init": plugin_init,
+        "apfl_alpha": apfl_alpha,
+        "perfedavg_beta": perfedavg_beta,
+        "fedrep_head_epochs": fedrep_head_epochs,
+        "client_store": client_store,
+        "checkpoint_every": checkpoint_every,
+        "synthetic_per_client": synthetic_per_client,
+        "synthetic_size": synthetic_size,
+        "synthetic_classes": synthetic_classes,
+>>>>>>> perf
     }
     chosen = presets.get(preset_name)
     # the preset's settings for the method (Per-FedAvg's lr, FedPerfix's adapter ...), then every option

@@ -12,6 +12,15 @@ from fedsens.personalize.datasets.registry import DatasetSpec, register
 from fedsens.personalize.errors import UserError
 
 
+def population_options(clients: int, per_client: int, image_size: int, classes: int) -> dict:
+    """The loader's options for a population of `clients` x `per_client` samples (per_client 0: the loader's
+    fixed default set), so scale can be tested from the command line (--synthetic-per-client ...)."""
+    if per_client < 0:
+        raise UserError(f"--synthetic-per-client must be >= 0 (got {per_client})")
+    options = {"image_size": image_size, "num_classes": classes}
+    return {**options, "num_samples": clients * per_client} if per_client else options
+
+
 def load(
     root: Path | None,
     *,

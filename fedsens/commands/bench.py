@@ -1,0 +1,50 @@
+"""`fedsens bench`: the round loop against the bare compute it does, and beside a PFLlib-style loop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from fedsens.commands._common import clean_errors
+
+
+@clean_errors
+def bench(
+    clients: list[int] = typer.Option([20, 1000, 10000], "--clients", help="client counts (repeat the option)"),
+    local: list[str] = typer.Option(
+        ["head", "attn,head"], "--local", help="parts kept local, one configuration each (repeat the option)"
+    ),
+    join_ratio: float = typer.Option(0.01, help="fraction of clients sampled each round"),
+    rounds: int = typer.Option(2, help="rounds measured per configuration"),
+    model: str = typer.Option("vit-micro", help="model preset"),
+    per_client: int = typer.Option(8, help="synthetic samples per client (a quarter of them are test samples)"),
+    client_store: str = typer.Option("memory", help="memory or disk"),
+    reference_up_to: int = typer.Option(
+        1000, help="also run the PFLlib-style reference loop (a model copy per client) up to this many clients"
+    ),
+    out: Path = typer.Option(Path("runs/bench"), help="folder for bench.csv"),
+    quiet: bool = typer.Option(False, "--quiet", help="no per-configuration lines"),
+) -> None:
+    """Write OUT/bench.csv: seconds per round, training / evaluation vs bare compute, peak RSS, local bytes."""
+    from fedsens.personalize.benchmark import BenchCase, run_bench
+    from fedsens.personalize.errors import UserError
+
+    if client_store not in ("memory", "disk"):
+        raise UserError(f"--client-store must be memory or disk (got {client_store!r})")
+    cases = []
+    for count in clients:
+        for spec in local:
+            common = dict(
+                clients=count,
+                personalize=spec,
+                join_ratio=join_ratio,
+                rounds=rounds,
+                model=model,
+                per_client=per_client,
+            )
+            cases.append(BenchCase(**common, client_store=client_store))  # type: ignore[arg-type]
+            if count <= reference_up_to:
+                cases.append(BenchCase(**common, loop="pfllib"))  # type: ignore[arg-type]
+    frame = run_bench(cases, out, quiet=quiet)
+    typer.echo(f"bench: {len(frame)} configurations in {out / 'bench.csv'}")

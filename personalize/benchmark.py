@@ -1,0 +1,261 @@
+"""The benchmark behind `fedsens bench`: a round of the loop against the bare compute it performs.
+
+Each configuration runs in its own process (so its peak RSS is its own) and measures, per round:
+the loop's training, evaluation and bookkeeping time; a bare PyTorch loop doing the same
+forward/backward/optimizer steps on one model, and one forward over every client's test data
+(the least evaluation can cost); and, side by side, a reference loop written the way PFLlib runs
+(a deep copy of the model per client, per-client DataLoaders, every client evaluated on its own).
+The ratios are what to compare: absolute seconds depend on how busy the machine is.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedsens.personalize import federation
+from fedsens.personalize.config import RunConfig
+from fedsens.personalize.inputs import batches
+from fedsens.personalize.methods import get_method
+
+COLUMNS = [
+    "config", "loop", "clients", "join_ratio", "personalize", "client_store", "rounds", "s_per_round", "train_s",
+    "eval_s", "bookkeeping_s", "bare_train_s", "bare_eval_s", "train_ratio", "eval_ratio", "round_ratio",
+    "peak_rss_mb", "local_bytes", "rss_per_client_kb", "local_kb_per_client",
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    clients: int
+    personalize: str = "head"
+    join_ratio: float = 0.01
+    rounds: int = 2
+    model: str = "vit-micro"
+    per_client: int = 8
+    client_store: str = "memory"
+    loop: str = "fedsens"  # fedsens | pfllib (the reference loop)
+
+    @property
+    def name(self) -> str:
+        return f"synthetic-{self.clients}-{self.personalize.replace(',', '+')}-{self.loop}"
+
+    def run_config(self, out: Path) -> RunConfig:
+        return RunConfig(
+            dataset="synthetic",
+            scheme="iid",
+            clients=self.clients,
+            synthetic_per_client=self.per_client,
+            join_ratio=self.join_ratio,
+            rounds=self.rounds,
+            local_epochs=1,
+            model=self.model,
+            personalize=self.personalize,
+            client_store=self.client_store,
+            device="cpu",
+            out=str(out),
+        )
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(case: BenchCase, out: Path) -> dict:
+    """One configuration, in this process: the loop (or the reference loop) and the bare compute."""
+    config = case.run_config(out)
+    method = get_method(config)
+    ctx = federation._build_context(config, method, out)
+    state = federation._start_state(ctx, method, resume=False, overwrite=True)
+    train_s = eval_s = keep_s = bare_train = bare_eval = 0.0
+    reference = _Reference(ctx) if case.loop == "pfllib" else None
+    columns: dict = {}
+    _bare_train(ctx, federation.sample_clients(config, 1)[:2], 0)  # warm-up: first calls allocate and pick kernels
+    _bare_eval(ctx)
+    for round_ in range(1, case.rounds + 1):
+        participants = federation.sample_clients(config, round_)
+        started = time.perf_counter()
+        if reference is not None:
+            reference.train(participants, round_)
+        else:
+            federation._train_round(ctx, method, state, round_, hooks=())
+        train_s += time.perf_counter() - started
+        started = time.perf_counter()
+        if reference is not None:
+            reference.evaluate()
+        else:
+            rows = {"metrics": federation._evaluate_all(ctx, method, state, round_, set(participants))}
+        eval_s += time.perf_counter() - started
+        started = time.perf_counter()
+        if reference is None:
+            rows["rounds"] = [{"round": round_}]
+            federation._append_tables(ctx, state, rows, columns)
+            state.round = round_
+            federation.runio.save_checkpoint(out / "checkpoint.pt", state.checkpoint())
+            state.local.commit()
+        keep_s += time.perf_counter() - started
+        bare_train += _bare_train(ctx, participants, round_)
+        bare_eval += _bare_eval(ctx)
+    rounds = case.rounds
+    local_bytes = state.local.nbytes if reference is None else reference.local_bytes
+    peak = _peak_rss_mb()
+    return {
+        "config": case.name,
+        "loop": case.loop,
+        "clients": case.clients,
+        "join_ratio": case.join_ratio,
+        "personalize": case.personalize,
+        "client_store": case.client_store,
+        "rounds": rounds,
+        "s_per_round": (train_s + eval_s + keep_s) / rounds,
+        "train_s": train_s / rounds,
+        "eval_s": eval_s / rounds,
+        "bookkeeping_s": keep_s / rounds,
+        "bare_train_s": bare_train / rounds,
+        "bare_eval_s": bare_eval / rounds,
+        "train_ratio": train_s / bare_train,
+        "eval_ratio": eval_s / bare_eval,
+        "round_ratio": (train_s + eval_s + keep_s) / (bare_train + bare_eval),
+        "peak_rss_mb": peak,
+        "local_bytes": local_bytes,
+        "rss_per_client_kb": peak * 1024 / case.clients,
+        "local_kb_per_client": local_bytes / 1024 / case.clients,
+    }
+
+
+def _bare_train(ctx, participants: list[int], round_: int) -> float:
+    """The same steps as local training (same batches, fresh fused AdamW per client) on one model."""
+    model, cfg = ctx.model, ctx.config
+    started = time.perf_counter()
+    for c in participants:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=True)
+        model.train()
+        generator = federation.seeded_generator(cfg.seed, round_, c, 1)
+        for x, y in batches(
+            ctx.images, ctx.labels, ctx.partition.train[c], ctx.prepare,
+            batch_size=cfg.batch_size, generator=generator, epochs=cfg.local_epochs, augment=True,
+        ):  # fmt: skip
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return time.perf_counter() - started
+
+
+@torch.no_grad()
+def _bare_eval(ctx) -> float:
+    """One forward over every client's test samples, 512 at a time: the least evaluation costs."""
+    import numpy as np
+
+    model = ctx.model.eval()
+    index = torch.from_numpy(np.concatenate([np.asarray(t, dtype=np.int64) for t in ctx.partition.test]))
+    started = time.perf_counter()
+    for start in range(0, len(index), 512):
+        chunk = index[start : start + 512]
+        F.cross_entropy(model(ctx.prepare(ctx.images[chunk])), ctx.labels[chunk], reduction="none")
+    return time.perf_counter() - started
+
+
+class _Reference:
+    """A round loop written the way PFLlib runs: a deep copy of the model per client, a DataLoader
+    per client and split, the server sending its model to each client (personalized parts kept),
+    uploads as model copies averaged parameter by parameter, and each client evaluated alone."""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.server = copy.deepcopy(ctx.model)
+        self.models = [copy.deepcopy(ctx.model) for _ in range(ctx.config.clients)]
+        self.local = set(ctx.local_names)
+
+        def loader(index, shuffle: bool) -> DataLoader:
+            index = torch.as_tensor(index, dtype=torch.long)
+            data = TensorDataset(ctx.prepare(ctx.images[index]), ctx.labels[index])
+            return DataLoader(data, batch_size=ctx.config.batch_size, shuffle=shuffle, drop_last=False)
+
+        self.train_loaders = [loader(ctx.partition.train[c], True) for c in range(ctx.config.clients)]
+        self.test_loaders = [loader(ctx.partition.test[c], False) for c in range(ctx.config.clients)]
+
+    @property
+    def local_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for m in self.models for p in m.parameters())
+
+    def _receive(self, client_model) -> None:
+        with torch.no_grad():
+            for (name, new), old in zip(self.server.named_parameters(), client_model.parameters()):
+                if name not in self.local:
+                    old.copy_(new)
+
+    def train(self, participants: list[int], round_: int) -> None:
+        cfg = self.ctx.config
+        uploads, weights = [], []
+        for c in participants:
+            model = self.models[c]
+            self._receive(model)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+            model.train()
+            for _ in range(cfg.local_epochs):
+                for x, y in self.train_loaders[c]:
+                    loss = F.cross_entropy(model(x), y)
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+            uploads.append(copy.deepcopy(model))
+            weights.append(len(self.ctx.partition.train[c]))
+        total = sum(weights)
+        with torch.no_grad():
+            for p in self.server.parameters():
+                p.zero_()
+            for upload, w in zip(uploads, weights):
+                for server_p, client_p in zip(self.server.parameters(), upload.parameters()):
+                    server_p.add_(client_p.data * (w / total))
+
+    @torch.no_grad()
+    def evaluate(self) -> None:
+        for c, model in enumerate(self.models):
+            self._receive(model)
+            model.eval()
+            for x, y in self.test_loaders[c]:
+                F.cross_entropy(model(x), y)
+
+
+def run_case_in_subprocess(case: BenchCase, out: Path, threads: int = 1) -> dict:
+    """One case in a fresh interpreter, so that its peak RSS is its own."""
+    code = (
+        f"import json, sys, torch; torch.set_num_threads({int(threads)}); from pathlib import Path; "
+        "from fedsens.personalize import benchmark as b; "
+        "print(json.dumps(b.measure(b.BenchCase(**json.loads(sys.argv[1])), Path(sys.argv[2]))))"
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(asdict(case)), str(out)], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        return {"config": case.name, "loop": case.loop, "clients": case.clients, "error": done.stderr[-400:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_bench(cases: list[BenchCase], out: Path, *, quiet: bool = False) -> pd.DataFrame:
+    """Every case one after the other; DIR/bench.csv gets a row per case as it finishes."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for case in cases:
+        row = run_case_in_subprocess(case, out / "runs" / f"{case.name}-{case.client_store}")
+        rows.append(row)
+        frame = pd.DataFrame(rows)
+        frame = frame[[c for c in COLUMNS if c in frame] + [c for c in frame if c not in COLUMNS]]
+        frame.to_csv(out / "bench.csv", index=False)
+        if not quiet:
+            shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k in COLUMNS[:16]}
+            print(json.dumps(shown), flush=True)
+    return pd.read_csv(out / "bench.csv")
