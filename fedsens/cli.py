@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import typer
 
-<<<<<<< HEAD
-from fedsens.commands import compare, data, methods, report, split, sweep, train
-=======
-from fedsens.commands import bench, compare, data, report, split, sweep, train
->>>>>>> perf
+from fedsens.commands import bench, compare, data, methods, report, split, sweep, train
 
 app = typer.Typer(
     name="fedsens",
@@ -46,11 +42,8 @@ app.command("train")(train.train)
 app.command("sweep")(sweep.sweep)
 app.command("compare")(compare.compare)
 app.command("report")(report.report)
-<<<<<<< HEAD
 app.command("methods")(methods.methods)
-=======
 app.command("bench")(bench.bench)
->>>>>>> perf
 
 if __name__ == "__main__":  # pragma: no cover
     app()

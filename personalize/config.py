@@ -15,7 +15,7 @@ from fedsens.personalize.errors import UserError
 
 # Settings a run may change when it is continued (resumed, or reused by a sweep or comparison):
 # none of them changes what the finished run computes (rounds is checked on its own by the grids).
-FREE_SETTINGS = ("device", "out", "rounds", "verify")
+FREE_SETTINGS = ("device", "out", "rounds", "verify", "checkpoint_every")
 
 
 @dataclass(frozen=True)
@@ -57,23 +57,11 @@ class RunConfig:
     # Both protocols are recorded in metrics.csv; this one is the headline of rounds.csv and summary.json.
     eval_protocol: str = "after-aggregation"  # after-aggregation (ours) | paper (the public code's timing)
     out: str = "runs/train"
-<<<<<<< HEAD
     # The method's own options (see `fedsens methods`): a plain mapping, completed with the method's
     # defaults and type-checked on construction, so config.json records every value the run used.
     method_options: Mapping[str, Any] = field(default_factory=dict)
     # Dataset loading.
     verify: bool = True  # check the dataset files' checksums (CIFAR-100's md5); off for files you wrote
-=======
-    # Method options (read by personalize.methods; ignored by methods that do not use them).
-    finetune_steps: int = 5
-    apfl_alpha: float = 0.25
-    perfedavg_beta: float | None = None  # Per-FedAvg outer step; None = lr, as the public code does
-    fedrep_head_epochs: int = 1
-    plugin_mid_dim: int = 256
-    plugin_scale: float = 1.5
-    plugin_depth: int | None = None
-    plugin_init: str = "zero"
-    fedperfix_local: str = ""
     # Scale (personalize.federation / clientstore): where the clients' own tensors live, how often
     # the checkpoint is written (None: every round unless the in-memory client state is large).
     client_store: str = "memory"  # memory | disk (memory-mapped files under OUT/clients)
@@ -83,7 +71,6 @@ class RunConfig:
     synthetic_per_client: int = 0
     synthetic_size: int = 16
     synthetic_classes: int = 10
->>>>>>> perf
 
     def __post_init__(self):
         checks = [

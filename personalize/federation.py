@@ -25,17 +25,13 @@ from fedsens.personalize import model as model_lib
 from fedsens.personalize import partition as partition_lib
 from fedsens.personalize import runio, schema
 from fedsens.personalize.client import ClientContext, EvalResult, NonFiniteLoss, RunContext
-<<<<<<< HEAD
+from fedsens.personalize.clientstore import ClientStore
 from fedsens.personalize.config import FREE_SETTINGS, RunConfig
+from fedsens.personalize.datasets import synthetic
 from fedsens.personalize.datasets.imageset import ImageSet
 from fedsens.personalize.errors import UserError
-from fedsens.personalize.hooks import Hook, table_of
-=======
-from fedsens.personalize.clientstore import ClientStore
-from fedsens.personalize.config import RunConfig
-from fedsens.personalize.errors import UserError
 from fedsens.personalize.evaluation import RunningMean, evaluate_clients, uses_weighted_mean
->>>>>>> perf
+from fedsens.personalize.hooks import Hook, table_of
 from fedsens.personalize.inputs import BatchPreparer, seeded_generator
 from fedsens.personalize.methods import Method, get_method
 
@@ -151,21 +147,19 @@ def load_dataset(config: RunConfig) -> ImageSet:
         # Without a fixed native size the images count as large: a small preset then caps its input at 32 px.
         native = spec.image_size or 1024
         input_size = model_lib.input_spec(config.model, data_channels=spec.channels or 3, data_size=native).img_size
-    return dataset_lib.load_for_run(config.dataset, config.data_root, input_size=input_size, verify=config.verify)
+    options = {}
+    if config.dataset == "synthetic":  # a population of any size from the command line
+        options = synthetic.population_options(
+            config.clients, config.synthetic_per_client, config.synthetic_size, config.synthetic_classes
+        )
+    return dataset_lib.load_for_run(
+        config.dataset, config.data_root, input_size=input_size, verify=config.verify, **options
+    )
 
 
 def _build_context(config: RunConfig, method: Method, out: Path) -> RunContext:
     device = resolve_device(config.device)
-<<<<<<< HEAD
     dataset = load_dataset(config)
-=======
-    options = {}
-    if config.dataset == "synthetic":
-        options = data_lib.synthetic_options(
-            config.clients, config.synthetic_per_client, config.synthetic_size, config.synthetic_classes
-        )
-    dataset = data_lib.load(config.dataset, config.data_root, **options)
->>>>>>> perf
     part = _load_partition(config, dataset, out)
     spec = model_lib.input_spec(config.model, data_channels=dataset.channels, data_size=dataset.image_size)
     model = model_lib.build(
@@ -233,11 +227,7 @@ def _fresh_state(ctx: RunContext, method: Method) -> RunState:
 
 def _comparable(config: RunConfig) -> dict:
     d = dataclasses.asdict(config)
-<<<<<<< HEAD
     for key in FREE_SETTINGS:  # these may differ when a run is continued
-=======
-    for key in ("rounds", "device", "out", "checkpoint_every"):  # these may differ when a run is continued
->>>>>>> perf
         d.pop(key)
     return d
 
@@ -278,79 +268,6 @@ def _start_state(ctx: RunContext, method: Method, resume: bool, overwrite: bool)
     return RunState(int(saved_state["round"]), float(saved_state["seconds"]), shared, local, extra, sizes)
 
 
-<<<<<<< HEAD
-def evaluate_clients(
-    ctx: RunContext,
-    method: Method,
-    state: dict,
-    round_: int,
-    models: Mapping[int, Mapping[str, torch.Tensor]],
-    participants: set[int],
-    protocol: str,
-) -> list[dict]:
-    """metrics.csv rows of the clients in `models`, each tested with the shared tensors given for it
-    plus its own local tensors and method state. The one place a client is evaluated."""
-    rows = []
-    for c, shared in models.items():
-        assign(ctx.model, shared)
-        assign(ctx.model, state["local"][c])
-        client = ClientContext(ctx, c, round_, state["extra"][c], seeded_generator(ctx.config.seed, round_, c, 2))
-        result = method.evaluate_client(client)
-        rows.append(
-            {
-                "round": round_,
-                "client": c,
-                "split": "test",
-                "loss": result.loss,
-                "accuracy": result.accuracy,
-                "n": result.n,
-                "participated": c in participants,
-                "protocol": protocol,
-            }
-        )
-    return rows
-
-
-def _evaluate_both(
-    ctx: RunContext,
-    method: Method,
-    state: dict,
-    round_: int,
-    trained: Mapping[int, Mapping[str, torch.Tensor]],
-    start_shared: Mapping[str, torch.Tensor],
-) -> list[dict]:
-    """Both evaluation protocols of one round (runio.EVAL_PROTOCOLS).
-
-    after-aggregation: every client with the round's aggregated shared tensors.
-    paper (the public FedPerfix code's timing): each participant right after its local training, before
-    aggregation; every other client with the start-of-round shared tensors, i.e. the previous round's
-    aggregated model, so its row is copied from the previous round's after-aggregation row when that
-    round was evaluated (FedBABU's pre-evaluation fine-tuning then draws its batches with the previous
-    round's seed) and evaluated otherwise. Only the participants cost an extra evaluation.
-    """
-    participants = set(trained)
-    everyone = {c: state["shared"] for c in range(ctx.config.clients)}
-    after = evaluate_clients(ctx, method, state, round_, everyone, participants, "after-aggregation")
-    previous = {
-        r["client"]: r
-        for r in state["tables"]["metrics"]
-        if r["round"] == round_ - 1 and r.get("protocol", "after-aggregation") == "after-aggregation"
-    }
-    waiting = [c for c in range(ctx.config.clients) if c not in participants]
-    copied = [
-        {**previous[c], "round": round_, "participated": False, "protocol": "paper"} for c in waiting if c in previous
-    ]
-    fresh = {c: start_shared for c in waiting if c not in previous}
-    paper = evaluate_clients(ctx, method, state, round_, {**trained, **fresh}, participants, "paper") + copied
-    return after + sorted(paper, key=lambda r: r["client"])
-
-
-def _train_round(
-    ctx: RunContext, method: Method, state: dict, round_: int, hooks: Sequence
-) -> tuple[list[int], int, dict[int, dict[str, torch.Tensor]]]:
-    """Train the round's clients and aggregate; returns the participants, the bytes each way and each
-    participant's shared tensors as its local training left them (the paper protocol tests those)."""
-=======
 def _client(ctx: RunContext, state: RunState, c: int, round_: int, stream: int) -> ClientContext:
     """Load client c's tensors into the model and give it its context for this round."""
     assign(ctx.named, state.local.client(c))
@@ -358,9 +275,9 @@ def _client(ctx: RunContext, state: RunState, c: int, round_: int, stream: int) 
     return ClientContext(ctx, c, round_, extra, seeded_generator(ctx.config.seed, round_, c, stream))
 
 
-def _evaluate_all(ctx: RunContext, method: Method, state: RunState, round_: int, participants: set[int]) -> list[dict]:
-    clients = list(range(ctx.config.clients))
-    results = evaluate_clients(ctx, method, round_, clients, state.shared, state.local, state.extra)
+def _metric_rows(
+    round_: int, clients: Sequence[int], results: Sequence[EvalResult], participants: set[int], protocol: str
+) -> list[dict]:
     return [
         {
             "round": round_,
@@ -370,20 +287,78 @@ def _evaluate_all(ctx: RunContext, method: Method, state: RunState, round_: int,
             "accuracy": result.accuracy,
             "n": result.n,
             "participated": c in participants,
+            "protocol": protocol,
         }
-        for c, result in enumerate(results)
+        for c, result in zip(clients, results)
     ]
 
 
+def _evaluate_all(ctx: RunContext, method: Method, state: RunState, round_: int, participants: set[int]) -> list[dict]:
+    """Every client with the round's aggregated shared tensors (the after-aggregation protocol), batched."""
+    everyone = list(range(ctx.config.clients))
+    results = evaluate_clients(ctx, method, round_, everyone, state.shared, state.local, state.extra)
+    return _metric_rows(round_, everyone, results, participants, "after-aggregation")
+
+
+def _evaluate_both(
+    ctx: RunContext,
+    method: Method,
+    state: RunState,
+    round_: int,
+    trained: Mapping[int, EvalResult],
+    start_shared: Mapping[str, torch.Tensor],
+    previous: Mapping[int, dict],
+) -> list[dict]:
+    """Both evaluation protocols of one round (schema.EVAL_PROTOCOLS).
+
+    after-aggregation: every client with the round's aggregated shared tensors (batched).
+    paper (the public FedPerfix code's timing): each participant right after its local training, before
+    aggregation (`trained`, evaluated in `_train_round`); every other client with the start-of-round
+    shared tensors, i.e. the previous round's aggregated model, so its row is copied from the previous
+    round's after-aggregation row (`previous`) when that round was evaluated (FedBABU's pre-evaluation
+    fine-tuning then drew its batches with the previous round's seed) and evaluated otherwise. Only the
+    participants cost an extra evaluation.
+    """
+    participants = set(trained)
+    everyone = list(range(ctx.config.clients))
+    after = _evaluate_all(ctx, method, state, round_, participants)
+    waiting = [c for c in everyone if c not in participants]
+    copied = [
+        {**previous[c], "round": round_, "participated": False, "protocol": "paper"} for c in waiting if c in previous
+    ]
+    fresh = [c for c in waiting if c not in previous]
+    fresh_results = (
+        evaluate_clients(ctx, method, round_, fresh, start_shared, state.local, state.extra) if fresh else []
+    )
+    paper = [
+        *_metric_rows(round_, list(trained), list(trained.values()), participants, "paper"),
+        *_metric_rows(round_, fresh, fresh_results, participants, "paper"),
+        *copied,
+    ]
+    return after + sorted(paper, key=lambda r: r["client"])
+
+
+def _previous_after_rows(ctx: RunContext, round_: int) -> dict[int, dict]:
+    """A resumed run's after-aggregation rows of its last finished round (from metrics.csv), which the
+    paper protocol copies for the next round's non-participants, exactly as an uninterrupted run does."""
+    path = ctx.out / "metrics.csv"
+    if round_ < 1 or not path.exists() or path.stat().st_size == 0:
+        return {}
+    table = pd.read_csv(path)
+    rows = table[(table["round"] == round_) & (table["protocol"] == "after-aggregation")]
+    return {int(r["client"]): r for r in rows.to_dict("records")}
+
+
 def _train_round(
-    ctx: RunContext, method: Method, state: RunState, round_: int, hooks: Sequence
-) -> tuple[list[int], int]:
-    """Train the round's clients and aggregate; returns the participants and the bytes each way."""
->>>>>>> perf
+    ctx: RunContext, method: Method, state: RunState, round_: int, hooks: Sequence, evaluate: bool = False
+) -> tuple[list[int], int, dict[int, EvalResult]]:
+    """Train the round's clients and aggregate; returns the participants, the bytes each way and, when the
+    round is `evaluate`d, each participant's test result right after its local training (the paper protocol)."""
     participants = sample_clients(ctx.config, round_)
     weights = [len(ctx.partition.train[c]) for c in participants]
     running = RunningMean(weights) if uses_weighted_mean(method) else None
     collected: list[dict[str, torch.Tensor]] = []
+    trained: dict[int, EvalResult] = {}
     for c in participants:
         assign(ctx.named, state.shared)
         client = _client(ctx, state, c, round_, 1)
@@ -401,16 +376,14 @@ def _train_round(
             running.add(shared_now)
         else:
             collected.append(snapshot(ctx.named, ctx.shared_names))
+        if evaluate:  # the paper protocol: this participant as its local training left it, before aggregation
+            state_now = state.extra.client(c)
+            probe = ClientContext(ctx, c, round_, state_now, seeded_generator(ctx.config.seed, round_, c, 2))
+            trained[c] = method.evaluate_client(probe)
     if ctx.shared_names:
-<<<<<<< HEAD
-        state["shared"] = method.aggregate(collected, weights)
-    shared_bytes = sum(t.numel() * t.element_size() for t in state["shared"].values())
-    return participants, shared_bytes * len(participants), dict(zip(participants, collected))
-=======
         state.shared = running.result() if running is not None else method.aggregate(collected, weights)
     shared_bytes = sum(t.numel() * t.element_size() for t in state.shared.values())
-    return participants, shared_bytes * len(participants)
->>>>>>> perf
+    return participants, shared_bytes * len(participants), trained
 
 
 def _append_tables(ctx: RunContext, state: RunState, rows: Mapping[str, list[dict]], columns: dict) -> None:
@@ -491,42 +464,31 @@ def run(
         tqdm.write(f"{out}: {model_lib.describe(ctx.parts)}")
     for hook in hooks:
         hook.on_run_start(ctx)
-<<<<<<< HEAD
-    tables = state["tables"]
-    for name in ("metrics", "rounds", *filter(None, map(table_of, hooks))):
-        tables.setdefault(name, [])
-    bar = tqdm(total=config.rounds, initial=state["round"], desc=out.name, disable=quiet, unit="round")
-    for round_ in range(state["round"] + 1, config.rounds + 1):
-        started = time.perf_counter()
-        start_shared = state["shared"]
-        participants, exchanged, trained = _train_round(ctx, method, state, round_, hooks)
-        accuracies: dict[str, np.ndarray] = {p: np.array([], dtype=float) for p in runio.EVAL_PROTOCOLS}
-        if round_ % config.eval_every == 0 or round_ == config.rounds:
-            rows = _evaluate_both(ctx, method, state, round_, trained, start_shared)
-            tables["metrics"].extend(rows)
-            for protocol in accuracies:
-                accuracies[protocol] = np.array([r["accuracy"] for r in rows if r["protocol"] == protocol], dtype=float)
-        del trained, start_shared
-        acc = accuracies[config.eval_protocol]
-        for hook in hooks:
-            rows = hook.on_round_end(round_)
-            if table_of(hook):
-                tables[table_of(hook)].extend(rows)
-=======
-    names = ("metrics", "rounds", *(h.table for h in hooks))
+    names = ("metrics", "rounds", *filter(None, map(table_of, hooks)))
     columns: dict[str, list[str] | None] = {}
     every = _checkpoint_every(ctx, state)
+    previous = _previous_after_rows(ctx, state.round)
     bar = tqdm(total=config.rounds, initial=state.round, desc=out.name, disable=quiet, unit="round")
     for round_ in range(state.round + 1, config.rounds + 1):
         started = time.perf_counter()
-        participants, exchanged = _train_round(ctx, method, state, round_, hooks)
+        start_shared = state.shared
+        evaluated = round_ % config.eval_every == 0 or round_ == config.rounds
+        participants, exchanged, trained = _train_round(ctx, method, state, round_, hooks, evaluated)
         rows: dict[str, list[dict]] = {"metrics": []}
-        if round_ % config.eval_every == 0 or round_ == config.rounds:
-            rows["metrics"] = _evaluate_all(ctx, method, state, round_, set(participants))
-        acc = np.array([r["accuracy"] for r in rows["metrics"]], dtype=float)
+        accuracies: dict[str, np.ndarray] = {p: np.array([], dtype=float) for p in runio.EVAL_PROTOCOLS}
+        if evaluated:
+            rows["metrics"] = _evaluate_both(ctx, method, state, round_, trained, start_shared, previous)
+            for protocol in accuracies:
+                accuracies[protocol] = np.array(
+                    [r["accuracy"] for r in rows["metrics"] if r["protocol"] == protocol], dtype=float
+                )
+        previous = {r["client"]: r for r in rows["metrics"] if r["protocol"] == "after-aggregation"}
+        del trained, start_shared
+        acc = accuracies[config.eval_protocol]
         for hook in hooks:
-            rows[hook.table] = list(hook.on_round_end(round_))
->>>>>>> perf
+            hook_rows = list(hook.on_round_end(round_))
+            if table_of(hook):
+                rows[table_of(hook)] = hook_rows
         seconds = time.perf_counter() - started
         rows["rounds"] = [
             {

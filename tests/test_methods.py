@@ -238,15 +238,9 @@ def test_fedrep_phases_change_only_their_part(tmp_path):
 
 
 def test_apfl_alpha_is_learned_and_stays_in_the_unit_interval(tmp_path):
-<<<<<<< HEAD
     result = run(tiny(tmp_path, "apfl", rounds=2, method_options={"alpha": 0.25}), quiet=True)
-    extra = runio.load_checkpoint(result.out / "checkpoint.pt")["extra"]
-    alphas = [float(state["alpha"]) for state in extra]
-=======
-    result = run(tiny(tmp_path, "apfl", rounds=2, apfl_alpha=0.25), quiet=True)
     extra = runio.load_checkpoint(result.out / "checkpoint.pt")["extra"]["tensors"]  # clients x shape per name
     alphas = extra["alpha"].tolist()
->>>>>>> perf
     assert all(0.0 <= a <= 1.0 for a in alphas)
     assert all(a != 0.25 for a in alphas)
     assert len(set(alphas)) == 3  # per client

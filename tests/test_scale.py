@@ -93,7 +93,7 @@ def test_round_50_bookkeeping_costs_what_round_2_does(tmp_path, monkeypatch):
     late = statistics.median(spent[r] for r in range(46, 51))
     assert late < 3 * early + 0.02, (early, late)
     assert rss[50] < rss[2] * 1.1 + 10, (rss[2], rss[50])
-    assert len(pd.read_csv(tmp_path / "metrics.csv")) == 50 * 4
+    assert len(pd.read_csv(tmp_path / "metrics.csv")) == 50 * 4 * 2  # both evaluation protocols
 
 
 class Killer:
@@ -145,7 +145,7 @@ def test_synthetic_population_of_any_size_from_the_config(tmp_path):
         synthetic_per_client=4, synthetic_size=8, synthetic_classes=3,
     )  # fmt: skip
     result = federation.run(config, quiet=True)
-    assert len(result.metrics) == 300 and set(result.metrics["n"]) == {1}  # 4 samples: 3 train, 1 test each
+    assert len(result.metrics) == 2 * 300 and set(result.metrics["n"]) == {1}  # both protocols; 3 train, 1 test each
     assert (result.metrics["accuracy"] >= 0).all()
 
 

@@ -71,7 +71,6 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its checkpoint"),
     overwrite: bool = typer.Option(False, "--overwrite", help="start over even if --out holds a run"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
-<<<<<<< HEAD
     preset_name: str = typer.Option(
         "embedded",
         "--preset",
@@ -87,9 +86,6 @@ def train(
         help="with --method fedperfix --from SWEEP: adapters in the K blocks the sweep ranks most sensitive "
         "(default 1); parts ranked above attention are kept local too; written to placement.json",
     ),
-    *,
-    knobs: dict,
-=======
     client_store: str | None = typer.Option(
         None, help="memory (default) or disk: the clients' own tensors memory-mapped under OUT/clients"
     ),
@@ -101,7 +97,8 @@ def train(
     ),
     synthetic_size: int | None = typer.Option(None, help="synthetic: image side in pixels (default 16)"),
     synthetic_classes: int | None = typer.Option(None, help="synthetic: number of classes (default 10)"),
->>>>>>> perf
+    *,
+    knobs: dict,
 ) -> None:
     """Run one federated training.
 
@@ -124,25 +121,12 @@ def train(
         "method": method,
         "seed": seed,
         "device": device,
-<<<<<<< HEAD
         "verify": False if no_verify else None,
-=======
-        "eval_every": eval_every,
-        "finetune_steps": finetune_steps,
-        "fedperfix_local": fedperfix_local,
-        "plugin_scale": plugin_scale,
-        "plugin_mid_dim": plugin_mid_dim,
-        "plugin_depth": plugin_depth,
-        "plugin_init": plugin_init,
-        "apfl_alpha": apfl_alpha,
-        "perfedavg_beta": perfedavg_beta,
-        "fedrep_head_epochs": fedrep_head_epochs,
         "client_store": client_store,
         "checkpoint_every": checkpoint_every,
         "synthetic_per_client": synthetic_per_client,
         "synthetic_size": synthetic_size,
         "synthetic_classes": synthetic_classes,
->>>>>>> perf
     }
     chosen = presets.get(preset_name)
     # the preset's settings for the method (Per-FedAvg's lr, FedPerfix's adapter ...), then every option

@@ -150,12 +150,14 @@ def load_for_run(
     input_size: int | None = None,
     verify: bool = True,
     quiet: bool = False,
+    **extra: Any,
 ):
     """Load a dataset for training: decoded at the model's input size where the dataset decodes images
-    (Office-Home), with the md5 check on unless `verify` is False, quiet where the loader reports progress."""
+    (Office-Home), with the md5 check on unless `verify` is False, quiet where the loader reports progress;
+    `extra` are the loader's own keywords (e.g. the synthetic population's size)."""
     spec = get(name)
     known = spec.options()
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = dict(extra)
     if spec.decodes_at is not None and input_size is not None:
         options[spec.decodes_at] = input_size
     if "verify" in known:
