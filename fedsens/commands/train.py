@@ -74,44 +74,25 @@ def train(
     perfedavg_beta: float | None = typer.Option(None, help="Per-FedAvg: outer step size (default: --lr)"),
     fedrep_head_epochs: int | None = typer.Option(None, help="FedRep: head epochs before the body's"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+    engine: str = typer.Option(
+        "builtin",
+        help="builtin (fedsens's round loop), flower (Flower's simulation engine, ClientApps in this process) "
+        "or flower-ray (Flower's simulation engine on Ray actors)",
+    ),
 ) -> None:
     """Run one federated training.
 
     Writes config.json, partition.json, parts.csv, metrics.csv, rounds.csv and summary.json into --out.
     """
-    from fedsens.personalize.federation import RunConfig, run
+    config = run_config(**{k: v for k, v in locals().items() if k not in RUN_FLAGS})
+    if engine == "builtin":
+        from fedsens.personalize.federation import run
 
-    given = {
-        "dataset": dataset,
-        "data_root": data_root,
-        "scheme": partition,
-        "alpha": alpha,
-        "clients": clients,
-        "join_ratio": join_ratio,
-        "rounds": rounds,
-        "local_epochs": local_epochs,
-        "local_steps": local_steps,
-        "batch_size": batch_size,
-        "optimizer": optimizer,
-        "lr": lr,
-        "model": model,
-        "personalize": _resolve_auto(personalize, sweep_dir, top),
-        "method": method,
-        "seed": seed,
-        "device": device,
-        "eval_every": eval_every,
-        "finetune_steps": finetune_steps,
-        "fedperfix_local": fedperfix_local,
-        "plugin_scale": plugin_scale,
-        "plugin_mid_dim": plugin_mid_dim,
-        "plugin_depth": plugin_depth,
-        "plugin_init": plugin_init,
-        "apfl_alpha": apfl_alpha,
-        "perfedavg_beta": perfedavg_beta,
-        "fedrep_head_epochs": fedrep_head_epochs,
-    }
-    config = RunConfig(out=str(out), **{k: v for k, v in given.items() if v is not None})
-    result = run(config, resume=resume, overwrite=overwrite, quiet=quiet)
+        result = run(config, resume=resume, overwrite=overwrite, quiet=quiet)
+    else:
+        from fedsens.personalize.flower.engine import run_on_flower
+
+        result = run_on_flower(engine, config, resume=resume, overwrite=overwrite, quiet=quiet)
     s = result.summary
     what = f"personalize={config.personalize}" if config.method == "fedavg" else f"method={config.method}"
     typer.echo(
@@ -119,3 +100,16 @@ def train(
         f"best {s['acc_best']:.3f} (round {s['round_best']}); {s['seconds_per_round']:.2f} s/round; "
         f"{s['local_params']:,} local params; tables in {result.out}"
     )
+
+
+# train's options that say how to run, not what: the rest make the RunConfig (also `fedsens flower app`'s)
+RUN_FLAGS = ("resume", "overwrite", "quiet", "engine")
+
+
+def run_config(*, out: Path, partition: str | None, personalize: str | None, sweep_dir: Path | None, top: int, **options):
+    """The RunConfig that train's options describe (every other option is named as its RunConfig field);
+    options left out (None) take RunConfig's defaults."""
+    from fedsens.personalize.config import RunConfig
+
+    given = {**options, "scheme": partition, "personalize": _resolve_auto(personalize, sweep_dir, top)}
+    return RunConfig(out=str(out), **{k: v for k, v in given.items() if v is not None})

@@ -12,6 +12,7 @@ the ClientApps in this process through Flower's own `Backend` interface, one mes
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -83,6 +84,18 @@ def _backend(name: str) -> Iterator[None]:
         raybackend.RayBackend = original  # type: ignore[misc]
 
 
+@contextlib.contextmanager
+def _flower_log_level(level: int) -> Iterator[None]:
+    """Flower logs every round at INFO; the ServerApp's progress bar and the tables say the same."""
+    logger = logging.getLogger("flwr")
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
+
+
 def run_simulation(
     config: RunConfig, *, overwrite: bool = False, quiet: bool = False, backend: str = "inprocess"
 ) -> RunResult:
@@ -103,7 +116,7 @@ def run_simulation(
     if backend not in BACKENDS:
         raise UserError(f"unknown Flower simulation backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     workers = min(config.clients, os.cpu_count() or 1)
-    with _backend(backend):
+    with _backend(backend), _flower_log_level(logging.WARNING):
         flower_simulation(
             server_app=build_server_app(run_config),
             client_app=build_client_app(run_config),
@@ -130,3 +143,15 @@ def read_run(out: Path) -> RunResult:
         runio.read_json(out / "summary.json"),
         {"flower": flower},
     )
+
+
+# `fedsens train --engine NAME` -> the simulation backend that runs the ClientApps
+ENGINES = {"flower": "inprocess", "flower-ray": "ray"}
+
+
+def run_on_flower(engine: str, config: RunConfig, *, resume: bool, overwrite: bool, quiet: bool) -> RunResult:
+    if engine not in ENGINES:
+        raise UserError(f"--engine must be builtin, {' or '.join(ENGINES)} (got {engine!r})")
+    if resume:
+        raise UserError(f"--resume needs --engine builtin; a {engine} run starts over (--overwrite)")
+    return run_simulation(config, overwrite=overwrite, quiet=quiet, backend=ENGINES[engine])
