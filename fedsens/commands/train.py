@@ -106,7 +106,9 @@ def train(
 RUN_FLAGS = ("resume", "overwrite", "quiet", "engine")
 
 
-def run_config(*, out: Path, partition: str | None, personalize: str | None, sweep_dir: Path | None, top: int, **options):
+def run_config(
+    *, out: Path, partition: str | None, personalize: str | None, sweep_dir: Path | None, top: int, **options
+):
     """The RunConfig that train's options describe (every other option is named as its RunConfig field);
     options left out (None) take RunConfig's defaults."""
     from fedsens.personalize.config import RunConfig

@@ -91,7 +91,7 @@ def _enter(
     """Load the server's shared tensors and this client's own, as the built-in loop does before a client."""
     rt = runtime(run_config)
     cid = client_id(context, rt.run.config.clients)
-    round_ = int(message.content.config_records["config"]["round"])
+    round_ = int(records.scalar(message.content, "config", "round"))
     local, extra = _client_state(rt, context, cid)
     assign(rt.run.model, records.from_record(message.content.array_records["arrays"], rt.run.device))
     assign(rt.run.model, local)
@@ -143,4 +143,3 @@ def build_client_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
     app.evaluate()(with_config(evaluate))
     app.query()(with_config(query))
     return app
-

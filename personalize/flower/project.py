@@ -16,7 +16,7 @@ from fedsens.personalize.errors import UserError
 
 APP_MODULE = "fedsens_app"
 
-_MODULE_TEXT = '''"""A fedsens run as a Flower app (written by `fedsens flower app`; the run config is in pyproject.toml)."""
+_MODULE_TEXT = '''"""A fedsens run as a Flower app, written by `fedsens flower app` (the run config: pyproject.toml)."""
 
 from fedsens.personalize.flower.client import build_client_app
 from fedsens.personalize.flower.server import build_server_app

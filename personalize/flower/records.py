@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, RecordDict
 
 from fedsens.personalize.config import RunConfig
 from fedsens.personalize.errors import UserError
@@ -53,3 +53,10 @@ def config_of(run_config: Mapping[str, Any]) -> RunConfig:
 
 def engine_option(run_config: Mapping[str, Any], key: str) -> Any:
     return run_config.get(key, ENGINE_KEYS[key])
+
+
+def scalar(content: RecordDict, record: str, key: str) -> Any:
+    """One value of a message's config or metric record (`record` names it)."""
+    if record in content.config_records:
+        return content.config_records[record][key]
+    return content.metric_records[record][key]

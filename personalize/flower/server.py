@@ -72,7 +72,7 @@ class FedsensStrategy(Strategy):
         return self._messages(grid, server_round, arrays, participants, MessageType.TRAIN)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, None]:
-        contents = sorted(_contents(replies, "train"), key=lambda c: int(c.metric_records["metrics"]["client"]))
+        contents = sorted(_contents(replies, "train"), key=lambda c: records.scalar(c, "metrics", "client"))
         if len(contents) != len(self._round["participants"]):
             raise RuntimeError(f"round {server_round}: {len(contents)} of {len(self._round['participants'])} replied")
         self._round["train_up_bytes"] = sum(c.array_records["arrays"].count_bytes() for c in contents)
@@ -80,7 +80,7 @@ class FedsensStrategy(Strategy):
         if not self.run.shared_names:
             return None, None
         states = [records.from_record(c.array_records["arrays"]) for c in contents]
-        weights = [int(c.metric_records["metrics"]["num-examples"]) for c in contents]
+        weights = [int(records.scalar(c, "metrics", "num-examples")) for c in contents]
         return records.to_record(self.method.aggregate(states, weights)), None
 
     def _evaluates(self, round_: int) -> bool:
@@ -96,9 +96,9 @@ class FedsensStrategy(Strategy):
         return self._messages(grid, server_round, arrays, clients, MessageType.EVALUATE)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        rows = []
+        rows: list[dict[str, Any]] = []
         for content in _contents(replies, "evaluate"):
-            m = content.metric_records["metrics"]
+            m: Mapping[str, Any] = content.metric_records["metrics"]
             c = int(m["client"])
             rows.append(
                 {
@@ -138,7 +138,7 @@ def _contents(replies: Iterable[Message], what: str) -> list[RecordDict]:
     contents = []
     for reply in replies:
         if reply.has_error():
-            reason = reply.error.reason
+            reason = reply.error.reason or ""
             if "non-finite loss" in reason:
                 raise NonFiniteLoss(reason.strip().splitlines()[-1])
             raise RuntimeError(f"a client failed in {what}: {reason}")
@@ -158,7 +158,7 @@ def map_clients(grid: Grid, clients: int, timeout: float) -> dict[int, int]:
     for reply in grid.send_and_receive(queries, timeout=timeout):
         if reply.has_error():
             raise UserError(f"node {reply.metadata.src_node_id} could not say its client id: {reply.error.reason}")
-        c = int(reply.content.config_records["node"]["client"])
+        c = int(records.scalar(reply.content, "node", "client"))
         if c in nodes:
             raise UserError(f"two SuperNodes claim partition-id {c}; give each node its own")
         nodes[c] = reply.metadata.src_node_id
@@ -185,7 +185,9 @@ def serve(grid: Grid, run_config: Mapping[str, Any]) -> dict:
             "git_revision": runio.git_revision(),
         },
     )
-    runio.write_table(out / "parts.csv", run.parts.to_dict("records"), ["param", "part", "block", "numel", "bytes", "local"])
+    runio.write_table(
+        out / "parts.csv", run.parts.to_dict("records"), ["param", "part", "block", "numel", "bytes", "local"]
+    )
     nodes = map_clients(grid, config.clients, timeout)
     strategy = FedsensStrategy(run, method, nodes, quiet=bool(records.engine_option(run_config, "quiet")))
     strategy.start(grid, records.to_record(snapshot(run.model, run.shared_names)), config.rounds, timeout=timeout)
