@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -57,3 +59,37 @@ def test_unknown_run_config_key_is_a_user_error():
 
     with pytest.raises(UserError, match="unknown keys"):
         records.config_of({"rounds": 2, "round": 3})
+
+
+def test_train_engine_flower_and_flower_app_from_the_cli(tmp_path):
+    import subprocess
+    import sys
+
+    import tomllib
+    from typer.testing import CliRunner
+
+    from fedsens.cli import app
+
+    options = ["--dataset", "synthetic", "--model", "vit-nano", "--clients", "2", "--rounds", "1"]
+    options += ["--local-steps", "1", "--method", "fedper", "--device", "cpu", "--quiet"]
+    trained = CliRunner().invoke(app, ["train", *options, "--out", str(tmp_path / "run"), "--engine", "flower"])
+    assert trained.exit_code == 0, trained.output
+    assert "method=fedper" in trained.output and (tmp_path / "run" / "flower.csv").is_file()
+    again = CliRunner().invoke(app, ["train", *options, "--out", str(tmp_path / "run"), "--engine", "flower"])
+    assert again.exit_code == 2 and "--overwrite" in again.output
+
+    written = CliRunner().invoke(
+        app, ["flower", "app", str(tmp_path / "app"), *options[:-1], "--lr", "0.01", "--out", "relative"]
+    )
+    assert written.exit_code == 0, written.output
+    project = tomllib.loads((tmp_path / "app" / "pyproject.toml").read_text())
+    assert project["tool"]["flwr"]["app"]["components"] == {
+        "serverapp": "fedsens_app:server_app",
+        "clientapp": "fedsens_app:client_app",
+    }
+    config = records.config_of(project["tool"]["flwr"]["app"]["config"])
+    assert (config.method, config.clients, config.lr, config.local_steps) == ("fedper", 2, 0.01, 1)
+    assert Path(config.out).is_absolute()  # the ServerApp runs elsewhere
+    # fedsens itself never imports Flower: only its Flower engine and apps do
+    probe = "import sys, fedsens.cli, fedsens.personalize.flower; assert 'flwr' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", probe], timeout=120).returncode == 0
