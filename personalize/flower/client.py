@@ -60,6 +60,11 @@ def runtime(run_config: Mapping[str, Any]) -> ClientRuntime:
     return _RUNTIMES[key]
 
 
+def release_runtimes() -> None:
+    """Drop the built runtimes (a simulation in this process is over; a later run rebuilds its own)."""
+    _RUNTIMES.clear()
+
+
 def client_id(context: Context, clients: int) -> int:
     value = context.node_config.get("partition-id")
     if value is None:

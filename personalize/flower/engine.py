@@ -105,7 +105,7 @@ def run_simulation(
     except ImportError:
         raise UserError('--engine flower needs Flower: pip install "fedsens[flower]"') from None
     from fedsens.personalize.flower import records
-    from fedsens.personalize.flower.client import build_client_app
+    from fedsens.personalize.flower.client import build_client_app, release_runtimes
     from fedsens.personalize.flower.server import build_server_app
 
     out = Path(config.out)
@@ -116,18 +116,21 @@ def run_simulation(
     if backend not in BACKENDS:
         raise UserError(f"unknown Flower simulation backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     workers = min(config.clients, os.cpu_count() or 1)
-    with _backend(backend), _flower_log_level(logging.WARNING):
-        flower_simulation(
-            server_app=build_server_app(run_config),
-            client_app=build_client_app(run_config),
-            num_supernodes=config.clients,
-            backend_config={
-                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                # Ray: loopback only, no dashboard, an actor pool sized by num_cpus
-                "init_args": {"num_cpus": workers, "include_dashboard": False, "_node_ip_address": "127.0.0.1"},
-            },
-            verbose_logging=False,
-        )
+    try:
+        with _backend(backend), _flower_log_level(logging.WARNING):
+            flower_simulation(
+                server_app=build_server_app(run_config),
+                client_app=build_client_app(run_config),
+                num_supernodes=config.clients,
+                backend_config={
+                    "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                    # Ray: loopback only, no dashboard, an actor pool sized by num_cpus
+                    "init_args": {"num_cpus": workers, "include_dashboard": False, "_node_ip_address": "127.0.0.1"},
+                },
+                verbose_logging=False,
+            )
+    finally:
+        release_runtimes()
     return read_run(out)
 
 

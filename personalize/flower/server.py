@@ -47,6 +47,9 @@ class FedsensStrategy(Strategy):
         self._round: dict[str, Any] = {}
         self._bar = tqdm(total=self.config.rounds, desc=Path(self.config.out).name, disable=quiet, unit="round")
 
+    def close(self) -> None:
+        self._bar.close()
+
     def summary(self) -> None:
         """Flower logs this at start; the run folder's config.json says the rest."""
 
@@ -139,8 +142,8 @@ def _contents(replies: Iterable[Message], what: str) -> list[RecordDict]:
     for reply in replies:
         if reply.has_error():
             reason = reply.error.reason or ""
-            if "non-finite loss" in reason:
-                raise NonFiniteLoss(reason.strip().splitlines()[-1])
+            if "non-finite loss" in reason:  # Flower's reason: "<class '...'>:<'MESSAGE'>"
+                raise NonFiniteLoss(reason.rsplit(":<'", 1)[-1].rstrip("'>"))
             raise RuntimeError(f"a client failed in {what}: {reason}")
         contents.append(reply.content)
     return contents
@@ -191,7 +194,7 @@ def serve(grid: Grid, run_config: Mapping[str, Any]) -> dict:
     nodes = map_clients(grid, config.clients, timeout)
     strategy = FedsensStrategy(run, method, nodes, quiet=bool(records.engine_option(run_config, "quiet")))
     strategy.start(grid, records.to_record(snapshot(run.model, run.shared_names)), config.rounds, timeout=timeout)
-    strategy._bar.close()
+    strategy.close()
     runio.write_table(out / "metrics.csv", strategy.metrics, runio.TABLE_COLUMNS["metrics"])
     rounds = runio.write_table(out / "rounds.csv", strategy.rounds, runio.TABLE_COLUMNS["rounds"])
     runio.write_table(out / "flower.csv", strategy.traffic, FLOWER_COLUMNS)
