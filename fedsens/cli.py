@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from fedsens.commands import bench, compare, data, methods, report, split, sweep, train
+from fedsens.commands import bench, compare, data, flower, methods, report, split, sweep, train
 
 app = typer.Typer(
     name="fedsens",
@@ -44,6 +44,10 @@ app.command("compare")(compare.compare)
 app.command("report")(report.report)
 app.command("methods")(methods.methods)
 app.command("bench")(bench.bench)
+
+flower_app = typer.Typer(help="Run fedsens methods as Flower apps (needs the flower extra).", no_args_is_help=True)
+flower_app.command("app")(flower.app)
+app.add_typer(flower_app, name="flower")
 
 if __name__ == "__main__":  # pragma: no cover
     app()

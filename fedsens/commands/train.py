@@ -40,6 +40,70 @@ def _place_fedperfix(method: str | None, sweep_dir: Path | None, top_blocks: int
     return placement
 
 
+RUN_FLAGS = ("resume", "overwrite", "quiet", "engine")  # how train runs, not what: not part of the RunConfig
+
+
+def run_config(
+    *,
+    dataset: str | None,
+    data_root: str | None,
+    partition: str | None,
+    alpha: float | None,
+    personalize: str | None,
+    sweep_dir: Path | None,
+    top: int,
+    seed: int | None,
+    device: str | None,
+    out: Path,
+    preset_name: str,
+    method: str | None,
+    option: list[str] | None,
+    no_verify: bool,
+    top_blocks: int | None,
+    client_store: str | None,
+    checkpoint_every: int | None,
+    synthetic_per_client: int | None,
+    synthetic_size: int | None,
+    synthetic_classes: int | None,
+    knobs: dict,
+):
+    """The RunConfig train's options describe (and the sweep's FedPerfix placement, or None): the preset, its
+    settings for the method, then every option given. `fedsens flower app` builds its config the same way."""
+    from fedsens.personalize import presets
+    from fedsens.personalize.methods.registry import parse_assignments
+
+    if sweep_dir is not None and personalize != "auto" and method != "fedperfix":
+        raise UserError("--from only makes sense with --personalize auto or --method fedperfix")
+    placement = _place_fedperfix(method, sweep_dir, top_blocks)
+    given = {
+        "dataset": dataset,
+        "data_root": data_root,
+        "scheme": partition,
+        "alpha": alpha,
+        "personalize": _resolve_auto(personalize, sweep_dir, top),
+        "method": method,
+        "seed": seed,
+        "device": device,
+        "verify": False if no_verify else None,
+        "client_store": client_store,
+        "checkpoint_every": checkpoint_every,
+        "synthetic_per_client": synthetic_per_client,
+        "synthetic_size": synthetic_size,
+        "synthetic_classes": synthetic_classes,
+    }
+    chosen = presets.get(preset_name)
+    # the preset's settings for the method (Per-FedAvg's lr, FedPerfix's adapter ...), then every option
+    # given; -o options are laid over the preset's method options
+    own = chosen.method_settings(method or chosen.run_config().method)
+    given_options = parse_assignments(option)
+    options = {**own.get("method_options", {}), **given_options}
+    if placement is not None:  # the sweep's placement, unless -o says otherwise
+        placed = {"blocks": ",".join(map(str, placement.blocks)), "local": placement.local}
+        options = {**options, **{k: v for k, v in placed.items() if k not in given_options}}
+    config = presets.overlay(chosen.run_config(**own), out=str(out), method_options=options or None, **given, **knobs)
+    return config, placement
+
+
 @clean_errors
 @training_options("embedded")
 def train(
@@ -97,6 +161,11 @@ def train(
     ),
     synthetic_size: int | None = typer.Option(None, help="synthetic: image side in pixels (default 16)"),
     synthetic_classes: int | None = typer.Option(None, help="synthetic: number of classes (default 10)"),
+    engine: str = typer.Option(
+        "builtin",
+        help="builtin (fedsens's round loop), flower (Flower's simulation engine, ClientApps in this process) "
+        "or flower-ray (Flower's simulation engine on Ray actors)",
+    ),
     *,
     knobs: dict,
 ) -> None:
@@ -106,43 +175,22 @@ def train(
     into --out.
     """
     from fedsens.personalize import presets, runio
-    from fedsens.personalize.federation import run
-    from fedsens.personalize.methods.registry import parse_assignments
 
-    if sweep_dir is not None and personalize != "auto" and method != "fedperfix":
-        raise UserError("--from only makes sense with --personalize auto or --method fedperfix")
-    placement = _place_fedperfix(method, sweep_dir, top_blocks)
-    given = {
-        "dataset": dataset,
-        "data_root": data_root,
-        "scheme": partition,
-        "alpha": alpha,
-        "personalize": _resolve_auto(personalize, sweep_dir, top),
-        "method": method,
-        "seed": seed,
-        "device": device,
-        "verify": False if no_verify else None,
-        "client_store": client_store,
-        "checkpoint_every": checkpoint_every,
-        "synthetic_per_client": synthetic_per_client,
-        "synthetic_size": synthetic_size,
-        "synthetic_classes": synthetic_classes,
-    }
-    chosen = presets.get(preset_name)
-    # the preset's settings for the method (Per-FedAvg's lr, FedPerfix's adapter ...), then every option
-    # given; -o options are laid over the preset's method options
-    own = chosen.method_settings(method or chosen.run_config().method)
-    options = {**own.get("method_options", {}), **parse_assignments(option)}
-    if placement is not None:  # the sweep's placement, unless -o says otherwise
-        placed = {"blocks": ",".join(map(str, placement.blocks)), "local": placement.local}
-        options = {**options, **{k: v for k, v in placed.items() if k not in parse_assignments(option)}}
-    config = presets.overlay(chosen.run_config(**own), out=str(out), method_options=options or None, **given, **knobs)
+    options = {k: v for k, v in locals().items() if k not in (*RUN_FLAGS, "presets", "runio")}
+    config, placement = run_config(**options)
     record = presets.protocol(config, preset=preset_name)
     typer.echo(presets.protocol_text(record))
     presets.write_protocol(out, record)
     if placement is not None:
         runio.write_json(out / "placement.json", {**placement.as_dict(), "sweep": str(sweep_dir)})
-    result = run(config, resume=resume, overwrite=overwrite, quiet=quiet)
+    if engine == "builtin":
+        from fedsens.personalize.federation import run
+
+        result = run(config, resume=resume, overwrite=overwrite, quiet=quiet)
+    else:
+        from fedsens.personalize.flower.engine import run_on_flower
+
+        result = run_on_flower(engine, config, resume=resume, overwrite=overwrite, quiet=quiet)
     s = result.summary
     what = f"personalize={config.personalize}" if config.method == "fedavg" else f"method={config.method}"
     typer.echo(
