@@ -23,7 +23,7 @@ from tqdm import tqdm
 from fedsens.personalize import data as data_lib
 from fedsens.personalize import model as model_lib
 from fedsens.personalize import partition as partition_lib
-from fedsens.personalize import runio
+from fedsens.personalize import runio, runlock
 from fedsens.personalize.client import ClientContext, EvalResult, NonFiniteLoss, RunContext
 from fedsens.personalize.config import RunConfig
 from fedsens.personalize.errors import UserError
@@ -189,10 +189,17 @@ def _start_state(ctx: RunContext, method: Method, resume: bool, overwrite: bool)
         return _fresh_state(ctx, method)
     if not resume:
         raise UserError(f"{ctx.out} already holds a run; pass --resume to continue it or --overwrite to start over")
-    state = runio.load_checkpoint(checkpoint)
     saved = runio.read_json(ctx.out / "config.json")["config"]
-    if {k: saved.get(k) for k in _comparable(ctx.config)} != _comparable(ctx.config):
-        raise UserError(f"{ctx.out} holds a run with a different configuration; use another --out or --overwrite")
+    wanted = _comparable(ctx.config)
+    differ = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in wanted.items() if saved.get(k) != v]
+    if differ:
+        raise UserError(
+            f"{ctx.out} holds a run with other settings ({'; '.join(differ)}); "
+            "use another --out, or --overwrite to start over"
+        )
+    state = runio.load_checkpoint(checkpoint, notify=tqdm.write)
+    if saved.get("rounds") is not None and ctx.config.rounds > saved["rounds"]:
+        tqdm.write(f"{ctx.out}: extending the run from {saved['rounds']} to {ctx.config.rounds} rounds")
     move = lambda d: {n: t.to(ctx.device) for n, t in d.items()}  # noqa: E731
     state["shared"] = move(state["shared"])
     state["local"] = [move(d) for d in state["local"]]
@@ -273,9 +280,21 @@ def _summary(ctx: RunContext, method: Method, state: dict, rounds: pd.DataFrame)
 def run(
     config: RunConfig, hooks: Sequence = (), *, resume: bool = False, overwrite: bool = False, quiet: bool = False
 ) -> RunResult:
-    """One federated run into `config.out`; resumable from the checkpoint written after every round."""
+    """One federated run into `config.out`; resumable from the checkpoint written after every round.
+
+    The folder is locked for the run's duration: a second process on it is refused (RunInUse).
+    """
     out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pass a folder for the run (it is created if missing)")
     out.mkdir(parents=True, exist_ok=True)
+    with runlock.hold(out, what="train", notify=tqdm.write):
+        return _run_locked(config, out, hooks, resume=resume, overwrite=overwrite, quiet=quiet)
+
+
+def _run_locked(
+    config: RunConfig, out: Path, hooks: Sequence, *, resume: bool, overwrite: bool, quiet: bool
+) -> RunResult:
     method = get_method(config)
     ctx = _build_context(config, method, out)
     state = _start_state(ctx, method, resume, overwrite)
