@@ -86,7 +86,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as handle:
         writer = _HashingWriter(handle)
-        torch.save(state, writer)
+        torch.save(state, writer)  # type: ignore[arg-type]  # torch only calls write() and flush()
     previous = previous_checkpoint(path)
     if path.exists() and _digest_path(path).exists():
         os.replace(path, previous)
