@@ -161,3 +161,45 @@ def test_the_lock_is_released_when_the_holder_is_killed_mid_run(tmp_path):
     assert result.exit_code == 0, result.output
     assert f"took over the lock left by pid {proc.pid}" in result.output
     assert len(pd.read_csv(out / "rounds.csv")) == 30
+
+
+def _finished_run(tmp_path, rounds=2):
+    out = tmp_path / "run"
+    assert CliRunner().invoke(app, ["train", *TINY, "--rounds", str(rounds), "--out", str(out)]).exit_code == 0
+    return out
+
+
+def test_a_report_on_a_metrics_table_cut_mid_line_says_what_it_used(tmp_path):
+    out = _finished_run(tmp_path)
+    text = (out / "metrics.csv").read_bytes()
+    (out / "metrics.csv").write_bytes(text[: len(text) - 25])  # the copy broke inside the last row
+    result = CliRunner().invoke(app, ["report", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    html = (out / "report" / "index.html").read_text()
+    assert "metrics.csv ends mid-line" in html
+    assert "metrics.csv&#x27;s last round 2 holds 3 of 4 clients" in html or "last round 2 holds 3 of 4" in html
+
+
+def test_a_report_on_a_garbled_or_columnless_table_is_one_line(tmp_path):
+    out = _finished_run(tmp_path)
+    (out / "rounds.csv").write_text("nothing,useful\n1,2\n")
+    result = CliRunner().invoke(app, ["report", str(out), "--quiet"])
+    assert result.exit_code == 2 and "lacks the column(s) round, acc_mean" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_report_on_a_file_says_it_is_a_file(tmp_path):
+    path = tmp_path / "README.md"
+    path.write_text("# not a run")
+    result = CliRunner().invoke(app, ["report", str(path)])
+    assert result.exit_code == 2 and "is a file" in result.output
+
+
+def test_the_training_curve_band_stays_within_0_and_1():
+    from fedsens.reports.figures import plot_training_curves
+
+    rounds = pd.DataFrame({"round": [1, 2, 3], "acc_mean": [0.05, 0.5, 0.97], "acc_std": [0.2, 0.1, 0.2]})
+    fig = plot_training_curves(rounds)
+    band = fig.axes[0].collections[0]
+    ys = [vertex[1] for path in band.get_paths() for vertex in path.vertices]
+    assert min(ys) >= 0.0 and max(ys) <= 1.0
