@@ -203,3 +203,18 @@ def test_the_training_curve_band_stays_within_0_and_1():
     band = fig.axes[0].collections[0]
     ys = [vertex[1] for path in band.get_paths() for vertex in path.vertices]
     assert min(ys) >= 0.0 and max(ys) <= 1.0
+
+
+def test_too_many_clients_names_a_count_that_works(tmp_path):
+    import re
+
+    runner = CliRunner()
+    too_many = runner.invoke(
+        app, ["train", "--clients", "5000", "--scheme", "iid", "--rounds", "1", "--quiet", "--out", str(tmp_path)]
+    )
+    assert too_many.exit_code == 2
+    suggested = int(re.search(r"use at most (\d+) clients", too_many.output).group(1))
+    again = runner.invoke(
+        app, ["data", "split", "--scheme", "iid", "--clients", str(suggested), "--quiet", "--out", str(tmp_path / "p")]
+    )
+    assert again.exit_code == 0, again.output  # the suggestion is one that works
