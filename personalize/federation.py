@@ -23,7 +23,7 @@ from tqdm import tqdm
 from fedsens.personalize import datasets as dataset_lib
 from fedsens.personalize import model as model_lib
 from fedsens.personalize import partition as partition_lib
-from fedsens.personalize import runio, schema
+from fedsens.personalize import runio, runlock, schema
 from fedsens.personalize.client import ClientContext, EvalResult, NonFiniteLoss, RunContext
 from fedsens.personalize.clientstore import ClientStore
 from fedsens.personalize.config import FREE_SETTINGS, RunConfig
@@ -53,7 +53,13 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name} asked for CUDA but none is available here; use --device cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name} asks for a GPU this machine lacks; it has {torch.cuda.device_count()}")
+    return device
 
 
 def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -242,12 +248,27 @@ def _start_state(ctx: RunContext, method: Method, resume: bool, overwrite: bool)
     if not resume:
         raise UserError(f"{ctx.out} already holds a run; pass --resume to continue it or --overwrite to start over")
     saved = runio.read_json(ctx.out / "config.json")["config"]
-    if {k: saved.get(k) for k in _comparable(ctx.config)} != _comparable(ctx.config):
-        raise UserError(f"{ctx.out} holds a run with a different configuration; use another --out or --overwrite")
-    saved_state = runio.load_checkpoint(checkpoint)
+    wanted = _comparable(ctx.config)
+    differ = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in wanted.items() if saved.get(k) != v]
+    if differ:
+        raise UserError(
+            f"{ctx.out} holds a run with other settings ({'; '.join(differ)}); "
+            "use another --out, or --overwrite to start over"
+        )
+    fell_back: list[str] = []
+    saved_state = runio.load_checkpoint(checkpoint, notify=fell_back.append)
+    for line in fell_back:
+        tqdm.write(line)
     if "table_sizes" not in saved_state:
         raise UserError(f"{checkpoint} was written by an older fedsens (per-client state); rerun with --overwrite")
+    if saved.get("rounds") is not None and ctx.config.rounds > saved["rounds"]:
+        tqdm.write(f"{ctx.out}: extending the run from {saved['rounds']} to {ctx.config.rounds} rounds")
     if ctx.config.client_store == "disk":
+        if fell_back:  # the mapped files may already hold rows written after the previous checkpoint
+            raise UserError(
+                f"{checkpoint} is damaged and the disk client store has moved past the previous checkpoint; "
+                "start over with --overwrite"
+            )
         # The mapped files already hold the clients' state up to the checkpoint, give or take the
         # rows it recorded (re-applied below); nothing needs building.
         layout = {n: (tuple(t.shape), t.dtype) for n, t in snapshot(ctx.named, ctx.local_names).items()}
@@ -449,9 +470,21 @@ def _summary(ctx: RunContext, method: Method, state: RunState, rounds: pd.DataFr
 def run(
     config: RunConfig, hooks: Sequence[Hook] = (), *, resume: bool = False, overwrite: bool = False, quiet: bool = False
 ) -> RunResult:
-    """One federated run into `config.out`; resumable from the checkpoint written after every round."""
+    """One federated run into `config.out`; resumable from the checkpoint written after every round.
+
+    The folder is locked for the run's duration: a second process on it is refused (RunInUse).
+    """
     out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pass a folder for the run (it is created if missing)")
     out.mkdir(parents=True, exist_ok=True)
+    with runlock.hold(out, what="train", notify=tqdm.write):
+        return _run_locked(config, out, hooks, resume=resume, overwrite=overwrite, quiet=quiet)
+
+
+def _run_locked(
+    config: RunConfig, out: Path, hooks: Sequence, *, resume: bool, overwrite: bool, quiet: bool
+) -> RunResult:
     method = get_method(config)
     ctx = _build_context(config, method, out)
     state = _start_state(ctx, method, resume, overwrite)

@@ -157,8 +157,6 @@ def _resolve_params(
         raise UserError(f"unknown partition scheme {scheme!r}; use one of {', '.join(SCHEMES)}")
     if not isinstance(num_clients, (int, np.integer)) or num_clients < 1:
         raise UserError(f"num_clients={num_clients!r} must be a whole number >= 1")
-    if num_clients > n:
-        raise UserError(f"num_clients={num_clients} is more than the {n} samples; use at most {n} clients")
     if not alpha > 0:
         raise UserError(
             f"alpha={alpha!r} must be > 0 (small = strong label skew, e.g. 0.1; large = near iid, e.g. 100)"
@@ -192,8 +190,9 @@ def _resolve_params(
             )
     if num_clients * min_samples > n:
         raise UserError(
-            f"{num_clients} clients x min_samples={min_samples} needs more than the {n} samples; "
-            f"use at most {n // min_samples} clients or lower min_samples"
+            f"{num_clients} clients x at least {min_samples} samples each (min_samples) needs more than the "
+            f"{n} samples; use at most {n // min_samples} clients (fewer for a skewed Dirichlet split) "
+            "or lower min_samples"
         )
     params = {
         "scheme": scheme,

@@ -290,7 +290,8 @@ def plot_training_curves(rounds: pd.DataFrame, *, hue: str | None = None, ax: Ax
         curve = subset.groupby("round")[["acc_mean", "acc_std"]].mean()
         mean, spread = curve["acc_mean"].to_numpy(), curve["acc_std"].fillna(0).to_numpy()
         ax.plot(curve.index, mean, color=color, marker="o", markersize=3, label=group)
-        ax.fill_between(curve.index, mean - spread, mean + spread, color=color, alpha=0.18, linewidth=0)
+        low, high = np.clip(mean - spread, 0, 1), np.clip(mean + spread, 0, 1)  # an accuracy lies in [0, 1]
+        ax.fill_between(curve.index, low, high, color=color, alpha=0.18, linewidth=0)
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("mean client test accuracy")

@@ -74,6 +74,7 @@ def build_report(folder: str | Path, *, open_browser: bool = False, quiet: bool 
     figure_blocks = [_save(plan, out) for plan in tqdm(planned, desc="report figures", disable=quiet)]
     blocks: list[Block] = [
         *headline(tables),
+        *[Note(f"warning: {problem}") for problem in tables.problems],
         *[Note(note) for note in notes],
         *(key_tables(tables) if tables.kind == "comparison" else []),
         Heading("Figures"),

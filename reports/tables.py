@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fedsens.personalize.errors import UserError
+from fedsens.personalize.errors import CorruptFileError, UserError
 
 # What each kind of folder's configuration file is called, and the tables it may hold.
 CONFIG_FILES = {"run": "config.json", "sweep": "sweep.json", "comparison": "compare.json"}
@@ -28,6 +28,8 @@ GROUP_COLUMNS = ("method", "local_part")
 def detect(folder: str | Path) -> str:
     """Say whether `folder` is a "run", a "sweep" or a "comparison" folder, by the tables it holds."""
     path = Path(folder)
+    if path.is_file():
+        raise UserError(f"{path} is a file; pass the folder that `fedsens train`, `sweep` or `compare` wrote (--out)")
     if not path.is_dir():
         raise UserError(f"report folder {path} does not exist; pass a run, sweep or comparison folder")
     if (path / "comparison.csv").is_file():
@@ -62,6 +64,7 @@ class FolderTables:
     partition: dict | None = None
     partition_source: str | None = None
     missing: tuple[str, ...] = field(default=())
+    problems: tuple[str, ...] = field(default=())  # what was wrong with the tables and what the report used
 
     def has(self, *names: str) -> bool:
         return all(name in self.frames for name in names)
@@ -71,13 +74,16 @@ def read_folder(folder: str | Path) -> FolderTables:
     """Detect the folder's kind and read its configuration, tables, summary and one partition."""
     path = Path(folder)
     kind = detect(path)
-    frames, missing = {}, []
+    frames: dict[str, pd.DataFrame] = {}
+    missing: list[str] = []
+    problems: list[str] = []
     for name in TABLE_FILES[kind]:
-        table = _read_csv(path / f"{name}.csv")
+        table = _read_csv(path / f"{name}.csv", problems)
         if table is None:
             missing.append(f"{name}.csv")
         else:
             frames[name] = table
+    problems.extend(_inconsistencies(frames))
     partition_path = _partition_path(path, kind)
     if partition_path is None:
         missing.append("partition.json")
@@ -90,17 +96,76 @@ def read_folder(folder: str | Path) -> FolderTables:
         partition=_read_json(partition_path) if partition_path else None,
         partition_source=str(partition_path.relative_to(path)) if partition_path else None,
         missing=tuple(missing),
+        problems=tuple(problems),
     )
 
 
-def _read_csv(path: Path) -> pd.DataFrame | None:
+# The columns without which a table cannot be drawn from; the rest are optional.
+REQUIRED_COLUMNS = {
+    "rounds": ("round", "acc_mean"),
+    "metrics": ("round", "client", "accuracy"),
+    "divergence": ("round", "group", "part", "metric", "value"),
+    "parts": ("param", "part"),
+    "sensitivity": ("local_part", "seed"),
+    "ranking": ("part", "metric", "rank"),
+    "comparison": ("method", "seed"),
+}
+
+
+def _read_csv(path: Path, problems: list[str]) -> pd.DataFrame | None:
+    """A table, validated: a garbled file is an error naming it; a last line cut short (a run killed or a
+    copy broken mid-write) is dropped and noted, as are rows whose key columns are empty."""
     if not path.is_file():
         return None
     try:
         table = pd.read_csv(path)
     except pd.errors.EmptyDataError:
         return None
-    return table if len(table) else None
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        problem = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CorruptFileError(path, problem, "re-run the command that wrote it") from None
+    required = REQUIRED_COLUMNS.get(path.stem, ())
+    absent = [column for column in required if column not in table.columns]
+    if absent:
+        raise UserError(
+            f"{path} lacks the column(s) {', '.join(absent)} (has: {', '.join(map(str, table.columns))}); "
+            "re-run the command that wrote it"
+        )
+    if len(table) and not path.read_bytes().endswith(b"\n"):
+        table = table.iloc[:-1]
+        problems.append(f"{path.name} ends mid-line (cut short); its incomplete last row was left out")
+    keys = [column for column in required if column in ("round", "client", "seed", "method", "local_part", "part")]
+    incomplete = table[keys].isna().any(axis=1) if keys else pd.Series(False, index=table.index)
+    if incomplete.any():
+        problems.append(f"{path.name}: {int(incomplete.sum())} row(s) with empty {'/'.join(keys)} left out")
+        table = table[~incomplete]
+    return table.reset_index(drop=True) if len(table) else None
+
+
+def _inconsistencies(frames: dict[str, pd.DataFrame]) -> list[str]:
+    """Tables of one folder that disagree (a run's metrics.csv and rounds.csv from different moments)."""
+    rounds, metrics = frames.get("rounds"), frames.get("metrics")
+    if rounds is None or metrics is None or "cell" in metrics.columns or "method" in metrics.columns:
+        return []
+    problems = []
+    evaluated = rounds.dropna(subset=["acc_mean"])
+    last_rounds = int(evaluated["round"].max()) if len(evaluated) else None
+    last_metrics = int(metrics["round"].max())
+    if last_rounds is not None and last_metrics != last_rounds:
+        problems.append(
+            f"metrics.csv ends at round {last_metrics} but rounds.csv at round {last_rounds}; "
+            f"per-client figures use round {last_metrics}"
+        )
+    groups = metrics.groupby("protocol") if "protocol" in metrics.columns else [(None, metrics)]
+    for protocol, rows in groups:
+        per_round = rows.groupby("round")["client"].nunique()
+        if per_round.iloc[-1] < per_round.max():
+            which = f" ({protocol} protocol)" if protocol is not None else ""
+            problems.append(
+                f"metrics.csv's last round {last_metrics} holds {per_round.iloc[-1]} of {per_round.max()} "
+                f"clients{which}; per-client figures use only those"
+            )
+    return problems
 
 
 def _read_json(path: Path) -> dict | None:

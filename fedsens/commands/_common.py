@@ -1,4 +1,4 @@
-"""What every command shares: turning a UserError into one clear line and exit status 2."""
+"""What every command shares: turning a UserError or an I/O error on a user's path into one clear line, exit 2."""
 
 from __future__ import annotations
 
@@ -9,13 +9,17 @@ from typing import TypeVar
 
 import typer
 
-from fedsens.personalize.errors import UserError
+from fedsens.personalize.errors import UserError, describe_os_error
 
 F = TypeVar("F", bound=Callable)
 
 
 def clean_errors(command: F) -> F:
-    """Wrap a command so bad input prints `error: ...` on one line instead of a traceback."""
+    """Wrap a command so bad input prints `error: ...` on one line instead of a traceback.
+
+    An OSError that names a file (permission denied, read-only, disk full, a file where a folder should
+    be) is about the user's paths; one without a file name is a bug and keeps its traceback.
+    """
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -23,6 +27,11 @@ def clean_errors(command: F) -> F:
             return command(*args, **kwargs)
         except UserError as err:
             typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(2) from None
+        except OSError as err:
+            if err.filename is None:
+                raise
+            typer.echo(f"error: {describe_os_error(err)}", err=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
