@@ -65,6 +65,7 @@ class ClientContext:
     state: dict[str, torch.Tensor]
     generator: torch.Generator
     nonfinite: bool = False
+    nonfinite_loss: float = float("nan")  # the first non-finite loss seen (nan or inf), for the record
 
     @property
     def model(self) -> nn.Module:
@@ -127,7 +128,8 @@ class ClientContext:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        self.nonfinite = self.nonfinite or not bool(torch.isfinite(loss.detach()))
+        if not self.nonfinite and not bool(torch.isfinite(loss.detach())):
+            self.nonfinite, self.nonfinite_loss = True, float(loss.detach())
         return loss.detach()
 
     @torch.no_grad()
@@ -147,3 +149,7 @@ class ClientContext:
 
 class NonFiniteLoss(RuntimeError):
     """Training diverged (NaN/inf loss): the run stops and says so instead of reporting garbage."""
+
+    def __init__(self, client: int, round_: int, loss: float):
+        super().__init__(f"client {client} hit a non-finite loss ({loss}) in round {round_}; lower --lr")
+        self.client, self.round, self.loss = client, round_, loss

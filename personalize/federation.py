@@ -387,7 +387,7 @@ def _train_round(
             hook.on_client_start(round_, c, ctx.model)
         method.train_client(client)
         if client.nonfinite:
-            raise NonFiniteLoss(f"client {c} hit a non-finite loss in round {round_}; lower --lr")
+            raise NonFiniteLoss(c, round_, client.nonfinite_loss)
         for hook in hooks:
             hook.on_client_end(round_, c, ctx.model)
         state.local.put(c, {n: ctx.named[n] for n in ctx.local_names})
@@ -502,11 +502,17 @@ def _run_locked(
     every = _checkpoint_every(ctx, state)
     previous = _previous_after_rows(ctx, state.round)
     bar = tqdm(total=config.rounds, initial=state.round, desc=out.name, disable=quiet, unit="round")
+    diverged: dict | None = None
     for round_ in range(state.round + 1, config.rounds + 1):
         started = time.perf_counter()
         start_shared = state.shared
         evaluated = round_ % config.eval_every == 0 or round_ == config.rounds
-        participants, exchanged, trained = _train_round(ctx, method, state, round_, hooks, evaluated)
+        try:
+            participants, exchanged, trained = _train_round(ctx, method, state, round_, hooks, evaluated)
+        except NonFiniteLoss as err:
+            # A result, not a crash: the tables and the checkpoint stay at the last good round.
+            diverged = {"round": err.round, "client": err.client, "loss": err.loss, "message": str(err)}
+            break
         rows: dict[str, list[dict]] = {"metrics": []}
         accuracies: dict[str, np.ndarray] = {p: np.array([], dtype=float) for p in runio.EVAL_PROTOCOLS}
         if evaluated:
@@ -546,6 +552,9 @@ def _run_locked(
     bar.close()
     frames = _read_tables(ctx, names)
     summary = _summary(ctx, method, state, frames["rounds"])
+    if diverged is not None:
+        summary.update(status="diverged", diverged=diverged)
+        tqdm.write(f"{out}: diverged: {diverged['message']}; the tables hold the rounds before it")
     runio.write_json(out / "summary.json", summary)
     return RunResult(
         out,

@@ -345,6 +345,14 @@ def _comparison_headline(comparison: pd.DataFrame) -> list[Block]:
 
 def _run_headline(summary: dict | None, rounds: pd.DataFrame | None) -> list[Block]:
     summary = summary or {}
+    if summary.get("status") == "diverged":
+        where = summary.get("diverged", {})
+        text = (
+            f"Status: diverged. Client {where.get('client', '?')} hit a non-finite loss ({where.get('loss', '?')}) "
+            f"in round {where.get('round', '?')}; the run stopped there and the tables and figures show the "
+            f"{summary.get('rounds', '?')} rounds before it. Lower the learning rate (--lr) and run it again."
+        )
+        return [Paragraph(text, lead=True), *_run_headline({**summary, "status": "stopped"}, rounds)[:1]]
     if summary.get("acc_last") is not None:
         text = f"Final mean client accuracy {summary['acc_last']:.4f}"
         if summary.get("acc_best") is not None:

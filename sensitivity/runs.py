@@ -73,9 +73,12 @@ def check_same_settings(folder: Path, wanted: RunConfig) -> None:
 
 
 def is_finished(folder: Path, wanted: RunConfig) -> bool:
+    """Done for the rounds asked for, or diverged (training again would diverge again: it is seeded)."""
     if not (folder / "summary.json").exists() or (folder / "error.txt").exists():
         return False
     summary = runio.read_json(folder / "summary.json")
+    if summary.get("status") == "diverged":
+        return True
     return summary.get("status") == "done" and summary.get("rounds") == wanted.rounds
 
 
@@ -89,9 +92,11 @@ def run_resumable(wanted: RunConfig, hooks: Sequence = (), *, fresh: bool = Fals
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "error.txt").unlink(missing_ok=True)
     try:
-        federation.run(wanted, hooks=hooks, resume=True, quiet=quiet)
+        result = federation.run(wanted, hooks=hooks, resume=True, quiet=quiet)
     except Exception:  # noqa: BLE001 - one failing run is recorded; the grid goes on
         (folder / "error.txt").write_text(traceback.format_exc())
+        return "failed"
+    if result.summary.get("status") == "diverged":  # recorded as diverged (status); counted with the failures
         return "failed"
     return "done"
 

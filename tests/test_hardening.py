@@ -218,3 +218,30 @@ def test_too_many_clients_names_a_count_that_works(tmp_path):
         app, ["data", "split", "--scheme", "iid", "--clients", str(suggested), "--quiet", "--out", str(tmp_path / "p")]
     )
     assert again.exit_code == 0, again.output  # the suggestion is one that works
+
+
+def test_a_diverging_run_stops_cleanly_exit_3_and_the_report_says_so(tmp_path):
+    out = tmp_path / "run"
+    args = ["train", *TINY, "--rounds", "4", "--lr", "1e6", "--optimizer", "sgd", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 3, result.output
+    assert "diverged" in result.output and "lower --lr" in result.output and "Traceback" not in result.output
+    summary = runio.read_json(out / "summary.json")
+    assert summary["status"] == "diverged" and summary["diverged"]["round"] >= 1
+    rounds = pd.read_csv(out / "rounds.csv")
+    assert len(rounds) == summary["diverged"]["round"] - 1  # the tables hold the rounds before it
+    report = CliRunner().invoke(app, ["report", str(out), "--quiet"])
+    assert report.exit_code == 0, report.output
+    assert "Status: diverged" in (out / "report" / "index.html").read_text()
+
+
+def test_a_diverging_cell_is_recorded_and_the_sweep_goes_on(tmp_path):
+    from fedsens.personalize.config import RunConfig
+    from fedsens.sensitivity.sweep import SweepConfig, run_sweep
+
+    run = RunConfig(dataset="synthetic", model="vit-nano", clients=4, rounds=2, lr=1e6, optimizer="sgd")
+    config = SweepConfig(run=run, parts=("head",), seeds=(0,), out=str(tmp_path / "sweep"), quiet=True, force=True)
+    result = run_sweep(config)
+    assert set(result.sensitivity["status"]) == {"diverged"}
+    again = run_sweep(config)  # diverged cells are results: nothing is trained again
+    assert again.ran == () and len(again.skipped) == 2

@@ -192,6 +192,9 @@ def train(
 
         result = run_on_flower(engine, config, resume=resume, overwrite=overwrite, quiet=quiet)
     s = result.summary
+    if s.get("status") == "diverged":
+        typer.echo(f"error: the run diverged: {s['diverged']['message']}; tables up to round {s['rounds']} in {out}")
+        raise typer.Exit(3)
     what = f"personalize={config.personalize}" if config.method == "fedavg" else f"method={config.method}"
     typer.echo(
         f"{what}: mean client accuracy ({s['protocol']} evaluation) last {s['acc_last']:.3f}, "
