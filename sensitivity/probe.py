@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from tqdm import tqdm
 
 from fedsens.personalize import federation, runio
@@ -144,11 +145,11 @@ def probe_seed(config: ProbeConfig, seed: int, folder: Path, bar: tqdm | None = 
     after_round = run.rounds + 1
     rows = []
     for c in range(run.clients):
-        federation.assign(ctx.model, shared)
+        _load(ctx.model, shared)
         client = ClientContext(ctx, c, after_round, {}, seeded_generator(seed, after_round, c, 2))
         before = method.evaluate_client(client).accuracy
         for part in config.parts:
-            federation.assign(ctx.model, shared)
+            _load(ctx.model, shared)
             client = ClientContext(ctx, c, after_round, {}, seeded_generator(seed, after_round, c, PROBE_STREAM))
             after = math.nan
             if names[part]:
@@ -172,6 +173,14 @@ def probe_seed(config: ProbeConfig, seed: int, folder: Path, bar: tqdm | None = 
         if bar is not None:
             bar.update(1)
     return rows
+
+
+@torch.no_grad()
+def _load(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy the federated model's tensors (parameters and buffers, by name) into `model`."""
+    named = {**dict(model.named_buffers()), **dict(model.named_parameters())}
+    for name, value in tensors.items():
+        named[name].copy_(value)
 
 
 def client_bootstrap(
