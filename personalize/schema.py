@@ -92,6 +92,24 @@ RANKING_COLUMNS = [
     "trustworthy",  # every cell behind the row learned and so did its FedAvg reference (sensitivity.sanity)
 ]
 
+# --- a probe's folder (sensitivity.probe): one FedAvg run, then each part type fine-tuned alone per client ---
+PROBE_METRIC = "probe_gain"  # the probe's rows beside the divergence metrics in a sweep's report
+PROBE_COLUMNS = ["dataset", "scheme", "alpha", "seed", "client", "part", "before", "after", "gain", "steps"]
+PROBE_RANKING_COLUMNS = [
+    "part",
+    "score",
+    "ci_low",
+    "ci_high",
+    "rank",
+    "metric",
+    "spearman_vs_gain",
+    "mean_rank",
+    "friedman_p",
+    "dataset",
+    "scheme",
+    "alpha",
+]
+
 # --- a comparison's folder (sensitivity.compare) -----------------------------------------------
 # The columns that lead each run's rows when the runs' tables are concatenated.
 RUN_KEY_COLUMNS = ["method", "seed"]

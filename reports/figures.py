@@ -232,7 +232,8 @@ def plot_divergence_rounds(divergence: pd.DataFrame, *, axes: Sequence[Axes] | N
 
 
 def plot_rank_agreement(ranking: pd.DataFrame, *, ax: Axes | None = None) -> Figure:
-    """Each divergence metric's ranking of the parts against the accuracy-gain ranking.
+    """Each divergence metric's (and the probe's, when one ran) ranking of the parts against the
+    accuracy-gain ranking.
 
     `ranking`: ranking.csv (`part, rank, metric` and, if present, `spearman_vs_gain`). Points on
     the diagonal are parts a metric ranks exactly as the sweep's accuracy gains do.
@@ -262,7 +263,7 @@ def plot_rank_agreement(ranking: pd.DataFrame, *, ax: Axes | None = None) -> Fig
     ax.set_xticks(ordered["rank"], [f"{int(r)}\n{p}" for r, p in zip(ordered["rank"], ordered["part"])])
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("rank by accuracy gain over FedAvg")
-    ax.set_ylabel("rank by divergence metric (FedAvg cell)")
+    ax.set_ylabel("rank by divergence metric (FedAvg cell) or probe")
     ax.set_title("Does FedAvg divergence predict the sweep's ranking?")
     ax.legend(fontsize="small")
     return fig

@@ -165,8 +165,9 @@ def _ranking_figures(frames: dict[str, pd.DataFrame], need) -> list[PlannedFigur
             planned.append(
                 PlannedFigure(
                     f"rank_agreement{suffix}",
-                    f"Each divergence metric's ranking of the parts (FedAvg cell{where}) against their ranking by "
-                    "accuracy gain; points on the dashed diagonal agree, the legend gives Spearman's rho.",
+                    f"Each divergence metric's ranking of the parts (FedAvg cell{where}), and the probe's when "
+                    "`fedsens probe --from` ran on this sweep (probe_gain), against their ranking by accuracy gain; "
+                    "points on the dashed diagonal agree, the legend gives Spearman's rho.",
                     partial(figures.plot_rank_agreement, rows),
                 )
             )
@@ -321,7 +322,9 @@ def _sweep_headline(frames: dict[str, pd.DataFrame]) -> list[Block]:
                 f"{metric} {value:+.2f}" if pd.notna(value) else f"{metric} n/a" for metric, value in rho.items()
             )
             blocks.append(
-                Paragraph(f"Spearman correlation of each divergence ranking with the accuracy ranking: {pairs}.")
+                Paragraph(
+                    f"Spearman correlation of each divergence (or probe) ranking with the accuracy ranking: {pairs}."
+                )
             )
     return blocks
 

@@ -21,6 +21,8 @@ TABLE_FILES = {
     "sweep": ("sensitivity", "ranking", "rounds", "metrics", "divergence"),
     "comparison": ("comparison", "summary", "rounds", "metrics"),
 }
+# Where `fedsens probe --from SWEEP` writes its ranking (rows of ranking.csv's shape, metric probe_gain).
+PROBE_RANKING = Path("probe") / "probe_ranking.csv"
 # The column that tells the runs of a sweep or comparison apart in a figure (one line / box each).
 GROUP_COLUMNS = ("method", "local_part")
 
@@ -83,6 +85,9 @@ def read_folder(folder: str | Path) -> FolderTables:
             missing.append(f"{name}.csv")
         else:
             frames[name] = table
+    probe = _read_csv(path / PROBE_RANKING, problems) if kind == "sweep" else None
+    if probe is not None and "ranking" in frames:  # `fedsens probe --from` this sweep: one more ranking source
+        frames["ranking"] = pd.concat([frames["ranking"], probe], ignore_index=True)
     problems.extend(_inconsistencies(frames))
     partition_path = _partition_path(path, kind)
     if partition_path is None:

@@ -31,6 +31,7 @@ from fedsens.personalize.schema import COMPARISON_COLUMNS, RUN_KEY_COLUMNS, SUMM
 from fedsens.sensitivity import executors, runs, sanity
 
 PAPER_METHODS = paper_methods()  # each method class declares its row of the paper's table
+PLACED_FEDPERFIX = "fedperfix-placed"  # compare --from SWEEP: FedPerfix placed by the sweep's ranking
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,9 @@ class CompareConfig:
     """`run` holds the settings every run shares; `method_options` (KEY -> value) go to every compared
     method that has that option; `method_overrides` changes the settings per method (e.g. Per-FedAvg's
     learning rate in the paper presets; a "method_options" entry there adds options for that method
-    only); each run lands in `<out>/runs/<method>-s<seed>`."""
+    only); each run lands in `<out>/runs/<method>-s<seed>`. `variants` adds runs of a method under another
+    row name, name -> {"method": ..., "method_options": {...}} (the sweep-placed FedPerfix of
+    `compare --from SWEEP`: row "fedperfix-placed"); they run after the methods, within each seed."""
 
     run: RunConfig = field(default_factory=RunConfig)
     methods: tuple[str, ...] = PAPER_METHODS
@@ -50,6 +53,7 @@ class CompareConfig:
     quiet: bool = False
     force: bool = False  # run the methods even when the FedAvg reference did not learn
     preset: str | None = None  # the personalize.presets name it started from (protocol.json, paper rows)
+    variants: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self):
         if not self.methods:
@@ -72,15 +76,32 @@ class CompareConfig:
         for key in self.method_options:
             if key not in known:
                 raise UserError(f"no method has an option {key!r}; `fedsens methods` lists each method's options")
+        for name, variant in self.variants.items():
+            if name in METHODS or variant.get("method") not in METHODS:
+                raise UserError(f"variant {name!r} must have a name no method has and name a method it runs")
         for method in self.methods:  # a value of the wrong type is an error before anything trains
             registry.resolve_options(method_class(method), options_for(self, method))
+        for name in self.variants:
+            registry.resolve_options(method_class(method_of(self, name)), options_for(self, name))
 
 
-def options_for(config: CompareConfig, method: str) -> dict[str, Any]:
-    """The shared options this method has, then its own from `method_overrides`."""
+def method_of(config: CompareConfig, name: str) -> str:
+    """The method a row runs: itself, or the method of a variant."""
+    return str(config.variants[name]["method"]) if name in config.variants else name
+
+
+def row_names(config: CompareConfig) -> tuple[str, ...]:
+    """comparison.csv's method names in run order: the methods, then the variants."""
+    return (*config.methods, *config.variants)
+
+
+def options_for(config: CompareConfig, name: str) -> dict[str, Any]:
+    """The shared options this method has, then its own from `method_overrides`, then a variant's own."""
+    method = method_of(config, name)
     fields = registry.option_fields(method_class(method))
     shared = {k: v for k, v in config.method_options.items() if k in fields}
-    return {**shared, **config.method_overrides.get(method, {}).get("method_options", {})}
+    variant = config.variants.get(name, {}).get("method_options", {})
+    return {**shared, **config.method_overrides.get(method, {}).get("method_options", {}), **variant}
 
 
 def check_options_apply(methods: tuple[str, ...], keys: list[str]) -> None:
@@ -95,11 +116,12 @@ def check_options_apply(methods: tuple[str, ...], keys: list[str]) -> None:
             )
 
 
-def run_config(config: CompareConfig, method: str, seed: int) -> RunConfig:
+def run_config(config: CompareConfig, name: str, seed: int) -> RunConfig:
     """One run: the shared settings, then the method's overrides and options, then its seed and folder."""
+    method = method_of(config, name)
     changes = {k: v for k, v in config.method_overrides.get(method, {}).items() if k != "method_options"}
-    out = Path(config.out) / "runs" / f"{method}-s{seed}"
-    options = options_for(config, method)
+    out = Path(config.out) / "runs" / f"{name}-s{seed}"
+    options = options_for(config, name)
     return config.run.replace(**changes, method=method, method_options=options, seed=seed, out=str(out))
 
 
@@ -121,6 +143,8 @@ def protocol(config: CompareConfig) -> dict:
     """The protocol every run follows, the per-method changes, and the paper rows (paper presets)."""
     record = presets.protocol(config.run, preset=config.preset, method_overrides=config.method_overrides)
     record.update(methods=list(config.methods), seeds=list(config.seeds))
+    if config.variants:
+        record["variants"] = {name: dict(variant) for name, variant in config.variants.items()}
     rows = paper_rows(config)
     if rows:
         record["paper_rows"] = rows
@@ -204,7 +228,7 @@ def _concatenated(config: CompareConfig, table: str) -> pd.DataFrame:
     folders = [
         (dict(method=method, seed=seed), Path(run_config(config, method, seed).out))
         for seed in config.seeds
-        for method in config.methods
+        for method in row_names(config)
     ]
     return runs.concatenated(folders, table, RUN_KEY_COLUMNS)
 
@@ -213,7 +237,7 @@ def _check_same_partition(config: CompareConfig) -> None:
     """Within a seed every method must have trained on one partition, or the table compares data."""
     for seed in config.seeds:
         hashes = {}
-        for method in config.methods:
+        for method in row_names(config):
             path = Path(run_config(config, method, seed).out) / "partition.json"
             if path.exists():
                 hashes[method] = runio.read_json(path).get("hash")
@@ -236,7 +260,7 @@ def write_tables(config: CompareConfig) -> dict[str, pd.DataFrame]:
     """comparison.csv, summary.csv and the concatenated rounds.csv / metrics.csv."""
     out = Path(config.out)
     comparison = pd.DataFrame(
-        [_row(config, m, s) for s in config.seeds for m in config.methods], columns=COMPARISON_COLUMNS
+        [_row(config, m, s) for s in config.seeds for m in row_names(config)], columns=COMPARISON_COLUMNS
     )
     tables = {
         "comparison": comparison,
@@ -255,7 +279,7 @@ def run_compare(config: CompareConfig, executor: executors.ExecutorConfig | None
     started = time.perf_counter()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    todo = [(m, s) for s in config.seeds for m in config.methods]
+    todo = [(m, s) for s in config.seeds for m in row_names(config)]
     preflight.check(run_config(config, m, s) for m, s in todo)  # bad input stops here, before any run
     presets.write_protocol(out, protocol(config))
     if not config.fresh:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
@@ -10,6 +11,7 @@ from fedsens.commands._common import clean_errors, comma_list, overlay
 from fedsens.commands._options import training_options
 from fedsens.commands.data import NO_VERIFY_HELP, dataset_help
 from fedsens.commands.methods import options_option
+from fedsens.personalize.errors import UserError
 
 if TYPE_CHECKING:  # the library is imported when the command runs, so `fedsens --help` stays quick
     from fedsens.sensitivity.compare import CompareConfig, CompareResult
@@ -24,6 +26,27 @@ def build_config(name: str, *, run: dict, compare: dict, options: dict | None = 
     config = overlay(base, run=run, grid={**compare, "method_options": {**base.method_options, **(options or {})}})
     check_options_apply(config.methods, list(options or {}))
     return config
+
+
+def _with_placed_fedperfix(config: CompareConfig, sweep_dir: Path | None, top_blocks: int | None) -> CompareConfig:
+    """`--from SWEEP`: the comparison plus the row fedperfix-placed, its placement written to placement.json."""
+    if sweep_dir is None:
+        if top_blocks is not None:
+            raise UserError("--top-blocks only makes sense with --from SWEEP_DIR")
+        return config
+    import dataclasses
+
+    from fedsens.personalize import runio
+    from fedsens.sensitivity.compare import PLACED_FEDPERFIX
+    from fedsens.sensitivity.placement import place_fedperfix
+
+    placement = place_fedperfix(sweep_dir, top_blocks or 1)
+    typer.echo(f"{PLACED_FEDPERFIX} (--from {sweep_dir}): {placement.why}")
+    options = {"blocks": ",".join(map(str, placement.blocks)), "local": placement.local}
+    variants = {**config.variants, PLACED_FEDPERFIX: {"method": "fedperfix", "method_options": options}}
+    Path(config.out).mkdir(parents=True, exist_ok=True)
+    runio.write_json(Path(config.out) / "placement.json", {**placement.as_dict(), "sweep": str(sweep_dir)})
+    return dataclasses.replace(config, variants=variants)
 
 
 def summary_text(result: CompareResult) -> str:
@@ -90,6 +113,15 @@ def compare(
     gpus_per_cell: float | None = typer.Option(
         None, "--gpus-per-cell", help="GPUs per run (default: 1 where there are GPUs, else 0)."
     ),
+    sweep_dir: Path | None = typer.Option(
+        None,
+        "--from",
+        help="A finished sweep folder: add the row fedperfix-placed, FedPerfix with its adapters and extra local "
+        "parts placed by the sweep's ranking (recorded in placement.json).",
+    ),
+    top_blocks: int | None = typer.Option(
+        None, "--top-blocks", help="With --from: adapters in the K blocks the sweep ranks most sensitive (default 1)."
+    ),
     *,
     knobs: dict,
 ) -> None:
@@ -123,6 +155,7 @@ def compare(
         ),
         options=parse_assignments(option),
     )
+    config = _with_placed_fedperfix(config, sweep_dir, top_blocks)
     typer.echo(protocol_text(protocol(config)))
     where = executors.from_options(executor, jobs, 1, cpus_per_cell, gpus_per_cell, ray_address)
     result = run_compare(config, where)

@@ -1,0 +1,294 @@
+"""The cheap probe: one FedAvg run, then a short local fine-tuning of one part type at a time.
+
+The sweep trains one federated run per part kept local; the probe asks the same question far more cheaply.
+From the federated model of a finished FedAvg run, each client fine-tunes ONLY one part type (embed, attn,
+mlp, norm, head) for a few local steps with the run's optimizer settings, and its test accuracy is measured
+before and after. The per-client gain is the probe's sensitivity score of that part: a part whose local
+fine-tuning helps the clients most is the one personalization should keep local. Every part of a client
+sees the same batches (one generator seed per client), so the parts' gains are paired per client.
+
+With `sweep` set (`fedsens probe --from SWEEP`), the run settings are the sweep's, the sweep's finished
+FedAvg cells are reused instead of trained again, and the probe's ranking is set against the sweep's
+accuracy ranking (Spearman, beside the divergence metrics' `spearman_vs_gain`) and its cost against the
+sweep's (the sum of the cells' round seconds).
+
+Probe folder: probe.json (settings, cost, agreement), probe.csv (one row per seed, client and part) and
+probe_ranking.csv (ranking.csv's columns for the probe's rows, metric `probe_gain`), plus
+`fedavg-s<seed>/` when a FedAvg run had to be trained here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from fedsens.personalize import federation, runio
+from fedsens.personalize.client import ClientContext
+from fedsens.personalize.config import FREE_SETTINGS, RunConfig
+from fedsens.personalize.errors import UserError
+from fedsens.personalize.inputs import seeded_generator
+from fedsens.personalize.methods import get_method, only_trainable, train_steps
+from fedsens.personalize.schema import GAIN, PROBE_COLUMNS, PROBE_METRIC, PROBE_RANKING_COLUMNS
+from fedsens.personalize.stats import spearman
+from fedsens.sensitivity import runs
+from fedsens.sensitivity import stats as stats_lib
+from fedsens.sensitivity.ranking import accuracy_order
+from fedsens.sensitivity.sweep import Cell
+
+PROBE_PARTS = ("embed", "attn", "mlp", "norm", "head")
+PROBE_STREAM = 3  # seeded_generator's stream for the probe's batches (1: local training, 2: evaluation)
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """`run` holds the FedAvg run's settings (its personalize/method are set to plain FedAvg); one FedAvg
+    run per seed, each reused from `sweep`'s cells when given and finished, else trained in `<out>`."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    seeds: tuple[int, ...] = (0,)
+    parts: tuple[str, ...] = PROBE_PARTS
+    probe_steps: int = 20
+    sweep: str | None = None
+    out: str = "runs/probe"
+    fresh: bool = False
+    quiet: bool = False
+
+    def __post_init__(self):
+        if self.probe_steps < 1:
+            raise UserError(f"--probe-steps must be at least 1 (got {self.probe_steps})")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise UserError(f"--seeds {','.join(map(str, self.seeds))} must be one or more distinct seeds, e.g. 0")
+        unknown = [p for p in self.parts if p not in PROBE_PARTS]
+        if unknown or not self.parts:
+            raise UserError(f"--parts takes some of {', '.join(PROBE_PARTS)} (got {', '.join(self.parts) or 'none'})")
+        object.__setattr__(self, "run", self.run.replace(personalize="none", method="fedavg", method_options={}))
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    out: Path
+    probe: pd.DataFrame  # probe.csv
+    ranking: pd.DataFrame  # probe_ranking.csv
+    summary: dict  # probe.json
+
+
+# ---- the sweep the probe is set against -------------------------------------------------------------
+
+
+def sweep_settings(sweep_dir: str | Path) -> tuple[RunConfig, tuple[int, ...]]:
+    """The run settings and seeds of the sweep in `sweep_dir` (sweep.json); settings an older sweep did not
+    record keep RunConfig's defaults."""
+    path = Path(sweep_dir) / "sweep.json"
+    if not path.is_file():
+        raise UserError(f"--from {sweep_dir} is not a sweep folder (no sweep.json); pass the --out of `fedsens sweep`")
+    record = runio.read_json(path)
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    run = RunConfig(**{k: v for k, v in record["run"].items() if k in known})
+    return run, tuple(int(s) for s in record.get("seeds", (run.seed,)))
+
+
+def _fedavg_cell(config: ProbeConfig, wanted: RunConfig) -> Path | None:
+    """The sweep's finished FedAvg cell with the same settings as `wanted` (settings the cell did not
+    record count as the same), else None."""
+    if config.sweep is None:
+        return None
+    cell = Cell(wanted.dataset, wanted.scheme, wanted.alpha, wanted.seed, "none")
+    folder = Path(config.sweep) / "cells" / cell.name
+    if not (folder / "checkpoint.pt").is_file() or not (folder / "config.json").is_file():
+        return None
+    saved = runio.read_json(folder / "config.json")["config"]
+    same = all(saved[k] == v for k, v in dataclasses.asdict(wanted).items() if k not in FREE_SETTINGS and k in saved)
+    summary = runio.read_json(folder / "summary.json") if (folder / "summary.json").is_file() else {}
+    return folder if same and summary.get("status") == "done" and summary.get("rounds") == wanted.rounds else None
+
+
+def fedavg_run(config: ProbeConfig, seed: int) -> tuple[Path, bool]:
+    """The folder of the finished FedAvg run of `seed`, and whether it was reused from the sweep."""
+    wanted = config.run.replace(seed=seed, out=str(Path(config.out) / f"fedavg-s{seed}"))
+    reused = _fedavg_cell(config, wanted)
+    if reused is not None:
+        return reused, True
+    if not config.fresh:
+        runs.check_same_settings(Path(wanted.out), wanted)
+    if runs.run_resumable(wanted, fresh=config.fresh, quiet=config.quiet) == "failed":
+        raise UserError(f"the FedAvg run {wanted.out} failed (see its error.txt); fix it before probing")
+    return Path(wanted.out), False
+
+
+# ---- the probe itself --------------------------------------------------------------------------------
+
+
+def probe_seed(config: ProbeConfig, seed: int, folder: Path, bar: tqdm | None = None) -> list[dict]:
+    """probe.csv's rows of one seed: every client's test accuracy with the federated model of `folder`, and
+    after `probe_steps` local steps of each part type alone from it."""
+    # The run's own partition, read from a copy (the sweep's folder is only read).
+    clients_dir = Path(config.out) / f"clients-s{seed}"
+    clients_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(folder / "partition.json", clients_dir / "partition.json")
+    run = config.run.replace(seed=seed, scheme=str(clients_dir / "partition.json"), out=str(clients_dir))
+    method = get_method(run)
+    ctx = federation._build_context(run, method, clients_dir)  # the loop's own context: same model, data, device
+    state = runio.load_checkpoint(folder / "checkpoint.pt")
+    if state["round"] < run.rounds:
+        raise UserError(f"{folder} stopped at round {state['round']} of {run.rounds}; finish it before probing")
+    shared = {n: t.to(ctx.device) for n, t in state["shared"].items()}
+    names = {part: set(ctx.parts.loc[ctx.parts["part"] == part, "param"]) for part in config.parts}
+    after_round = run.rounds + 1
+    rows = []
+    for c in range(run.clients):
+        _load(ctx.model, shared)
+        client = ClientContext(ctx, c, after_round, {}, seeded_generator(seed, after_round, c, 2))
+        before = method.evaluate_client(client).accuracy
+        for part in config.parts:
+            _load(ctx.model, shared)
+            client = ClientContext(ctx, c, after_round, {}, seeded_generator(seed, after_round, c, PROBE_STREAM))
+            after = math.nan
+            if names[part]:
+                with only_trainable(ctx.model, names[part]) as params:
+                    train_steps(client, params, steps=config.probe_steps)
+                after = client.evaluate().accuracy if not client.nonfinite else math.nan
+            rows.append(
+                dict(
+                    dataset=run.dataset,
+                    scheme=config.run.scheme,
+                    alpha=run.alpha,
+                    seed=seed,
+                    client=c,
+                    part=part,
+                    before=before,
+                    after=after,
+                    gain=after - before,
+                    steps=config.probe_steps,
+                )
+            )
+        if bar is not None:
+            bar.update(1)
+    return rows
+
+
+@torch.no_grad()
+def _load(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy the federated model's tensors (parameters and buffers, by name) into `model`."""
+    named = {**dict(model.named_buffers()), **dict(model.named_parameters())}
+    for name, value in tensors.items():
+        named[name].copy_(value)
+
+
+def client_bootstrap(
+    values: np.ndarray, *, draws: int = 2000, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile interval of the mean over clients (one seed: the clients are the only resampled unit)."""
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values)]
+    if len(values) < 2:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(draws, len(values)))].mean(axis=1)
+    low, high = np.percentile(means, [50 * (1 - confidence), 100 - 50 * (1 - confidence)])
+    return float(low), float(high)
+
+
+def probe_ranking(probe: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
+    """probe_ranking.csv: per part, the mean gain over seeds and clients, its bootstrap interval (seeds then
+    clients with two or more seeds, clients alone with one), its rank (1 = gains most), and Friedman's mean
+    rank and p over the parts (blocks: seed x client)."""
+    gains = probe.rename(columns={"part": "local_part"})
+    wide = stats_lib.blocks_by_parts(gains, list(dict.fromkeys(gains["local_part"])))
+    friedman_p, mean_rank = stats_lib.friedman(wide)
+    rows = []
+    for part, part_rows in gains.groupby("local_part", sort=False):
+        matrix = stats_lib.seed_client_matrix(gains, str(part))
+        if matrix.shape[0] >= 2:
+            low, high = stats_lib.hierarchical_bootstrap(matrix, confidence=confidence)
+        else:
+            low, high = client_bootstrap(part_rows["gain"].to_numpy(), confidence=confidence)
+        rows.append(dict(part=part, score=float(part_rows["gain"].mean()), ci_low=low, ci_high=high))
+    table = pd.DataFrame(rows)
+    table["rank"] = table["score"].rank(ascending=False, method="first")
+    table["metric"] = PROBE_METRIC
+    table["spearman_vs_gain"] = math.nan
+    table["mean_rank"] = table["part"].map(mean_rank)
+    table["friedman_p"] = friedman_p
+    first = probe.iloc[0]
+    table["dataset"], table["scheme"], table["alpha"] = first["dataset"], first["scheme"], first["alpha"]
+    return table.sort_values("rank").reindex(columns=PROBE_RANKING_COLUMNS).reset_index(drop=True)
+
+
+# ---- against the sweep -------------------------------------------------------------------------------
+
+
+def sweep_agreement(sweep_dir: Path, ranking: pd.DataFrame) -> dict:
+    """The probe's Spearman with the sweep's accuracy ranking, beside each divergence metric's, and the
+    sweep's cost (the sum of its cells' round seconds)."""
+    table = pd.read_csv(sweep_dir / "ranking.csv") if (sweep_dir / "ranking.csv").is_file() else None
+    if table is None:
+        raise UserError(f"--from {sweep_dir} has no ranking.csv; finish the sweep (`fedsens sweep --out {sweep_dir}`)")
+    first = ranking.iloc[0]
+    mine = table[(table["dataset"] == first["dataset"]) & (table["alpha"] == first["alpha"])]
+    order = accuracy_order(mine)
+    probe_score = ranking.set_index("part")["score"]
+    divergence = mine[mine["metric"] != GAIN].groupby("metric", sort=False)["spearman_vs_gain"].first()
+    rounds = runs.read_csv(sweep_dir / "rounds.csv")
+    return dict(
+        sweep=str(sweep_dir),
+        sweep_order=list(map(str, order.index)),
+        spearman_vs_sweep=spearman(probe_score, order),
+        divergence_spearman={str(k): (None if pd.isna(v) else float(v)) for k, v in divergence.items()},
+        sweep_seconds=float(rounds["seconds"].sum()) if "seconds" in rounds else math.nan,
+    )
+
+
+def run_probe(config: ProbeConfig) -> ProbeResult:
+    """The FedAvg runs (reused or trained), the probe of every seed, then probe.csv, probe_ranking.csv and
+    probe.json in `config.out`."""
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    folders, fedavg_seconds, reused = {}, 0.0, []
+    for seed in config.seeds:
+        folder, was_reused = fedavg_run(config, seed)
+        folders[seed] = folder
+        fedavg_seconds += float(runio.read_json(folder / "summary.json").get("seconds", math.nan))
+        if was_reused:
+            reused.append(str(folder))
+    started = time.perf_counter()
+    rows: list[dict] = []
+    bar = tqdm(total=len(config.seeds) * config.run.clients, desc="probe", unit="client", disable=config.quiet)
+    for seed, folder in folders.items():
+        rows.extend(probe_seed(config, seed, folder, bar))
+    bar.close()
+    probe_seconds = time.perf_counter() - started
+    probe = runio.write_table(out / "probe.csv", rows, PROBE_COLUMNS)
+    ranking = probe_ranking(probe)
+    summary: dict = dict(
+        seeds=list(config.seeds),
+        parts=list(config.parts),
+        probe_steps=config.probe_steps,
+        probe_order=list(ranking["part"]),
+        fedavg_runs=[str(f) for f in folders.values()],
+        fedavg_reused=reused,
+        fedavg_seconds=round(fedavg_seconds, 2),
+        probe_seconds=round(probe_seconds, 2),
+        seconds=round(fedavg_seconds + probe_seconds, 2),
+        run=dataclasses.asdict(config.run),
+    )
+    if config.sweep is not None:
+        agreement = sweep_agreement(Path(config.sweep), ranking)
+        ranking["spearman_vs_gain"] = agreement["spearman_vs_sweep"]
+        sweep_seconds = agreement["sweep_seconds"]
+        summary.update(
+            agreement,
+            cost_fraction=summary["seconds"] / sweep_seconds if sweep_seconds else math.nan,
+            probe_only_fraction=probe_seconds / sweep_seconds if sweep_seconds else math.nan,
+        )
+    runio.write_table(out / "probe_ranking.csv", ranking.to_dict("records"), PROBE_RANKING_COLUMNS)
+    runio.write_json(out / "probe.json", summary)
+    return ProbeResult(out, probe, ranking, summary)
