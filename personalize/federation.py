@@ -474,10 +474,7 @@ def run(
 
     The folder is locked for the run's duration: a second process on it is refused (RunInUse).
     """
-    out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; pass a folder for the run (it is created if missing)")
-    out.mkdir(parents=True, exist_ok=True)
+    out = runlock.folder(config.out)
     with runlock.hold(out, what="train", notify=tqdm.write):
         return _run_locked(config, out, hooks, resume=resume, overwrite=overwrite, quiet=quiet)
 

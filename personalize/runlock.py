@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from fedsens.personalize.errors import RunInUse
+from fedsens.personalize.errors import RunInUse, UserError
 
 LOCK_NAME = ".fedsens.lock"
 
@@ -27,6 +27,15 @@ def _read_holder(handle) -> dict:
         return json.loads(handle.read() or "{}")
     except ValueError:
         return {}
+
+
+def folder(path: str | Path) -> Path:
+    """The run, sweep or comparison folder, created if missing; a file in its place is a UserError."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {path} is a file; pass a folder (it is created if missing)")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 @contextmanager

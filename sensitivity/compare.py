@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from tqdm import tqdm
 
-from fedsens.personalize import preflight, presets, runio
+from fedsens.personalize import preflight, presets, runio, runlock
 from fedsens.personalize.errors import UserError
 from fedsens.personalize.federation import RunConfig
 from fedsens.personalize.methods import METHODS, method_class, paper_methods, registry
@@ -275,10 +276,14 @@ def write_tables(config: CompareConfig) -> dict[str, pd.DataFrame]:
 
 def run_compare(config: CompareConfig, executor: executors.ExecutorConfig | None = None) -> CompareResult:
     """Run every method x seed not yet finished (in this process, or where `executor` says), then write
-    the comparison's tables."""
+    the comparison's tables. The comparison folder is locked meanwhile: a second compare on it is refused."""
+    with runlock.hold(runlock.folder(config.out), what="compare", notify=tqdm.write):
+        return _run_compare_locked(config, executor)
+
+
+def _run_compare_locked(config: CompareConfig, executor: executors.ExecutorConfig | None) -> CompareResult:
     started = time.perf_counter()
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
     todo = [(m, s) for s in config.seeds for m in row_names(config)]
     preflight.check(run_config(config, m, s) for m, s in todo)  # bad input stops here, before any run
     presets.write_protocol(out, protocol(config))

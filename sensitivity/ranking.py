@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from fedsens.personalize.errors import UserError
+from fedsens.personalize.errors import CorruptFileError, UserError
 from fedsens.personalize.schema import DIVERGENCE_METRICS, GAIN, RANKING_COLUMNS, TAIL_GAIN
 from fedsens.personalize.stats import spearman
 from fedsens.sensitivity import sanity
@@ -134,12 +134,28 @@ def top_parts(sweep_dir: str | Path, k: int) -> str:
     """
     path = Path(sweep_dir) / "ranking.csv"
     if not path.is_file():
+        if (Path(sweep_dir) / "config.json").is_file():  # a run folder, not a sweep's
+            raise UserError(
+                f"{sweep_dir} is a run folder (fedsens train), not a sweep; pass --from the --out of `fedsens sweep`"
+            )
         raise UserError(
-            f"{sweep_dir} is not a finished sweep folder (no ranking.csv); run `fedsens sweep --out {sweep_dir}` first"
+            f"{sweep_dir} is not a finished sweep folder (no ranking.csv); run `fedsens sweep --out DIR` first "
+            "and pass that DIR to --from"
         )
     if k < 1:
         raise UserError(f"--top must be at least 1 (got {k})")
-    order = accuracy_order(pd.read_csv(path))
+    try:
+        table = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        table = pd.DataFrame()
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise CorruptFileError(path, str(err).splitlines()[0], "run the sweep again to rewrite it") from None
+    missing = [c for c in ("part", "metric", "rank", "score") if c not in table.columns]
+    if missing:
+        raise CorruptFileError(
+            path, f"empty or without the column(s) {', '.join(missing)}", "run the sweep again to rewrite it"
+        )
+    order = accuracy_order(table)
     if len(order) == 0:
         raise UserError(
             f"the sweep in {sweep_dir} ranked no part (no finished cell beside FedAvg); finish the sweep first"

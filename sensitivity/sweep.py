@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+from tqdm import tqdm
 
 from fedsens.personalize import model as model_lib
-from fedsens.personalize import preflight, presets, runio
+from fedsens.personalize import preflight, presets, runio, runlock
 from fedsens.personalize.errors import UserError
 from fedsens.personalize.federation import RunConfig
 from fedsens.personalize.methods import method_class
@@ -185,10 +186,14 @@ def cell_job(config: SweepConfig, cell: Cell) -> executors.Job:
 
 def run_sweep(config: SweepConfig, executor: executors.ExecutorConfig | None = None) -> SweepResult:
     """Run every cell not yet finished (in this process, or where `executor` says), then write the
-    sweep's tables and ranking."""
+    sweep's tables and ranking. The sweep folder is locked meanwhile: a second sweep on it is refused."""
+    with runlock.hold(runlock.folder(config.out), what="sweep", notify=tqdm.write):
+        return _run_sweep_locked(config, executor)
+
+
+def _run_sweep_locked(config: SweepConfig, executor: executors.ExecutorConfig | None) -> SweepResult:
     started = time.perf_counter()
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
     cells = grid(config)
     preflight.check(cell_config(config, cell) for cell in cells)  # bad input stops here, before any cell
     presets.write_protocol(out, protocol(config))

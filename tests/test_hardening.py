@@ -245,3 +245,42 @@ def test_a_diverging_cell_is_recorded_and_the_sweep_goes_on(tmp_path):
     assert set(result.sensitivity["status"]) == {"diverged"}
     again = run_sweep(config)  # diverged cells are results: nothing is trained again
     assert again.ran == () and len(again.skipped) == 2
+
+
+def test_a_sweep_folder_in_use_is_refused(tmp_path):
+    proc = _holder(tmp_path / "sweep")
+    try:
+        result = CliRunner().invoke(
+            app, ["sweep", *TINY, "--rounds", "1", "--seeds", "0", "--out", str(tmp_path / "sweep")]
+        )
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert result.exit_code == 2 and f"pid {proc.pid}" in result.output, result.output
+
+
+@pytest.mark.parametrize("content", ["", "part,score,rank,metric\n"])
+def test_personalize_auto_from_an_empty_ranking_is_one_line(tmp_path, content):
+    (tmp_path / "ranking.csv").write_text(content)
+    args = [
+        "train",
+        *TINY,
+        "--rounds",
+        "1",
+        "--personalize",
+        "auto",
+        "--from",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "r"),
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "ranking.csv" in result.output or "ranked no part" in result.output
+
+
+def test_personalize_auto_from_a_run_folder_says_it_is_a_run(tmp_path):
+    out = _finished_run(tmp_path, rounds=1)
+    args = ["train", *TINY, "--rounds", "1", "--personalize", "auto", "--from", str(out), "--out", str(tmp_path / "r")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "is a run folder" in result.output and "fedsens sweep" in result.output

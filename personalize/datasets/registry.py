@@ -72,7 +72,7 @@ class DatasetSpec:
         if root is None:
             raise UserError(
                 f"dataset {self.name!r} needs a data root folder; {self.instructions(**options)} "
-                "and pass that DIR as the root"
+                "and pass that DIR as --data-root DIR"
             )
         return root
 
