@@ -25,6 +25,7 @@ def check(configs: Iterable[RunConfig]) -> None:
     partitions: set[tuple] = set()
     manifests: set[tuple] = set()
     for config in configs:
+        federation.resolve_device(config.device)  # --device tpu is bad input, not a failed cell
         key = (config.dataset, config.data_root, config.model, config.verify)
         if key not in datasets:
             datasets[key] = federation.load_dataset(config)  # as the run will load it (size, --no-verify)
