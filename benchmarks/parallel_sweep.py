@@ -3,7 +3,8 @@
 Prints both wall times, their ratio and whether sensitivity.csv, ranking.csv and divergence.csv are
 identical. Not a test: run it on a quiet machine, from the repository root:
 
-    .venv/bin/python benchmarks/parallel_sweep.py            # 21 cells of 15 rounds, twice
+    .venv/bin/python benchmarks/parallel_sweep.py            # 21 cells of 30 rounds, twice
+    .venv/bin/python benchmarks/parallel_sweep.py --out DIR  # ... keeping both sweep folders in DIR
     .venv/bin/python benchmarks/parallel_sweep.py --small    # 7 cells (one seed) of 5 rounds, twice
 """
 
@@ -39,10 +40,12 @@ def identical(first: Path, second: Path) -> dict[str, bool]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--small", action="store_true", help="one seed, 5 rounds (7 cells) instead of 3 seeds, 15")
+    parser.add_argument("--small", action="store_true", help="one seed, 5 rounds (7 cells) instead of 3 seeds, 30")
+    parser.add_argument("--out", type=Path, help="keep the two sweep folders here (default: a temporary folder)")
     parser.add_argument("--jobs", type=int, default=2, help="the parallel run's --jobs (default 2)")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="fedsens-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="fedsens-bench-") as scratch:
+        tmp = args.out or Path(scratch)
         serial = sweep(Path(tmp) / "jobs1", 1, args.small)
         print(f"--jobs 1: {serial:.0f} s", flush=True)
         parallel = sweep(Path(tmp) / f"jobs{args.jobs}", args.jobs, args.small)

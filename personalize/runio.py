@@ -171,7 +171,7 @@ def load_checkpoint(path: Path, notify=None) -> dict:
                 path, str(latest_problem), "no earlier good checkpoint is left: start over with --overwrite"
             ) from None
         if notify is not None:
-            notify(f"{path} is {latest_problem}; resuming from the previous checkpoint ({previous.name})")
+            notify(f"{path} is damaged ({latest_problem}); resuming from the previous checkpoint ({previous.name})")
         return state
 
 

@@ -138,7 +138,7 @@ class SweepResult:
 
 def preset(name: str) -> SweepConfig:
     """A named protocol (personalize.presets) as a sweep; callers override its fields (the CLI: every
-    option given explicitly). quick (the default): the embedded default with 15 rounds and divergence
+    option given explicitly). quick (the default): the embedded default with 30 rounds and divergence
     every 5 rounds; paper-*: the paper's settings (GPU-sized)."""
     chosen = presets.get(name)
     return SweepConfig(run=chosen.run_config(), preset=name, **chosen.sweep)

@@ -105,7 +105,7 @@ def test_grid_puts_fedavg_first_and_names_cells_safely(tmp_path):
 
 def test_presets_and_bad_settings():
     quick = preset("quick")
-    assert quick.run == RunConfig(rounds=15) and quick.div_every == 5
+    assert quick.run == RunConfig(rounds=30) and quick.div_every == 5
     assert quick.parts == ("none", "embed", "attn", "mlp", "norm", "head", "all")
     assert quick.seeds == (0, 1, 2)
     paper = preset("paper-officehome").run
