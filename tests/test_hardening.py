@@ -59,6 +59,7 @@ def test_train_on_a_folder_in_use_is_one_line_exit_2(tmp_path):
         proc.wait(timeout=30)
     assert result.exit_code == 2, result.output
     assert f"pid {proc.pid}" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "protocol.json").exists()  # the refused process wrote nothing into the held folder
 
 
 def _save_rounds(path, rounds):

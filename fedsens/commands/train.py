@@ -180,9 +180,6 @@ def train(
     config, placement = run_config(**options)
     record = presets.protocol(config, preset=preset_name)
     typer.echo(presets.protocol_text(record))
-    presets.write_protocol(out, record)
-    if placement is not None:
-        runio.write_json(out / "placement.json", {**placement.as_dict(), "sweep": str(sweep_dir)})
     if engine == "builtin":
         from fedsens.personalize.federation import run
 
@@ -191,6 +188,10 @@ def train(
         from fedsens.personalize.flower.engine import run_on_flower
 
         result = run_on_flower(engine, config, resume=resume, overwrite=overwrite, quiet=quiet)
+    # written once the run holds the folder (a second process on it is refused before it writes anything)
+    presets.write_protocol(out, record)
+    if placement is not None:
+        runio.write_json(out / "placement.json", {**placement.as_dict(), "sweep": str(sweep_dir)})
     s = result.summary
     if s.get("status") == "diverged":
         typer.echo(f"error: the run diverged: {s['diverged']['message']}; tables up to round {s['rounds']} in {out}")
