@@ -139,7 +139,7 @@ def plot_critical_difference(ranking: pd.DataFrame, *, ax: Axes | None = None) -
         )
     unresolved = rows["resolved_vs_next"].map(lambda v: str(v).lower() in ("false", "0", "0.0"))
     color = _colors(1)[0]
-    for index in np.flatnonzero(unresolved.to_numpy()):
+    for index in map(int, np.flatnonzero(unresolved.to_numpy())):
         if index + 1 < count:  # the bar joins this part to the next one in the ranking
             ends = rows["mean_rank"].iloc[[index, index + 1]].to_numpy(float)
             height = 0.35 + 0.3 * (index % 3)
