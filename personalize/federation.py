@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -113,6 +114,20 @@ def accuracy_stats(acc: np.ndarray) -> dict[str, float]:
     }
 
 
+def partition_options(config: RunConfig) -> dict[str, Any]:
+    """The `partition.make` keywords a run's settings ask for (the run and the preflight draw the same)."""
+    return dict(
+        scheme=config.scheme,
+        num_clients=config.clients,
+        seed=config.seed,
+        alpha=config.alpha,
+        classes_per_client=config.classes_per_client,
+        test_fraction=dataset_lib.test_fraction(config.dataset, config.test_fraction),
+        min_samples=config.min_samples,
+        rule=config.partition_rule,
+    )
+
+
 def _load_partition(config: RunConfig, dataset: ImageSet, out: Path) -> partition_lib.Partition:
     target = out / "partition.json"
     if config.scheme.endswith(".json"):
@@ -123,19 +138,11 @@ def _load_partition(config: RunConfig, dataset: ImageSet, out: Path) -> partitio
         if source.resolve() != target.resolve():
             target.write_text(source.read_text())
     else:
-        test_fraction = dataset_lib.test_fraction(config.dataset, config.test_fraction)
         part = partition_lib.load_or_make(
             target,
             dataset.labels,
             dataset.domains,
-            scheme=config.scheme,
-            num_clients=config.clients,
-            seed=config.seed,
-            alpha=config.alpha,
-            classes_per_client=config.classes_per_client,
-            test_fraction=test_fraction,
-            min_samples=config.min_samples,
-            rule=config.partition_rule,
+            **partition_options(config),
             dataset=config.dataset,
             classes=dataset.classes,
             domain_names=dataset.domain_names,

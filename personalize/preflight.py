@@ -53,18 +53,6 @@ def _check_partition(config: RunConfig, dataset: data_lib.ImageSet, seen: set[tu
     if key in seen:
         return
     seen.add(key)
-    test_fraction = config.test_fraction or data_lib.dataset_defaults(config.dataset)["test_fraction"]
-    part = partition_lib.make(
-        dataset.labels,
-        dataset.domains,
-        scheme=config.scheme,
-        num_clients=config.clients,
-        seed=config.seed,
-        alpha=config.alpha,
-        classes_per_client=config.classes_per_client,
-        test_fraction=test_fraction,
-        min_samples=config.min_samples,
-        rule=config.partition_rule,
-    )
+    part = partition_lib.make(dataset.labels, dataset.domains, **federation.partition_options(config))
     if part.num_clients != config.clients:  # pragma: no cover - make always gives num_clients
         raise UserError(f"the partition has {part.num_clients} clients but --clients is {config.clients}")

@@ -129,7 +129,7 @@ def test_paper_compare_names_the_paper_rows_and_shows_final_and_best(tmp_path, m
 
 def test_options_override_the_preset_and_help_shows_the_defaults():
     runner = CliRunner()
-    for command, shown in (("train", "0.003"), ("sweep", "15"), ("compare", "20")):
+    for command, shown in (("train", "0.003"), ("sweep", "30"), ("compare", "20")):
         text = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"}).output
         for flag in ("--optimizer", "--lr", "--momentum", "--weight-decay", "--batch-size", "--local-epochs"):
             assert flag in text, (command, flag)
