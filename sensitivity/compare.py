@@ -313,8 +313,8 @@ def _run_compare_locked(config: CompareConfig, executor: executors.ExecutorConfi
         )
     jobs = [run_job(config, method, seed) for method, seed in todo]
     status = executors.run_jobs(jobs, executor or executors.ExecutorConfig(), quiet=config.quiet, desc="compare")
-    if checked.get("status") == "done":  # the check trained the reference: the grid did not reuse it
-        status[f"fedavg-s{config.seeds[0]}"] = "done"
+    if checked.get("status") in ("done", "failed"):  # the check trained (or failed) the reference: not reused
+        status[f"fedavg-s{config.seeds[0]}"] = checked["status"]
     outcome: dict[str, list[str]] = {"done": [], "skipped": [], "failed": []}
     for job in jobs:
         outcome[status[job.name]].append(job.name)

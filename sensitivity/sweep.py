@@ -226,8 +226,8 @@ def _run_sweep_locked(config: SweepConfig, executor: executors.ExecutorConfig | 
         quiet=config.quiet,
         desc="sweep",
     )
-    if checked.get("status") == "done":  # the check trained the reference: the grid did not reuse it
-        status[cells[0].name] = "done"
+    if checked.get("status") in ("done", "failed"):  # the check trained (or failed) the reference: not reused
+        status[cells[0].name] = checked["status"]
     outcome: dict[str, list[str]] = {"done": [], "skipped": [], "failed": []}
     for cell in cells:
         outcome[status[cell.name]].append(cell.name)

@@ -198,8 +198,10 @@ def test_a_failing_cell_is_recorded_and_the_others_complete(tmp_path, monkeypatc
 def test_a_diverging_cell_fails_on_its_nan_loss(tmp_path):
     config = dataclasses.replace(tiny(tmp_path / "sweep"), run=TINY_RUN.replace(lr=1e12, rounds=1), parts=("none",))
     result = run_sweep(config)
-    assert result.failed == (grid(config)[0].name,)
-    assert "NonFiniteLoss" in (result.out / "cells" / result.failed[0] / "error.txt").read_text()
+    assert result.failed == (grid(config)[0].name,)  # counted with the failures, recorded as diverged
+    assert result.sensitivity["status"].tolist() == ["diverged"]
+    summary = json.loads((result.out / "cells" / result.failed[0] / "summary.json").read_text())
+    assert summary["diverged"]["round"] == 1 and "non-finite loss" in summary["diverged"]["message"]
 
 
 def test_other_settings_in_the_same_folder_are_refused(finished, tmp_path):
