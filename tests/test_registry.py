@@ -172,7 +172,7 @@ def test_a_resumed_run_must_have_the_same_method_options(tmp_path):
     run(config, quiet=True)
     resumed = run(config.replace(rounds=2, method_options={"mid_dim": "4", "scale": 1.5}), resume=True, quiet=True)
     assert resumed.summary["rounds"] == 2  # the same options, given differently
-    with pytest.raises(UserError, match="different configuration"):
+    with pytest.raises(UserError, match="other settings \\(method_options"):
         run(config.replace(rounds=3, method_options={"mid_dim": 5}), resume=True, quiet=True)
     with pytest.raises(UserError, match=r"other settings \(method_options\)"):
         runs.check_same_settings(Path(config.out), config.replace(rounds=3, method_options={"scale": 1.0}))
