@@ -14,7 +14,6 @@ table), and the runs' rounds.csv / metrics.csv concatenated with leading columns
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -292,29 +291,20 @@ def _run_compare_locked(config: CompareConfig, executor: executors.ExecutorConfi
             wanted = run_config(config, method, seed)
             runs.check_same_settings(Path(wanted.out), wanted)
     runio.write_json(out / "compare.json", dataclasses.asdict(config))
-    if config.fresh:  # cleared once here: the reference trained by the check below must not be cleared again
-        for method, seed in todo:
-            shutil.rmtree(run_config(config, method, seed).out, ignore_errors=True)
-    checked: dict[str, str] = {}
-    if "fedavg" in config.methods:  # the reference check: FedAvg of the first seed, judged before the others run
-        reference = run_config(config, "fedavg", config.seeds[0])
-
-        def train_reference(bar) -> str:
-            checked["status"] = runs.run_resumable(reference, quiet=True)
-            return checked["status"]
-
-        sanity.check_reference(
-            train_reference,
-            reference,
-            out,
-            force=config.force,
-            where=f"run fedavg-s{config.seeds[0]}",
-            quiet=True,
-        )
     jobs = [run_job(config, method, seed) for method, seed in todo]
-    status = executors.run_jobs(jobs, executor or executors.ExecutorConfig(), quiet=config.quiet, desc="compare")
-    if checked.get("status") in ("done", "failed"):  # the check trained (or failed) the reference: not reused
-        status[f"fedavg-s{config.seeds[0]}"] = checked["status"]
+    # the reference check: FedAvg of the first seed, judged before the others run
+    reference = run_job(config, "fedavg", config.seeds[0]) if "fedavg" in config.methods else None
+    status = sanity.run_checked_grid(
+        jobs,
+        reference,
+        out,
+        executor=executor,
+        force=config.force,
+        fresh=config.fresh,
+        quiet=config.quiet,
+        desc="compare",
+        where=f"run fedavg-s{config.seeds[0]}",
+    )
     outcome: dict[str, list[str]] = {"done": [], "skipped": [], "failed": []}
     for job in jobs:
         outcome[status[job.name]].append(job.name)

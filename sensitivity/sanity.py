@@ -19,10 +19,11 @@ The judging functions are pure (tables in, numbers out); `check_reference` train
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from fedsens.personalize import partition as partition_lib
 from fedsens.personalize import runio
 from fedsens.personalize.config import RunConfig
 from fedsens.personalize.errors import UserError
-from fedsens.sensitivity import runs
+from fedsens.sensitivity import executors, runs
 
 LEARN_MARGIN = 0.05  # absolute accuracy above chance that counts as learning
 LEARN_SHARE = 0.10  # ... or this share of the distance from chance to perfect, whichever is larger
@@ -284,6 +285,40 @@ def check_reference(
     elif verdict.climbing:
         _warn(climbing_text(verdict))
     return verdict
+
+
+def run_checked_grid(
+    jobs: Sequence[executors.Job],
+    reference: executors.Job | None,
+    out: Path,
+    *,
+    executor: executors.ExecutorConfig | None,
+    force: bool,
+    fresh: bool,
+    quiet: bool,
+    desc: str,
+    where: str = "",
+) -> dict[str, str]:
+    """A grid (sweep or comparison) whose FedAvg `reference` job trains and is judged first (check_reference),
+    then every job where `executor` says; returns each job's outcome ('done', 'skipped', 'failed').
+
+    `fresh` clears the jobs' folders once, here, so the reference the check trained is not cleared again, and
+    the reference counts as trained (or failed) by this call, not as reused."""
+    if fresh:
+        for job in jobs:
+            shutil.rmtree(job.config.out, ignore_errors=True)
+    checked: dict[str, str] = {}
+    if reference is not None:
+
+        def train_reference(bar) -> str:
+            checked["status"] = runs.run_resumable(reference.config, reference.hooks(), quiet=True)
+            return checked["status"]
+
+        check_reference(train_reference, reference.config, out, force=force, where=where or reference.name, quiet=quiet)
+    status = executors.run_jobs(jobs, executor or executors.ExecutorConfig(), quiet=quiet, desc=desc)
+    if reference is not None and checked.get("status") in ("done", "failed"):
+        status[reference.name] = checked["status"]
+    return status
 
 
 # ---- calibration -------------------------------------------------------------------------------

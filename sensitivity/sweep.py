@@ -15,7 +15,6 @@ import dataclasses
 import functools
 import hashlib
 import itertools
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,32 +201,18 @@ def _run_sweep_locked(config: SweepConfig, executor: executors.ExecutorConfig | 
             wanted = cell_config(config, cell)
             runs.check_same_settings(Path(wanted.out), wanted)
     runio.write_json(out / "sweep.json", {**dataclasses.asdict(config), "cells": [c.name for c in cells]})
-    if config.fresh:  # cleared once here: the reference trained by the check below must not be cleared again
-        for cell in cells:
-            shutil.rmtree(cell_config(config, cell).out, ignore_errors=True)
-    reference = cell_config(config, cells[0])
-    checked: dict[str, str] = {}
-
-    def train_reference(bar) -> str:
-        checked["status"] = runs.run_resumable(reference, cell_hooks(config.div_every, config.probe_size), quiet=True)
-        return checked["status"]
-
-    sanity.check_reference(
-        train_reference,
-        reference,
+    jobs = [cell_job(config, cell) for cell in cells]
+    status = sanity.run_checked_grid(
+        jobs,
+        jobs[0],
         out,
+        executor=executor,
         force=config.force,
-        where=f"cell {cells[0].name}",
-        quiet=config.quiet,
-    )
-    status = executors.run_jobs(
-        [cell_job(config, cell) for cell in cells],
-        executor or executors.ExecutorConfig(),
+        fresh=config.fresh,
         quiet=config.quiet,
         desc="sweep",
+        where=f"cell {jobs[0].name}",
     )
-    if checked.get("status") in ("done", "failed"):  # the check trained (or failed) the reference: not reused
-        status[cells[0].name] = checked["status"]
     outcome: dict[str, list[str]] = {"done": [], "skipped": [], "failed": []}
     for cell in cells:
         outcome[status[cell.name]].append(cell.name)
