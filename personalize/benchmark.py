@@ -1,7 +1,8 @@
 """The benchmark behind `fedsens bench`: a round of the loop against the bare compute it performs.
 
 Each configuration runs in its own process (so its peak RSS is its own) and measures, per round:
-the loop's training, evaluation and bookkeeping time; a bare PyTorch loop doing the same
+the loop's training, evaluation and bookkeeping time, and its checkpoint's (counted in the round at the
+share `train` pays: a large memory store is written every 10th round); a bare PyTorch loop doing the same
 forward/backward/optimizer steps on one model, and one forward over every client's test data
 (the least evaluation can cost); and, side by side, a reference loop written the way PFLlib runs
 (a deep copy of the model per client, per-client DataLoaders, every client evaluated on its own).
@@ -31,8 +32,8 @@ from fedsens.personalize.methods import get_method
 
 COLUMNS = [
     "config", "loop", "clients", "join_ratio", "personalize", "client_store", "rounds", "s_per_round", "train_s",
-    "eval_s", "bookkeeping_s", "bare_train_s", "bare_eval_s", "train_ratio", "eval_ratio", "round_ratio",
-    "peak_rss_mb", "local_bytes", "rss_per_client_kb", "local_kb_per_client",
+    "eval_s", "bookkeeping_s", "checkpoint_s", "checkpoint_every", "bare_train_s", "bare_eval_s", "train_ratio",
+    "eval_ratio", "round_ratio", "peak_rss_mb", "local_bytes", "rss_per_client_kb", "local_kb_per_client",
 ]  # fmt: skip
 
 
@@ -78,7 +79,10 @@ def measure(case: BenchCase, out: Path) -> dict:
     method = get_method(config)
     ctx = federation._build_context(config, method, out)
     state = federation._start_state(ctx, method, resume=False, overwrite=True)
-    train_s = eval_s = keep_s = bare_train = bare_eval = 0.0
+    train_s = eval_s = keep_s = save_s = bare_train = bare_eval = 0.0
+    # `train` writes the checkpoint every `every` rounds (every 10th for a large memory store): its cost
+    # per round is the write's time over `every`, though the benchmark writes one every round.
+    every = federation._checkpoint_every(ctx, state)
     reference = _Reference(ctx) if case.loop == "pfllib" else None
     columns: dict = {}
     _bare_train(ctx, federation.sample_clients(config, 1)[:2], 0)  # warm-up: first calls allocate and pick kernels
@@ -97,17 +101,20 @@ def measure(case: BenchCase, out: Path) -> dict:
         else:
             rows = {"metrics": federation._evaluate_all(ctx, method, state, round_, set(participants))}
         eval_s += time.perf_counter() - started
-        started = time.perf_counter()
         if reference is None:
+            started = time.perf_counter()
             rows["rounds"] = [{"round": round_}]
             federation._append_tables(ctx, state, rows, columns)
             state.round = round_
+            keep_s += time.perf_counter() - started
+            started = time.perf_counter()
             federation.runio.save_checkpoint(out / "checkpoint.pt", state.checkpoint())
             state.local.commit()
-        keep_s += time.perf_counter() - started
+            save_s += time.perf_counter() - started
         bare_train += _bare_train(ctx, participants, round_)
         bare_eval += _bare_eval(ctx)
     rounds = case.rounds
+    loop_s = train_s + eval_s + keep_s + save_s / every
     local_bytes = state.local.nbytes if reference is None else reference.local_bytes
     peak = _peak_rss_mb()
     return {
@@ -118,15 +125,17 @@ def measure(case: BenchCase, out: Path) -> dict:
         "personalize": case.personalize,
         "client_store": case.client_store,
         "rounds": rounds,
-        "s_per_round": (train_s + eval_s + keep_s) / rounds,
+        "s_per_round": loop_s / rounds,
         "train_s": train_s / rounds,
         "eval_s": eval_s / rounds,
         "bookkeeping_s": keep_s / rounds,
+        "checkpoint_s": save_s / rounds,
+        "checkpoint_every": every if reference is None else None,
         "bare_train_s": bare_train / rounds,
         "bare_eval_s": bare_eval / rounds,
         "train_ratio": train_s / bare_train,
         "eval_ratio": eval_s / bare_eval,
-        "round_ratio": (train_s + eval_s + keep_s) / (bare_train + bare_eval),
+        "round_ratio": loop_s / (bare_train + bare_eval),
         "peak_rss_mb": peak,
         "local_bytes": local_bytes,
         "rss_per_client_kb": peak * 1024 / case.clients,
@@ -259,3 +268,87 @@ def run_bench(cases: list[BenchCase], out: Path, *, quiet: bool = False) -> pd.D
             shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k in COLUMNS[:16]}
             print(json.dumps(shown), flush=True)
     return pd.read_csv(out / "bench.csv")
+
+
+THROUGHPUT_COLUMNS = [
+    "model",
+    "device",
+    "batch_size",
+    "steps",
+    "personalize",
+    "fedsens_images_s",
+    "plain_images_s",
+    "ratio",
+]
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_throughput(
+    model: str, batch_size: int, steps: int, device: str, out: Path, personalize: str = "none"
+) -> dict:
+    """Images/s of one client's local training through the engine against a plain timm training step at the
+    same batch (fused AdamW, bf16 autocast on CUDA, inputs already at the model's size on the device).
+
+    The engine's figure includes what a round does around the steps: loading the client's tensors, reading
+    and resizing its batches on the device, aggregation. One warm-up round first (kernels, allocator)."""
+    from fedsens.personalize.model import get_preset
+
+    size = get_preset(model).img_size or 32  # a CPU preset takes the data's own size; CIFAR-like 32 px here
+    config = RunConfig(
+        dataset="synthetic", scheme="iid", clients=1, synthetic_per_client=batch_size * 4, synthetic_size=32,
+        join_ratio=1.0, rounds=2, local_steps=steps, batch_size=batch_size, model=model, personalize=personalize,
+        augment_shift=0.0, augment_scale=0.0, test_fraction=0.25, device=device, out=str(out),
+    )  # fmt: skip
+    method = get_method(config)
+    ctx = federation._build_context(config, method, out)
+    state = federation._start_state(ctx, method, resume=False, overwrite=True)
+    federation._train_round(ctx, method, state, 1, hooks=())
+    _synchronize(ctx.device)
+    started = time.perf_counter()
+    federation._train_round(ctx, method, state, 2, hooks=())
+    _synchronize(ctx.device)
+    engine_s = time.perf_counter() - started
+    engine_images = _images_in_steps(len(ctx.partition.train[0]), batch_size, steps)
+
+    plain = copy.deepcopy(ctx.model).train()  # the same timm model (the engine picks the patch size for the data)
+    optimizer = torch.optim.AdamW(plain.parameters(), lr=1e-4, fused=True)
+    x = torch.randn(batch_size, 3, size, size, device=ctx.device)
+    y = torch.randint(10, (batch_size,), device=ctx.device)
+
+    def step() -> None:
+        with ctx.autocast():
+            loss = F.cross_entropy(plain(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(min(3, steps)):  # warm-up
+        step()
+    _synchronize(ctx.device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _synchronize(ctx.device)
+    plain_s = time.perf_counter() - started
+    return {
+        "model": model,
+        "device": str(ctx.device)
+        + (f" ({torch.cuda.get_device_name(ctx.device)})" if ctx.device.type == "cuda" else ""),
+        "batch_size": batch_size,
+        "steps": steps,
+        "personalize": personalize,
+        "fedsens_images_s": engine_images / engine_s,
+        "plain_images_s": batch_size * steps / plain_s,
+        "ratio": engine_images / engine_s / (batch_size * steps / plain_s),  # 1.0: as fast as the plain step
+    }
+
+
+def _images_in_steps(train_samples: int, batch_size: int, steps: int) -> int:
+    """Images seen in `steps` local steps over a split of `train_samples` (the last batch of an epoch is short)."""
+    epoch = [min(batch_size, train_samples - start) for start in range(0, train_samples, batch_size)]
+    full, rest = divmod(steps, len(epoch))
+    return full * sum(epoch) + sum(epoch[:rest])

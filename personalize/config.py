@@ -64,7 +64,7 @@ class RunConfig:
     verify: bool = True  # check the dataset files' checksums (CIFAR-100's md5); off for files you wrote
     # Scale (personalize.federation / clientstore): where the clients' own tensors live, how often
     # the checkpoint is written (None: every round unless the in-memory client state is large).
-    client_store: str = "memory"  # memory | disk (memory-mapped files under OUT/clients)
+    client_store: str = "memory"  # memory | disk (one file per local tensor under OUT/clients)
     checkpoint_every: int | None = None
     # The synthetic population from the command line (personalize.data.synthetic_population):
     # 0 samples per client = the fixed 512-sample set; otherwise clients x per-client samples.

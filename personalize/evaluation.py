@@ -30,6 +30,9 @@ from fedsens.personalize.inputs import seeded_generator
 from fedsens.personalize.methods import Method, weighted_mean
 
 SAMPLES_PER_FORWARD = 512  # the one-at-a-time path's test batch
+# A chunk of clients evaluated together also holds its clients' local tensors (read from the disk store,
+# or gathered when the clients are not consecutive): bounded, so that memory does not grow with them.
+LOCAL_BYTES_PER_FORWARD = 32 * 2**20
 
 
 class RunningMean:
@@ -196,12 +199,17 @@ def _shared_body(ctx: RunContext, clients: Sequence[int], local: ClientStore, he
 def _functional(ctx: RunContext, clients: Sequence[int], local: ClientStore) -> list[EvalResult]:
     """Chunks of clients in one vmapped functional forward, each with its own local tensors."""
     sizes = [len(ctx.partition.test[c]) for c in clients]
+    most_clients = max(1, LOCAL_BYTES_PER_FORWARD // max(1, local.row_bytes))
     results: list[EvalResult] = []
     start = 0
     while start < len(clients):
         widest = max(sizes[start], 1)
         stop = start + 1
-        while stop < len(clients) and (stop - start + 1) * max(widest, sizes[stop]) <= SAMPLES_PER_FORWARD:
+        while (
+            stop < len(clients)
+            and stop - start < most_clients
+            and (stop - start + 1) * max(widest, sizes[stop]) <= SAMPLES_PER_FORWARD
+        ):
             widest = max(widest, sizes[stop])
             stop += 1
         results.extend(_functional_chunk(ctx, clients[start:stop], local))

@@ -14,11 +14,12 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 from matplotlib.ticker import EngFormatter, MaxNLocator
 
 from fedsens.personalize.schema import GAIN, PART_TYPES
 from fedsens.personalize.stats import spearman
-from fedsens.reports.tables import group_column
+from fedsens.reports.tables import MIB, bench_setups, group_column
 
 STYLE = "whitegrid"
 PALETTE = "colorblind"
@@ -419,3 +420,110 @@ def plot_partition(counts: pd.DataFrame, *, axes: Sequence[Axes] | None = None) 
 def _count_table(rows: pd.DataFrame) -> pd.DataFrame:
     table = rows.pivot_table(index="client", columns="name", values="count", aggfunc="sum", sort=False)
     return table[_ordered(rows["name"])].fillna(0).astype(int)
+
+
+BENCH_RATIOS = (("train_ratio", "training"), ("eval_ratio", "evaluation"), ("round_ratio", "whole round"))
+LOOP_NAMES = {"fedsens": "fedsens", "pfllib": "PFLlib-style"}
+LOOP_HATCHES = {"fedsens": "", "pfllib": "//"}
+
+
+def _bench_loops(rows: pd.DataFrame) -> list[str]:
+    """The loops in the table, fedsens first (the reference loop is what it is compared with)."""
+    return sorted(_ordered(rows["loop"]), key=lambda loop: loop != "fedsens")
+
+
+def plot_bench_ratios(measured: pd.DataFrame, *, ax: Axes | None = None) -> Figure:
+    """Training, evaluation and whole-round time over the bare compute, grouped by configuration: one colour
+    per ratio, the PFLlib-style loop's bars hatched beside fedsens's, a dashed line at 1.0 (the bare compute).
+
+    `measured`: bench.csv rows that have their measures (see `reports.tables.bench_rows`); rows of the same
+    configuration and loop are averaged.
+    """
+    rows = measured.assign(setup=bench_setups(measured))
+    setups, loops = _ordered(rows["setup"]), _bench_loops(rows)
+    ratios = rows.groupby(["setup", "loop"])[[column for column, _ in BENCH_RATIOS]].mean()
+    fig, ax = _one_axes(ax, width=max(6.4, 1.4 * len(setups) * len(loops) + 2.0), height=4.4)
+    colors = _colors(len(BENCH_RATIOS))
+    slots = len(loops) * len(BENCH_RATIOS)
+    width = 0.8 / slots
+    for j, loop in enumerate(loops):
+        for k, (column, _) in enumerate(BENCH_RATIOS):
+            present = [i for i, setup in enumerate(setups) if (setup, loop) in ratios.index]
+            offset = (j * len(BENCH_RATIOS) + k - (slots - 1) / 2) * width
+            values = [ratios.loc[(setups[i], loop), column] for i in present]
+            bars = ax.bar(
+                np.asarray(present) + offset,
+                values,
+                width,
+                color=colors[k],
+                hatch=LOOP_HATCHES.get(loop, ".."),
+                edgecolor="0.25",
+                linewidth=0.5,
+            )
+            if column == "round_ratio":  # the number a reader compares between loops
+                ax.bar_label(bars, fmt="{:.2f}×", fontsize="x-small", padding=1)
+    ax.axhline(1.0, linestyle="--", color="0.3", linewidth=1)
+    ax.set_xticks(np.arange(len(setups)), [setup.replace(", ", "\n") for setup in setups])
+    ax.set_ylabel("time / bare compute (×)")
+    ax.set_title("Time per round over the bare compute (dashed: 1.0 = bare)")
+    handles = [Patch(facecolor=color, edgecolor="0.25", label=label) for color, (_, label) in zip(colors, BENCH_RATIOS)]
+    handles += [
+        Patch(facecolor="white", edgecolor="0.25", hatch=LOOP_HATCHES.get(loop, ".."), label=LOOP_NAMES.get(loop, loop))
+        for loop in loops
+    ]
+    ax.legend(handles=handles, fontsize="small", ncols=2)
+    return fig
+
+
+def plot_bench_memory(measured: pd.DataFrame, *, ax: Axes | None = None) -> Figure:
+    """Peak RSS against the bytes of the local tensors (both in MB), one point per configuration and loop,
+    labelled by client count, with the line y = x + the smallest configuration's RSS beyond its local tensors:
+    points on it mean memory grows by exactly the local state.
+
+    `measured`: bench.csv rows that have their measures (see `reports.tables.bench_rows`).
+    """
+    rows = measured.assign(local_mb=measured["local_bytes"] / MIB)
+    fig, ax = _one_axes(ax, width=6.4, height=4.4)
+    loops = _bench_loops(rows)
+    for color, loop in zip(_colors(len(loops)), loops):
+        points = rows[rows["loop"] == loop]
+        marker = "o" if loop == "fedsens" else "s"
+        ax.scatter(
+            points["local_mb"],
+            points["peak_rss_mb"],
+            s=50,
+            color=color,
+            marker=marker,
+            label=LOOP_NAMES.get(loop, loop),
+        )
+    for label, x, y in zip(_bench_point_labels(rows), rows["local_mb"], rows["peak_rss_mb"]):
+        ax.annotate(label, (x, y), xytext=(5, 4), textcoords="offset points", fontsize="x-small")
+    smallest = rows.loc[rows["local_mb"].idxmin()]
+    overhead = float(smallest["peak_rss_mb"] - smallest["local_mb"])
+    low, high = float(rows["local_mb"].min()), float(rows["local_mb"].max())
+    spread = low > 0 and high / low > 50  # local state from kilobytes to gigabytes: only a log axis shows both
+    line = np.geomspace(low, high, 200) if spread else np.linspace(0, max(high, 1e-9) * 1.05, 200)
+    ax.plot(
+        line,
+        line + overhead,
+        linestyle="--",
+        color="0.4",
+        linewidth=1,
+        label=f"y = x + {overhead:,.0f} MB (smallest configuration's RSS beyond its local tensors)",
+    )
+    if spread:
+        ax.set_xscale("log")
+    ax.set_xlabel("local tensors (MB)")
+    ax.set_ylabel("peak RSS (MB)")
+    ax.set_title("Does memory track the local state?")
+    ax.legend(title="loop (labels: clients)", fontsize="small")
+    return fig
+
+
+def _bench_point_labels(rows: pd.DataFrame) -> list[str]:
+    """Each point's client count, with its local part where the configurations keep different parts local."""
+    labels = [f"{int(clients):,}" for clients in rows["clients"]]
+    if "personalize" in rows and rows["personalize"].nunique() > 1:
+        parts = rows["personalize"].astype(str).str.replace(",", "+")
+        labels = [f"{label} ({part})" for label, part in zip(labels, parts)]
+    return labels

@@ -1,4 +1,4 @@
-"""`build_report`: a run, sweep or comparison folder -> figures and one self-contained HTML report.
+"""`build_report`: a run, sweep, comparison or bench folder -> figures and one self-contained HTML report.
 
 It reads the folder's CSV / JSON tables only (never trains), makes every figure those tables allow,
 saves each as PNG and SVG under DIR/report/, and writes DIR/report/index.html and report.md.
@@ -21,10 +21,12 @@ from tqdm import tqdm
 
 from fedsens.personalize import runio
 from fedsens.reports import figures
+from fedsens.reports.bench import BENCH_FIGURE_NAMES, bench_failures, bench_headline, bench_tables
 from fedsens.reports.render import Block, FigureBlock, Heading, Note, Paragraph, Table, render_html, render_markdown
 from fedsens.reports.tables import (
     CONFIG_FILES,
     FolderTables,
+    bench_rows,
     by_partition,
     detect,
     fedavg_divergence,
@@ -55,6 +57,10 @@ FIGURE_NAMES = (
 )
 
 
+# The kinds whose key table comes before the figures: it is the result, the figures illustrate it.
+TABLES_FIRST = ("comparison", "bench")
+
+
 @dataclass(frozen=True)
 class PlannedFigure:
     name: str  # file stem under DIR/report/
@@ -68,7 +74,7 @@ def build_report(folder: str | Path, *, open_browser: bool = False, quiet: bool 
     planned, notes = plan_figures(tables)
     out = tables.folder / "report"
     out.mkdir(exist_ok=True)
-    for name in FIGURE_NAMES:  # a figure whose table has gone since the last build must not linger
+    for name in (*FIGURE_NAMES, *BENCH_FIGURE_NAMES):  # a figure whose table has gone must not linger
         for stale in [*out.glob(f"{name}*.png"), *out.glob(f"{name}*.svg")]:
             stale.unlink()
     figure_blocks = [_save(plan, out) for plan in tqdm(planned, desc="report figures", disable=quiet)]
@@ -76,13 +82,12 @@ def build_report(folder: str | Path, *, open_browser: bool = False, quiet: bool 
         *headline(tables),
         *[Note(f"warning: {problem}") for problem in tables.problems],
         *[Note(note) for note in notes],
-        *(key_tables(tables) if tables.kind == "comparison" else []),
+        *(key_tables(tables) if tables.kind in TABLES_FIRST else []),
         Heading("Figures"),
         *(figure_blocks or [Note("no figure could be made from this folder's tables")]),
-        *(key_tables(tables) if tables.kind != "comparison" else []),
+        *(key_tables(tables) if tables.kind not in TABLES_FIRST else []),
         *more_tables(tables),
-        Heading(f"Configuration ({CONFIG_FILES[tables.kind]})"),
-        Table("settings", config_table(tables.config)) if tables.config else Note("no configuration file found"),
+        *configuration(tables),
     ]
     title = f"fedsens {tables.kind} report: {tables.folder.resolve().name}"
     subtitle = f"{tables.folder.resolve()} · tables read: {', '.join(sorted(f'{n}.csv' for n in tables.frames))}"
@@ -103,6 +108,16 @@ def _save(plan: PlannedFigure, out: Path) -> FigureBlock:
     return FigureBlock(plan.name, plan.caption, buffer.getvalue())
 
 
+def configuration(tables: FolderTables) -> list[Block]:
+    """The folder's configuration file as a table; a bench folder has none (bench.csv names each configuration)."""
+    if tables.kind not in CONFIG_FILES:
+        return []
+    return [
+        Heading(f"Configuration ({CONFIG_FILES[tables.kind]})"),
+        Table("settings", config_table(tables.config)) if tables.config else Note("no configuration file found"),
+    ]
+
+
 def plan_figures(tables: FolderTables) -> tuple[list[PlannedFigure], list[str]]:
     """The figures this folder's tables allow, in report order, and a note for each one left out."""
     notes: list[str] = []
@@ -112,6 +127,9 @@ def plan_figures(tables: FolderTables) -> tuple[list[PlannedFigure], list[str]]:
             notes.append(f"{missing} not found in {tables.folder.name}: {figures_left_out} left out.")
         return available
 
+    if tables.kind == "bench":
+        notes.extend(bench_failures(tables.frames.get("bench")))
+        return _bench_figures(tables.frames, need), notes
     planned = [
         *(_ranking_figures(tables.frames, need) if tables.kind == "sweep" else []),
         *(_divergence_figures(tables.frames, need) if tables.kind != "comparison" else []),
@@ -251,6 +269,27 @@ def _partition_figure(tables: FolderTables, need) -> list[PlannedFigure]:
     ]
 
 
+def _bench_figures(frames: dict[str, pd.DataFrame], need) -> list[PlannedFigure]:
+    measured = bench_rows(frames["bench"])[0] if "bench" in frames else None
+    if not need(measured is not None and len(measured) > 0, "bench.csv with a measured row", "the bench figures"):
+        return []
+    return [
+        PlannedFigure(
+            "bench_ratios",
+            "Training, evaluation and whole-round time per round over the bare compute (a plain PyTorch loop doing "
+            "the same steps with one model; dashed line = 1.0) for each configuration; hatched bars are the "
+            "PFLlib-style reference loop, numbers the whole round's ratio.",
+            partial(figures.plot_bench_ratios, measured),
+        ),
+        PlannedFigure(
+            "bench_memory",
+            "Peak RSS against the bytes of the local tensors (MB = 2^20 bytes), one point per configuration and "
+            "loop, labelled by client count; on the dashed line memory grows by exactly the local state.",
+            partial(figures.plot_bench_memory, measured),
+        ),
+    ]
+
+
 def _over_seeds(table: pd.DataFrame, verb: str = "averaged") -> str:
     seeds = table["seed"].nunique() if "seed" in table.columns else 1
     return f", {verb} over {seeds} seeds" if seeds > 1 else ""
@@ -269,6 +308,8 @@ def headline(tables: FolderTables) -> list[Block]:
         blocks = _sweep_headline(frames)
     elif tables.kind == "comparison":
         blocks = _comparison_headline(frames["comparison"])
+    elif tables.kind == "bench":
+        blocks = bench_headline(frames.get("bench"))
     else:
         blocks = _run_headline(tables.summary, frames.get("rounds"))
     protocol = headline_protocol(frames)
@@ -381,7 +422,8 @@ def _run_headline(summary: dict | None, rounds: pd.DataFrame | None) -> list[Blo
 
 
 def key_tables(tables: FolderTables) -> list[Block]:
-    """The key tables: the ranking (after the figures), the comparison (before them), the run's summary."""
+    """The key tables: the ranking (after the figures), the comparison and the bench (before them), the run's
+    summary."""
     frames = tables.frames
     blocks: list[Block] = []
     if tables.kind == "sweep" and "ranking" in frames:
@@ -393,6 +435,8 @@ def key_tables(tables: FolderTables) -> list[Block]:
         if "summary" in frames:
             blocks.append(Table("mean ± std over seeds (summary.csv)", frames["summary"]))
         blocks.append(Table("one row per method and seed (comparison.csv)", frames["comparison"], collapsed=True))
+    if tables.kind == "bench":
+        blocks.extend(bench_tables(frames.get("bench")))
     if tables.kind == "run":
         blocks.append(Heading("Result"))
         if tables.summary:

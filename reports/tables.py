@@ -1,4 +1,4 @@
-"""Reading a run, sweep or comparison folder into DataFrames, and shaping them for the figures.
+"""Reading a run, sweep, comparison or bench folder into DataFrames, and shaping them for the figures.
 
 Only CSV and JSON are read here (the layouts in DESIGN.md and BRIEF.md); nothing is trained.
 """
@@ -6,6 +6,7 @@ Only CSV and JSON are read here (the layouts in DESIGN.md and BRIEF.md); nothing
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,12 +15,14 @@ import pandas as pd
 
 from fedsens.personalize.errors import CorruptFileError, UserError
 
-# What each kind of folder's configuration file is called, and the tables it may hold.
+# What each kind of folder's configuration file is called (a bench folder has none: each row of bench.csv
+# names its own configuration), and the tables it may hold.
 CONFIG_FILES = {"run": "config.json", "sweep": "sweep.json", "comparison": "compare.json"}
 TABLE_FILES = {
     "run": ("rounds", "metrics", "divergence", "parts"),
     "sweep": ("sensitivity", "ranking", "rounds", "metrics", "divergence"),
     "comparison": ("comparison", "summary", "rounds", "metrics"),
+    "bench": ("bench",),
 }
 # Where `fedsens probe --from SWEEP` writes its ranking (rows of ranking.csv's shape, metric probe_gain).
 PROBE_RANKING = Path("probe") / "probe_ranking.csv"
@@ -28,18 +31,22 @@ GROUP_COLUMNS = ("method", "local_part")
 
 
 def detect(folder: str | Path) -> str:
-    """Say whether `folder` is a "run", a "sweep" or a "comparison" folder, by the tables it holds."""
+    """Say whether `folder` is a "run", a "sweep", a "comparison" or a "bench" folder, by the tables it holds."""
     path = Path(folder)
     if path.is_file():
-        raise UserError(f"{path} is a file; pass the folder that `fedsens train`, `sweep` or `compare` wrote (--out)")
+        raise UserError(
+            f"{path} is a file; pass the folder that `fedsens train`, `sweep`, `compare` or `bench` wrote (--out)"
+        )
     if not path.is_dir():
-        raise UserError(f"report folder {path} does not exist; pass a run, sweep or comparison folder")
+        raise UserError(f"report folder {path} does not exist; pass a run, sweep, comparison or bench folder")
     if (path / "comparison.csv").is_file():
         return "comparison"
     if (path / "sensitivity.csv").is_file():
         return "sweep"
     if (path / "config.json").is_file() and (path / "rounds.csv").is_file():
         return "run"
+    if (path / "bench.csv").is_file():
+        return "bench"
     unfinished = (("sweep.json", "sensitivity.csv", "sweep"), ("compare.json", "comparison.csv", "compare"))
     for config, table, command in unfinished:
         if (path / config).is_file():
@@ -48,9 +55,9 @@ def detect(folder: str | Path) -> str:
                 f"completes; run it again with the same --out to finish (finished runs are kept)"
             )
     raise UserError(
-        f"{path} is not a run, sweep or comparison folder: looked for comparison.csv (comparison), "
-        "sensitivity.csv (sweep) or config.json with rounds.csv (run); "
-        "pass the --out folder of `fedsens train`, `sweep` or `compare`"
+        f"{path} is not a run, sweep, comparison or bench folder: looked for comparison.csv (comparison), "
+        "sensitivity.csv (sweep), config.json with rounds.csv (run) or bench.csv (bench); "
+        "pass the --out folder of `fedsens train`, `sweep`, `compare` or `bench`"
     )
 
 
@@ -95,7 +102,7 @@ def read_folder(folder: str | Path) -> FolderTables:
     return FolderTables(
         folder=path,
         kind=kind,
-        config=_read_json(path / CONFIG_FILES[kind]) or {},
+        config=(_read_json(path / CONFIG_FILES[kind]) if kind in CONFIG_FILES else None) or {},
         frames=frames,
         summary=_read_json(path / "summary.json") if kind == "run" else None,
         partition=_read_json(partition_path) if partition_path else None,
@@ -114,6 +121,7 @@ REQUIRED_COLUMNS = {
     "sensitivity": ("local_part", "seed"),
     "ranking": ("part", "metric", "rank"),
     "comparison": ("method", "seed"),
+    "bench": ("config", "loop", "clients"),  # a failed configuration's row has only these and `error`
 }
 
 
@@ -183,7 +191,10 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _partition_path(folder: Path, kind: str) -> Path | None:
-    """A run's own partition.json, or the first cell's / run's for a sweep / comparison."""
+    """A run's own partition.json, or the first cell's / run's for a sweep / comparison; none for a bench,
+    whose runs/ hold throwaway populations (a 10,000-client partition.json is slow to read and not reported)."""
+    if kind == "bench":
+        return None
     if kind == "run":
         candidates = [folder / "partition.json"]
     else:
@@ -311,3 +322,49 @@ def untrusted_parts(gains: pd.DataFrame) -> list[str]:
         return []
     marked = gains["trustworthy"].notna() & ~gains["trustworthy"].fillna(True).astype(bool)
     return [str(part) for part in gains.loc[marked, "part"]]
+
+
+# bench.csv's measures (personalize/benchmark.py); a configuration whose subprocess failed has none of them.
+BENCH_MEASURES = ("s_per_round", "train_ratio", "eval_ratio", "round_ratio", "peak_rss_mb", "local_bytes")
+# The columns that make one configuration, whichever loop ran it.
+BENCH_SETUP = ("clients", "personalize", "join_ratio", "client_store", "rounds")
+MIB = 2**20  # peak_rss_mb is ru_maxrss / 1024, so local bytes are shown in the same megabytes
+
+
+def bench_rows(bench: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """bench.csv split into the measured rows and the failed ones (no measures, an `error` when recorded);
+    a bench whose every configuration failed has no measure columns at all, so they are added empty."""
+    table = bench.reindex(columns=[*bench.columns, *(c for c in (*BENCH_MEASURES, "error") if c not in bench)])
+    measured = table[list(BENCH_MEASURES)].notna().all(axis=1)
+    return table[measured].reset_index(drop=True), table[~measured].reset_index(drop=True)
+
+
+def bench_setup_label(row: pd.Series, varying: Collection[str] = ()) -> str:
+    """A configuration as a reader names it: "1,000 clients, head local", plus the join ratio / store /
+    rounds when those differ between the table's configurations (`varying`)."""
+    label = f"{int(row['clients']):,} clients"
+    if pd.notna(row.get("personalize")):
+        label += f", {str(row['personalize']).replace(',', '+')} local"
+    if "join_ratio" in varying:
+        label += f", {row['join_ratio']:.0%} join"
+    if "client_store" in varying:
+        label += f", {row['client_store']} store"
+    if "rounds" in varying:
+        label += f", {int(row['rounds'])} rounds"
+    return label
+
+
+def bench_setups(measured: pd.DataFrame) -> pd.Series:
+    """Each measured row's configuration label (the same for its fedsens and PFLlib-style rows)."""
+    varying = {c for c in BENCH_SETUP[2:] if c in measured and measured[c].nunique(dropna=False) > 1}
+    return measured.apply(bench_setup_label, axis=1, varying=varying) if len(measured) else pd.Series(dtype=str)
+
+
+def bench_speedups(measured: pd.DataFrame) -> pd.DataFrame:
+    """One row per configuration measured with both loops: its setup columns, both loops' seconds per round
+    and `speedup`, the PFLlib-style loop's round time over fedsens's."""
+    setup = [c for c in BENCH_SETUP if c in measured]
+    table = measured.assign(setup=bench_setups(measured))
+    loops = {loop: table[table["loop"] == loop][[*setup, "setup", "s_per_round"]] for loop in ("fedsens", "pfllib")}
+    pairs = loops["fedsens"].merge(loops["pfllib"], on=[*setup, "setup"], suffixes=("_fedsens", "_pfllib"))
+    return pairs.assign(speedup=pairs["s_per_round_pfllib"] / pairs["s_per_round_fedsens"])

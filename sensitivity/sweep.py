@@ -146,6 +146,10 @@ def preset(name: str) -> SweepConfig:
 def protocol(config: SweepConfig) -> dict:
     """The protocol every cell follows (the cells differ only in the part kept local and the grid's axes)."""
     record = presets.protocol(config.run, preset=config.preset)
+    # The grid's axes replace the run's dataset, scheme and alpha in every cell: show what the cells use.
+    for key, axis in (("dataset", config.datasets), ("partition", config.schemes), ("alpha", config.alphas)):
+        if axis:
+            record[key] = axis[0] if len(axis) == 1 else list(axis)
     record.update(seeds=list(config.seeds), cells=list(config.parts), div_every=config.div_every)
     return record
 

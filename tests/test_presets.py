@@ -205,3 +205,15 @@ def test_train_applies_the_presets_per_method_lr(tmp_path):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["lr"] == 0.001
     result = CliRunner().invoke(app, [*args, "--lr", "0", "--out", str(tmp_path / "other")])
     assert result.exit_code == 2 and "--lr must be > 0" in result.output  # an explicit option still wins
+
+
+def test_the_sweeps_protocol_names_the_dataset_and_partition_its_cells_use():
+    from fedsens.sensitivity import sweep as sweep_lib
+
+    config = sweep_lib.preset("quick")
+    single = sweep_lib.protocol(
+        sweep_lib.SweepConfig(run=config.run, datasets=("officehome",), schemes=("domain",), alphas=(1.0,))
+    )
+    assert (single["dataset"], single["partition"], single["alpha"]) == ("officehome", "domain", 1.0)
+    several = sweep_lib.protocol(sweep_lib.SweepConfig(run=config.run, alphas=(0.1, 0.5)))
+    assert several["alpha"] == [0.1, 0.5] and several["dataset"] == config.run.dataset

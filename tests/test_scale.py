@@ -175,3 +175,92 @@ def test_batched_evaluation_keeps_no_autograd_graph(tmp_path):
     evaluate_clients(ctx, algorithm, 1, [0, 1], state.shared, state.local, state.extra)
     handle.remove()
     assert seen and not any(seen)  # activations of earlier batches are not kept alive
+
+
+def _rss_file_mb() -> float:
+    fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return int(fields["RssFile"].split()[0]) / 1024
+
+
+def test_disk_store_reads_and_writes_rows_like_the_memory_store(tmp_path):
+    from fedsens.personalize.clientstore import ClientStore
+
+    g = torch.Generator().manual_seed(0)
+    first = {"w": torch.randn(3, 4, generator=g), "b": torch.randn(4, generator=g).to(torch.bfloat16)}
+    stores = [ClientStore.build(50, first), ClientStore.build(50, first, folder=tmp_path / "disk")]
+    for c in (7, 8, 9, 31, 0):
+        new = {"w": torch.randn(3, 4, generator=g), "b": torch.randn(4, generator=g).to(torch.bfloat16)}
+        for store in stores:
+            store.put(c, new)
+    stores[1].commit()
+    stores[1].put(12, {"w": torch.ones(3, 4), "b": torch.ones(4, dtype=torch.bfloat16)})  # pending, not committed
+    stores[0].put(12, {"w": torch.ones(3, 4), "b": torch.ones(4, dtype=torch.bfloat16)})
+    for clients in ([8, 9, 10, 11, 12], [31, 0, 31, 7], list(range(50))):
+        memory, disk = stores[0].rows(clients), stores[1].rows(clients)
+        assert all(torch.equal(memory[n], disk[n]) for n in first)
+    assert all(torch.equal(stores[0].client(12)[n], stores[1].client(12)[n]) for n in first)
+    stores[1].close()
+    reopened = ClientStore.open(50, stores[1].layout, tmp_path / "disk")
+    assert torch.equal(reopened.rows([9])["w"], stores[0].rows([9])["w"])
+    assert not torch.equal(reopened.rows([12])["w"], torch.ones(1, 3, 4))  # the pending row never reached the file
+
+
+def test_reading_the_whole_disk_store_does_not_stay_in_resident_memory(tmp_path):
+    from fedsens.personalize.clientstore import ClientStore
+
+    store = ClientStore.build(2048, {"w": torch.zeros(64, 256)}, folder=tmp_path / "disk")  # 128 MB of rows
+    before = _rss_file_mb()
+    for start in range(0, 2048, 128):
+        assert store.rows(list(range(start, start + 128)))["w"].shape == (128, 64, 256)
+    assert _rss_file_mb() - before < 32  # a memory mapping would keep all 128 MB resident
+
+
+def test_a_truncated_disk_store_file_is_one_clear_error(tmp_path):
+    from fedsens.personalize.clientstore import ClientStore
+    from fedsens.personalize.errors import CorruptFileError
+
+    store = ClientStore.build(10, {"w": torch.zeros(4)}, folder=tmp_path / "disk")
+    store.close()
+    path = next((tmp_path / "disk").glob("*.bin"))
+    with open(path, "r+b") as handle:
+        handle.truncate(20)
+    with pytest.raises(CorruptFileError, match="expected 160 bytes"):
+        ClientStore.open(10, {"w": ((4,), torch.float32)}, tmp_path / "disk")
+
+
+@pytest.mark.parametrize("domains", [0, 3])
+def test_synthetic_images_drawn_block_by_block_equal_one_draw(monkeypatch, domains):
+    from fedsens.personalize.datasets import synthetic
+
+    whole = synthetic.load(None, num_samples=1000, image_size=8, num_domains=domains)
+    monkeypatch.setattr(synthetic, "SAMPLES_PER_DRAW", 64)
+    blocks = synthetic.load(None, num_samples=1000, image_size=8, num_domains=domains)
+    assert torch.equal(whole.images, blocks.images) and torch.equal(whole.labels, blocks.labels)
+    if domains:
+        assert torch.equal(whole.domains, blocks.domains)
+
+
+@pytest.mark.parametrize("method", ["fedavg", "fedperfix", "apfl"])
+def test_disk_and_memory_stores_give_the_same_run(tmp_path, method):
+    extra = {"personalize": "attn,head"} if method == "fedavg" else {}
+    runs = [
+        federation.run(RunConfig(out=str(tmp_path / store), client_store=store, method=method, **{**TINY, **extra}))
+        for store in ("memory", "disk")
+    ]
+    pd.testing.assert_frame_equal(runs[0].metrics, runs[1].metrics)
+
+
+def test_bench_throughput_writes_images_per_second_for_both_loops(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedsens.cli import app
+
+    out = tmp_path / "thr"
+    args = ["bench", "--throughput", "--model", "vit-nano", "--batch-size", "8", "--steps", "2", "--local", "head"]
+    done = CliRunner().invoke(app, [*args, "--device", "cpu", "--out", str(out)])
+    assert done.exit_code == 0, done.output
+    table = pd.read_csv(out / "throughput.csv")
+    assert list(table["personalize"]) == ["none", "head"] and (table["device"] == "cpu").all()
+    assert (table["fedsens_images_s"] > 0).all() and (table["plain_images_s"] > 0).all()
+    assert table["ratio"].to_numpy() == pytest.approx((table["fedsens_images_s"] / table["plain_images_s"]).to_numpy())
+    assert "images/s" in done.output

@@ -87,32 +87,112 @@ def to_run_fields(knobs: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
+def _add_options(command: F, added: list[inspect.Parameter], into: str, convert: Callable[[dict], Any]) -> F:
+    """`command` with the `added` options at the end of its signature; their values reach it as one keyword
+    argument, `into` (which the command declares), made by `convert` from {option name: value}."""
+    signature = inspect.signature(command, eval_str=True)
+    own = [p for p in signature.parameters.values() if p.name != into]
+    names = [p.name for p in added]
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        given = {name: kwargs.pop(name, None) for name in names}
+        return command(*args, **{into: convert(given)}, **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=[*own, *added])  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in [*own, *added]}
+    return wrapper  # type: ignore[return-value]
+
+
+def _option(name: str, annotation: Any, option: Any) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
+
+
 def training_options(default_preset: str) -> Callable[[F], F]:
     """Add the KNOBS block at the end of a command's options; the command receives them as `knobs`."""
 
     def decorate(command: F) -> F:
-        signature = inspect.signature(command, eval_str=True)
-        own = [p for p in signature.parameters.values() if p.name != "knobs"]
-        extra = []
-        for knob in KNOBS:
-            flag = knob.flag or f"--{knob.name.replace('_', '-')}"
-            option = typer.Option(None, flag, help=_help(knob, default_preset), show_default=False)
-            extra.append(
-                inspect.Parameter(
-                    knob.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=knob.kind | None
-                )
+        added = [
+            _option(
+                knob.name,
+                knob.kind | None,
+                typer.Option(
+                    None,
+                    knob.flag or f"--{knob.name.replace('_', '-')}",
+                    help=_help(knob, default_preset),
+                    show_default=False,
+                ),
             )
+            for knob in KNOBS
+        ]
+        return _add_options(command, added, "knobs", to_run_fields)
 
-        @functools.wraps(command)
-        def wrapper(*args, **kwargs):
-            knobs = {knob.name: kwargs.pop(knob.name, None) for knob in KNOBS}
-            return command(*args, knobs=to_run_fields(knobs), **kwargs)
+    return decorate
 
-        wrapper.__signature__ = signature.replace(parameters=[*own, *extra])  # type: ignore[attr-defined]
-        wrapper.__annotations__ = {
-            **{p.name: p.annotation for p in own},
-            **{p.name: p.annotation for p in extra},
-        }
-        return wrapper  # type: ignore[return-value]
+
+@dataclass(frozen=True)
+class Execution:
+    """Where a grid's runs train: the executor options of `sweep` and `compare`, as given."""
+
+    jobs: int | None
+    executor: str
+    ray_address: str | None
+    cpus_per_cell: float
+    gpus_per_cell: float | None
+
+    def config(self, default_jobs: int):
+        """The executors.ExecutorConfig these options ask for (`default_jobs` where --jobs is not given)."""
+        from fedsens.sensitivity import executors  # not at CLI start-up
+
+        return executors.from_options(
+            self.executor, self.jobs, default_jobs, self.cpus_per_cell, self.gpus_per_cell, self.ray_address
+        )
+
+
+def executor_options(unit: str, jobs_default: str) -> Callable[[F], F]:
+    """Add --jobs/--executor/--ray-address/--cpus-per-cell/--gpus-per-cell; the command receives `execution`.
+    `unit` names what is trained at a time (cell, run); `jobs_default` says what --jobs is when left out."""
+
+    def decorate(command: F) -> F:
+        added = [
+            _option(
+                "jobs",
+                int | None,
+                typer.Option(
+                    None,
+                    "--jobs",
+                    help=f"{unit.capitalize()}s trained at a time in worker processes on this machine, each with "
+                    f"--threads torch threads (1: one after another in this process; {jobs_default}; "
+                    f"with GPUs one {unit} per GPU, round-robin).",
+                ),
+            ),
+            _option(
+                "executor",
+                str,
+                typer.Option("local", "--executor", help=f"local (this machine) or ray (one Ray task per {unit})."),
+            ),
+            _option(
+                "ray_address",
+                str | None,
+                typer.Option(
+                    None,
+                    "--ray-address",
+                    help="With --executor ray: auto or HOST:PORT of a cluster (default: start one here).",
+                ),
+            ),
+            _option(
+                "cpus_per_cell",
+                float,
+                typer.Option(1.0, "--cpus-per-cell", help=f"With --executor ray: CPUs per {unit}."),
+            ),
+            _option(
+                "gpus_per_cell",
+                float | None,
+                typer.Option(
+                    None, "--gpus-per-cell", help=f"GPUs per {unit} (default: 1 where there are GPUs, else 0)."
+                ),
+            ),
+        ]
+        return _add_options(command, added, "execution", lambda given: Execution(**given))
 
     return decorate

@@ -25,11 +25,24 @@ def bench(
     ),
     out: Path = typer.Option(Path("runs/bench"), help="folder for bench.csv"),
     quiet: bool = typer.Option(False, "--quiet", help="no per-configuration lines"),
+    throughput: bool = typer.Option(
+        False,
+        "--throughput",
+        help="instead: images/s of one client's local training through the engine against a plain timm training "
+        "step at the same batch (bf16 on CUDA), e.g. --model vit_small_patch16_224 --device cuda; "
+        "writes OUT/throughput.csv",
+    ),
+    batch_size: int = typer.Option(64, help="with --throughput: the batch"),
+    steps: int = typer.Option(20, help="with --throughput: training steps timed"),
+    device: str = typer.Option("auto", help="with --throughput: auto, cpu, cuda or cuda:N"),
 ) -> None:
     """Write OUT/bench.csv: seconds per round, training / evaluation vs bare compute, peak RSS, local bytes."""
     from fedsens.personalize.benchmark import BenchCase, run_bench
     from fedsens.personalize.errors import UserError
 
+    if throughput:
+        _throughput(model, batch_size, steps, device, local, out)
+        return
     if client_store not in ("memory", "disk"):
         raise UserError(f"--client-store must be memory or disk (got {client_store!r})")
     cases = []
@@ -48,3 +61,24 @@ def bench(
                 cases.append(BenchCase(**common, loop="pfllib"))  # type: ignore[arg-type]
     frame = run_bench(cases, out, quiet=quiet)
     typer.echo(f"bench: {len(frame)} configurations in {out / 'bench.csv'}")
+
+
+def _throughput(model: str, batch_size: int, steps: int, device: str, local: list[str], out: Path) -> None:
+    import pandas as pd
+
+    from fedsens.personalize.benchmark import THROUGHPUT_COLUMNS, measure_throughput
+    from fedsens.personalize.errors import UserError
+
+    if batch_size < 1 or steps < 1:
+        raise UserError(f"--batch-size and --steps must be at least 1 (got {batch_size}, {steps})")
+    rows = []
+    for spec in dict.fromkeys(["none", *local]):
+        rows.append(measure_throughput(model, batch_size, steps, device, out / "runs" / spec.replace(",", "+"), spec))
+        row = rows[-1]
+        typer.echo(
+            f"{model} batch {batch_size}, {spec} local: fedsens {row['fedsens_images_s']:.1f} images/s, plain timm "
+            f"step {row['plain_images_s']:.1f} images/s ({row['ratio']:.2f}x) on {row['device']}"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows, columns=THROUGHPUT_COLUMNS).to_csv(out / "throughput.csv", index=False)
+    typer.echo(f"bench: {out / 'throughput.csv'}")

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from fedsens.commands._common import clean_errors, comma_list, overlay
-from fedsens.commands._options import training_options
+from fedsens.commands._options import Execution, executor_options, training_options
 from fedsens.commands.data import NO_VERIFY_HELP, dataset_help
 from fedsens.commands.methods import options_option
 from fedsens.personalize.errors import UserError
@@ -69,6 +69,7 @@ def summary_text(result: CompareResult) -> str:
 
 @clean_errors
 @training_options("default")
+@executor_options("run", "default 1")
 def compare(
     preset_name: str = typer.Option(
         "default",
@@ -99,20 +100,6 @@ def compare(
     force: bool = typer.Option(
         False, "--force", help="Run the methods even when the FedAvg reference (first seed) did not learn."
     ),
-    jobs: int | None = typer.Option(
-        None,
-        "--jobs",
-        help="Runs trained at a time in worker processes on this machine, each with --threads torch threads "
-        "(1: one after another in this process; default 1; with GPUs one run per GPU, round-robin).",
-    ),
-    executor: str = typer.Option("local", "--executor", help="local (this machine) or ray (one Ray task per run)."),
-    ray_address: str | None = typer.Option(
-        None, "--ray-address", help="With --executor ray: auto or HOST:PORT of a cluster (default: start one here)."
-    ),
-    cpus_per_cell: float = typer.Option(1.0, "--cpus-per-cell", help="With --executor ray: CPUs per run."),
-    gpus_per_cell: float | None = typer.Option(
-        None, "--gpus-per-cell", help="GPUs per run (default: 1 where there are GPUs, else 0)."
-    ),
     sweep_dir: Path | None = typer.Option(
         None,
         "--from",
@@ -124,6 +111,7 @@ def compare(
     ),
     *,
     knobs: dict,
+    execution: Execution,
 ) -> None:
     """Run each method for each seed (same partition and initial weights within a seed), then tabulate.
 
@@ -132,7 +120,6 @@ def compare(
     """
     from fedsens.personalize.methods.registry import parse_assignments
     from fedsens.personalize.presets import protocol_text
-    from fedsens.sensitivity import executors
     from fedsens.sensitivity.compare import protocol, run_compare
 
     config = build_config(
@@ -157,7 +144,7 @@ def compare(
     )
     config = _with_placed_fedperfix(config, sweep_dir, top_blocks)
     typer.echo(protocol_text(protocol(config)))
-    where = executors.from_options(executor, jobs, 1, cpus_per_cell, gpus_per_cell, ray_address)
+    where = execution.config(1)
     result = run_compare(config, where)
     typer.echo(
         f"\n{config.run.dataset}, {config.run.model}, {config.run.clients} clients, {config.run.rounds} rounds, "

@@ -1,4 +1,4 @@
-"""`fedsens report DIR`: figures and a self-contained HTML report from a run, sweep or comparison."""
+"""`fedsens report DIR`: figures and a self-contained HTML report from a run, sweep, comparison or benchmark folder."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from fedsens.commands._common import clean_errors
 
 @clean_errors
 def report(
-    folder: Path = typer.Argument(..., help="A run, sweep or comparison folder (--out of train / sweep / compare)."),
+    folder: Path = typer.Argument(
+        ..., help="A run, sweep, comparison or benchmark folder (--out of train / sweep / compare / bench)."
+    ),
     open_browser: bool = typer.Option(False, "--open", help="Open the report in the default browser."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from fedsens.commands._common import clean_errors, comma_list, overlay
-from fedsens.commands._options import training_options
+from fedsens.commands._options import Execution, executor_options, training_options
 from fedsens.commands.data import NO_VERIFY_HELP, dataset_help
 from fedsens.commands.methods import method_option, options_option
 from fedsens.personalize.errors import UserError
@@ -80,6 +80,7 @@ def ranking_text(result: SweepResult) -> str:
 
 @clean_errors
 @training_options("quick")
+@executor_options("cell", "quick preset: the number of cores, else 1")
 def sweep(
     preset_name: str = typer.Option(
         "quick", "--preset", help=f"quick | paper-cifar100 | paper-organamnist | paper-officehome. {PRESET_NOTE}"
@@ -135,23 +136,9 @@ def sweep(
         help="Also rank each of two disjoint halves of the seeds and report Kendall's tau between the two "
         "rankings (split_seeds.csv); on a finished --out only the tables are recomputed.",
     ),
-    jobs: int | None = typer.Option(
-        None,
-        "--jobs",
-        help="Cells trained at a time in worker processes on this machine, each with --threads torch threads "
-        "(1: one after another in this process; quick preset: the number of cores, else 1; "
-        "with GPUs one cell per GPU, round-robin).",
-    ),
-    executor: str = typer.Option("local", "--executor", help="local (this machine) or ray (one Ray task per cell)."),
-    ray_address: str | None = typer.Option(
-        None, "--ray-address", help="With --executor ray: auto or HOST:PORT of a cluster (default: start one here)."
-    ),
-    cpus_per_cell: float = typer.Option(1.0, "--cpus-per-cell", help="With --executor ray: CPUs per cell."),
-    gpus_per_cell: float | None = typer.Option(
-        None, "--gpus-per-cell", help="GPUs per cell (default: 1 where there are GPUs, else 0)."
-    ),
     *,
     knobs: dict,
+    execution: Execution,
 ) -> None:
     """Run one federated cell per (partition, seed, part kept local), then rank the parts.
 
@@ -207,7 +194,7 @@ def sweep(
         typer.echo(sanity.calibration_text(found, reference))
         return
     default_jobs = executors.cores() if preset_name == "quick" else 1
-    where = executors.from_options(executor, jobs, default_jobs, cpus_per_cell, gpus_per_cell, ray_address)
+    where = execution.config(default_jobs)
     result = run_sweep(config, where)
     typer.echo(ranking_text(result))
     if split_seeds:

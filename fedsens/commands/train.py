@@ -151,7 +151,9 @@ def train(
         "(default 1); parts ranked above attention are kept local too; written to placement.json",
     ),
     client_store: str | None = typer.Option(
-        None, help="memory (default) or disk: the clients' own tensors memory-mapped under OUT/clients"
+        None,
+        help="memory (default) or disk: the clients' own tensors in one file per tensor under OUT/clients "
+        "(client state larger than RAM)",
     ),
     checkpoint_every: int | None = typer.Option(
         None, help="write the checkpoint every N rounds (default 1; 10 when the in-memory client state is > 256 MB)"

@@ -11,6 +11,8 @@ from fedsens.personalize.datasets.imageset import ImageSet
 from fedsens.personalize.datasets.registry import DatasetSpec, register
 from fedsens.personalize.errors import UserError
 
+SAMPLES_PER_DRAW = 4096  # a multiple of 16: block-wise draws give the same numbers as one draw of all
+
 
 def population_options(clients: int, per_client: int, image_size: int, classes: int) -> dict:
     """The loader's options for a population of `clients` x `per_client` samples (per_client 0: the loader's
@@ -47,13 +49,23 @@ def load(
     generator = torch.Generator().manual_seed(seed)
     templates = _blocky(torch.rand(num_classes, channels, 4, 4, generator=generator), image_size)
     labels = (torch.arange(num_samples) % num_classes)[torch.randperm(num_samples, generator=generator)]
-    pixels = templates[labels] + noise * torch.randn(num_samples, channels, image_size, image_size, generator=generator)
-    domains = None
-    if num_domains:
+    shape = (channels, image_size, image_size)
+    noise_state = generator.get_state()
+    domains = shifts = None
+    if num_domains:  # drawn after the noise, as one draw of all the noise would leave the generator
+        for start in range(0, num_samples, SAMPLES_PER_DRAW):
+            torch.randn(min(SAMPLES_PER_DRAW, num_samples - start), *shape, generator=generator)
         shifts = _blocky(torch.rand(num_domains, channels, 4, 4, generator=generator) - 0.5, image_size) * 0.3
         domains = torch.randint(num_domains, (num_samples,), generator=generator)
-        pixels = pixels + shifts[domains]
-    images = (pixels.clamp(0, 1) * 255).round().to(torch.uint8)
+        generator.set_state(noise_state)
+    # Block by block, so that a population of millions of images never holds them all as floats.
+    images = torch.empty(num_samples, *shape, dtype=torch.uint8)
+    for start in range(0, num_samples, SAMPLES_PER_DRAW):
+        stop = min(start + SAMPLES_PER_DRAW, num_samples)
+        pixels = templates[labels[start:stop]] + noise * torch.randn(stop - start, *shape, generator=generator)
+        if domains is not None and shifts is not None:
+            pixels = pixels + shifts[domains[start:stop]]
+        images[start:stop] = (pixels.clamp(0, 1) * 255).round().to(torch.uint8)
     classes = tuple(f"class_{index}" for index in range(num_classes))
     domain_names = tuple(f"domain_{index}" for index in range(num_domains))
     return ImageSet("synthetic", images, labels, classes, domains, domain_names)
