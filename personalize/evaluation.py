@@ -62,7 +62,7 @@ class RunningMean:
                     continue
                 self.sums[name] = torch.zeros_like(value, dtype=torch.float64)
             if torch.is_floating_point(value):
-                self.sums[name] += value.detach().to(torch.float64) * share
+                self.sums[name].add_(value.detach(), alpha=share)  # as weighted_mean adds: the same sums
         self.added += 1
 
     def result(self) -> dict[str, torch.Tensor]:

@@ -268,6 +268,11 @@ def _start_state(ctx: RunContext, method: Method, resume: bool, overwrite: bool)
         tqdm.write(line)
     if "table_sizes" not in saved_state:
         raise UserError(f"{checkpoint} was written by an older fedsens (per-client state); rerun with --overwrite")
+    if int(saved_state["round"]) > ctx.config.rounds:  # its tables would report the longer run as this one
+        raise UserError(
+            f"{ctx.out} already holds {int(saved_state['round'])} rounds, more than the {ctx.config.rounds} asked; "
+            "ask for at least that many (--rounds), use another --out, or --overwrite to start over"
+        )
     if saved.get("rounds") is not None and ctx.config.rounds > saved["rounds"]:
         tqdm.write(f"{ctx.out}: extending the run from {saved['rounds']} to {ctx.config.rounds} rounds")
     if ctx.config.client_store == "disk":

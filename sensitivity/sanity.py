@@ -205,13 +205,28 @@ def client_test_labels(folder: Path, cache: dict | None = None) -> tuple[list[np
     return [labels[index] for index in partition.test], num_classes
 
 
-def judge_folder(folder: Path, *, shares_everything: bool, cache: dict | None = None) -> Verdict:
+def judge_folder(
+    folder: Path, *, shares_everything: bool, cache: dict | None = None, upto: int | None = None
+) -> Verdict:
+    """Judge the run in `folder`; `upto`: as if it had stopped after that round (a run is seeded and resumes
+    exactly, so the first rounds of a longer run are the shorter run)."""
     test_labels, num_classes = client_test_labels(folder, cache)
     return judge(
-        runs.read_csv(folder / "rounds.csv"),
+        _rounds_upto(folder, upto),
         chance_levels(test_labels, num_classes),
         shares_everything=shares_everything,
     )
+
+
+def _rounds_upto(folder: Path, upto: int | None) -> pd.DataFrame:
+    rounds = runs.read_csv(folder / "rounds.csv")
+    return rounds if upto is None or not len(rounds) else rounds[rounds["round"] <= upto].reset_index(drop=True)
+
+
+def _rounds_held(folder: Path) -> int:
+    """Rounds a run folder already holds (0: none)."""
+    rounds = runs.read_csv(folder / "rounds.csv") if (folder / "rounds.csv").exists() else pd.DataFrame()
+    return int(rounds["round"].max()) if len(rounds) else 0
 
 
 def sanity_columns(table: pd.DataFrame, cells_dir: Path) -> pd.DataFrame:
@@ -363,8 +378,9 @@ def calibrate(reference: RunConfig, out: Path, *, budget_minutes: float, quiet: 
 
     One run folder per local-epochs setting (`out/calibrate/e<E>`): a longer setting continues the shorter
     one's checkpoint (the engine ends where an uninterrupted run would), so going up in rounds costs only
-    the rounds added. A setting predicted to overrun the budget (from the seconds per round x epoch so far)
-    is skipped."""
+    the rounds added, and a calibration run again (a larger budget) judges what the folders hold from
+    their first rounds. A setting predicted to overrun the budget (from the seconds per round x epoch so
+    far) is skipped."""
     if budget_minutes <= 0:
         raise UserError(f"--budget-minutes must be > 0 (got {budget_minutes:g})")
     started = time.perf_counter()
@@ -374,22 +390,23 @@ def calibrate(reference: RunConfig, out: Path, *, budget_minutes: float, quiet: 
     trained: dict[int, int] = {}  # local epochs -> rounds already in that folder
     per_round_epoch = math.nan
     for rounds, epochs in ladder(reference.rounds, reference.local_epochs):
-        extra = (rounds - trained.get(epochs, 0)) * epochs
+        folder = Path(out) / "calibrate" / f"e{epochs}"
+        held = trained.setdefault(epochs, _rounds_held(folder))
+        extra = max(0, rounds - held) * epochs
         elapsed = time.perf_counter() - started
-        if np.isfinite(per_round_epoch) and elapsed + extra * per_round_epoch > budget:
+        if extra and np.isfinite(per_round_epoch) and elapsed + extra * per_round_epoch > budget:
             skipped.append((rounds, epochs))
             continue
-        wanted = reference.replace(
-            rounds=rounds, local_epochs=epochs, personalize="none", out=str(Path(out) / "calibrate" / f"e{epochs}")
-        )
         if not quiet:
             tqdm.write(f"calibrate: FedAvg, {rounds} rounds x {epochs} local epochs")
-        if runs.run_resumable(wanted, quiet=quiet) == "failed":
-            raise UserError(f"the calibration run in {wanted.out} failed (see its error.txt); lower the learning rate")
-        trained[epochs] = rounds
-        summary = runio.read_json(Path(wanted.out) / "summary.json")
-        per_round_epoch = summary["seconds"] / (rounds * epochs)
-        verdict = judge_folder(Path(wanted.out), shares_everything=True)
+        if rounds > held:  # a longer run already in the folder holds this one as its first rounds
+            wanted = reference.replace(rounds=rounds, local_epochs=epochs, personalize="none", out=str(folder))
+            if runs.run_resumable(wanted, quiet=quiet) == "failed":
+                raise UserError(f"the calibration run in {folder} failed (see its error.txt); lower the learning rate")
+            trained[epochs] = rounds
+        seconds = float(_rounds_upto(folder, rounds)["seconds"].sum())
+        per_round_epoch = seconds / (rounds * epochs)
+        verdict = judge_folder(folder, shares_everything=True, upto=rounds)
         trial = Trial(
             rounds,
             epochs,
@@ -398,7 +415,7 @@ def calibrate(reference: RunConfig, out: Path, *, budget_minutes: float, quiet: 
             verdict.slope_end,
             verdict.learned,
             verdict.climbing,
-            summary["seconds"],
+            seconds,
         )
         trials.append(trial)
         if trial.passes:

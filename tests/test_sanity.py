@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from fedsens.cli import app
 from fedsens.personalize.config import RunConfig
+from fedsens.personalize.errors import UserError
 from fedsens.personalize.schema import SANITY_COLUMNS
 from fedsens.reports.report import build_report
 from fedsens.sensitivity import sanity
@@ -153,3 +154,25 @@ def test_calibrate_trains_only_the_reference_and_names_the_cheapest_passing_sett
         assert found.best == found.trials[-1]
         text = sanity.calibration_text(found, reference)
         assert f"fedsens sweep --rounds {found.best.rounds} --local-epochs {found.best.local_epochs}" in text
+
+
+def test_calibrating_again_judges_each_setting_on_its_own_rounds_not_the_longer_run_in_the_folder(tmp_path):
+    from fedsens.personalize.federation import run
+
+    reference = RunConfig(**TINY, scheme="iid", rounds=3, local_epochs=1, out=str(tmp_path / "unused"))
+    run(reference.replace(rounds=12, out=str(tmp_path / "calibrate" / "e1")), quiet=True)  # a longer run is there
+    found = sanity.calibrate(reference, tmp_path, budget_minutes=5, quiet=True)
+    alone = run(reference.replace(out=str(tmp_path / "three")), quiet=True)
+    first = found.trials[0]
+    assert (first.rounds, first.local_epochs) == (3, 1)
+    assert first.acc_mean == pytest.approx(alone.rounds["acc_mean"].iloc[-1])  # round 3's, not round 12's
+    assert first.seconds == pytest.approx(alone.rounds["seconds"].sum(), rel=1.0)  # 3 rounds' time, roughly
+
+
+def test_a_run_asked_for_fewer_rounds_than_its_folder_holds_is_refused(tmp_path):
+    from fedsens.personalize.federation import run
+
+    config = RunConfig(**TINY, rounds=3, out=str(tmp_path))
+    run(config, quiet=True)
+    with pytest.raises(UserError, match="already holds 3 rounds, more than the 2 asked"):
+        run(config.replace(rounds=2), resume=True, quiet=True)

@@ -30,6 +30,13 @@ class NoOptions:
     """The options of a method that takes none."""
 
 
+def train_mode(model: nn.Module) -> None:
+    """`model.train()`, skipped when the model is in training mode already: fedsens only ever switches the
+    whole model, so the root's flag tells, and walking the module tree for every client cost ~1 ms each."""
+    if not model.training:
+        model.train()
+
+
 def weighted_mean(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
     """Sample-weighted average of name-keyed tensors (FedAvg); non-float tensors take the first client's."""
     if not states:
@@ -44,7 +51,7 @@ def weighted_mean(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequenc
             continue
         acc = torch.zeros_like(first, dtype=torch.float64)
         for state, w in zip(states, weights):
-            acc += state[name].to(torch.float64) * (float(w) / total)
+            acc.add_(state[name], alpha=float(w) / total)  # in float64, with no temporary copy
         out[name] = acc.to(first.dtype)
     return out
 
@@ -86,7 +93,7 @@ class Method:
     def train_client(self, ctx: ClientContext) -> None:
         """Plain local SGD over the client's train split for the configured epochs/steps."""
         optimizer = ctx.optimizer(p for p in ctx.model.parameters() if p.requires_grad)
-        ctx.model.train()
+        train_mode(ctx.model)
         for x, y in ctx.train_batches():
             ctx.step(optimizer, x, y)
 
@@ -120,7 +127,7 @@ def only_trainable(model: nn.Module, names: set[str]) -> Iterator[list[nn.Parame
 
 def train_steps(ctx: ClientContext, params: list[nn.Parameter], **batch_options) -> None:
     optimizer = ctx.optimizer(params)
-    ctx.model.train()
+    train_mode(ctx.model)
     for x, y in ctx.train_batches(**batch_options):
         ctx.step(optimizer, x, y)
 
