@@ -49,20 +49,30 @@ class RunningMean:
         self.shares = [float(w) / total for w in weights]
         self.sums: dict[str, torch.Tensor] = {}
         self.dtypes: dict[str, torch.dtype] = {}
+        self.scratch: dict[str, torch.Tensor] = {}
         self.added = 0
 
     @torch.no_grad()
     def add(self, state: Mapping[str, torch.Tensor]) -> None:
         share = self.shares[self.added]
-        for name, value in state.items():
-            if name not in self.sums:
+        if not self.added:
+            for name, value in state.items():
                 self.dtypes[name] = value.dtype
-                if not torch.is_floating_point(value):  # non-float tensors take the first client's
+                if torch.is_floating_point(value):
+                    self.sums[name] = torch.zeros_like(value, dtype=torch.float64)
+                    self.scratch[name] = torch.empty_like(value, dtype=torch.float64)
+                else:  # non-float tensors take the first client's
                     self.sums[name] = value.detach().clone()
-                    continue
-                self.sums[name] = torch.zeros_like(value, dtype=torch.float64)
-            if torch.is_floating_point(value):
-                self.sums[name].add_(value.detach(), alpha=share)  # as weighted_mean adds: the same sums
+        names = list(self.scratch)
+        if not names:  # nothing shared (every part local): nothing to add
+            self.added += 1
+            return
+        # value.to(float64) * share, then added: what weighted_mean computes (the same bits), into buffers
+        # kept for the round and over all tensors at once (one call per step instead of one per tensor)
+        scratch = [self.scratch[name] for name in names]
+        torch._foreach_copy_(scratch, [state[name].detach() for name in names])
+        torch._foreach_mul_(scratch, share)
+        torch._foreach_add_([self.sums[name] for name in names], scratch)
         self.added += 1
 
     def result(self) -> dict[str, torch.Tensor]:

@@ -366,15 +366,30 @@ class Calibration:
         return "" if self.best is None else f"--rounds {self.best.rounds} --local-epochs {self.best.local_epochs}"
 
 
+def _cost(setting: tuple[int, int]) -> tuple[int, int]:
+    return setting[0] * setting[1], setting[1]
+
+
 def ladder(rounds: int, local_epochs: int, steps: int = 4) -> list[tuple[int, int]]:
     """(rounds, local epochs) from the given setting up, doubling each, cheapest (rounds x epochs) first."""
     grid = [(rounds * 2**i, local_epochs * 2**j) for i in range(steps) for j in range(3)]
-    return sorted(grid, key=lambda setting: (setting[0] * setting[1], setting[1]))
+    return sorted(grid, key=_cost)
+
+
+def trend_step(rounds: int, epochs: int, verdict: Verdict) -> tuple[int, int] | None:
+    """The setting the trend points to after a run that learned but is still climbing: its rounds plus the
+    rounds the trend suggests (rounded up to a tenth of the rounds), when that is short of doubling them."""
+    if not (verdict.learned and verdict.climbing and verdict.more_rounds):
+        return None
+    grain = max(1, rounds // 10)
+    target = math.ceil((rounds + verdict.more_rounds) / grain) * grain
+    return (target, epochs) if target < 2 * rounds else None
 
 
 def calibrate(reference: RunConfig, out: Path, *, budget_minutes: float, quiet: bool = False) -> Calibration:
     """Train only the FedAvg reference up the ladder of rounds x local epochs within the time budget and
-    return the cheapest setting at which it learns and its curve flattens.
+    return the cheapest setting at which it learns and its curve flattens. After a run that learned but is
+    still climbing, the rounds its trend suggests come next (`trend_step`), when short of doubling them.
 
     One run folder per local-epochs setting (`out/calibrate/e<E>`): a longer setting continues the shorter
     one's checkpoint (the engine ends where an uninterrupted run would), so going up in rounds costs only
@@ -389,7 +404,9 @@ def calibrate(reference: RunConfig, out: Path, *, budget_minutes: float, quiet: 
     skipped: list[tuple[int, int]] = []
     trained: dict[int, int] = {}  # local epochs -> rounds already in that folder
     per_round_epoch = math.nan
-    for rounds, epochs in ladder(reference.rounds, reference.local_epochs):
+    queue = ladder(reference.rounds, reference.local_epochs)
+    while queue:
+        rounds, epochs = queue.pop(0)
         folder = Path(out) / "calibrate" / f"e{epochs}"
         held = trained.setdefault(epochs, _rounds_held(folder))
         extra = max(0, rounds - held) * epochs
@@ -420,6 +437,9 @@ def calibrate(reference: RunConfig, out: Path, *, budget_minutes: float, quiet: 
         trials.append(trial)
         if trial.passes:
             break
+        step = trend_step(rounds, epochs, verdict)
+        if step is not None and step not in queue:
+            queue = sorted([*queue, step], key=_cost)
     best = next((t for t in trials if t.passes), None)
     return Calibration(tuple(trials), best, time.perf_counter() - started, tuple(skipped))
 

@@ -176,3 +176,15 @@ def test_a_run_asked_for_fewer_rounds_than_its_folder_holds_is_refused(tmp_path)
     run(config, quiet=True)
     with pytest.raises(UserError, match="already holds 3 rounds, more than the 2 asked"):
         run(config.replace(rounds=2), resume=True, quiet=True)
+
+
+def test_calibrate_follows_the_trend_of_a_climbing_run_before_doubling_it():
+    levels = sanity.chance_levels([np.array([0, 1])], num_classes=2)
+
+    def verdict(learned: bool, climbing: bool, more: int | None) -> sanity.Verdict:
+        return sanity.Verdict(0.8, 0.5, levels, 0.001, learned, climbing, more, 240)
+
+    assert sanity.trend_step(240, 2, verdict(True, True, 34)) == (288, 2)  # 274, up to a tenth of 240
+    assert sanity.trend_step(240, 2, verdict(True, True, 300)) is None  # the doubling (480) comes first
+    assert sanity.trend_step(240, 2, verdict(False, True, 34)) is None  # not learned: the trend means nothing
+    assert sanity.trend_step(240, 2, verdict(True, False, None)) is None  # flat already

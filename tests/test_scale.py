@@ -264,3 +264,12 @@ def test_bench_throughput_writes_images_per_second_for_both_loops(tmp_path):
     assert (table["fedsens_images_s"] > 0).all() and (table["plain_images_s"] > 0).all()
     assert table["ratio"].to_numpy() == pytest.approx((table["fedsens_images_s"] / table["plain_images_s"]).to_numpy())
     assert "images/s" in done.output
+
+
+def test_running_mean_of_nothing_shared_and_a_run_with_every_part_local(tmp_path):
+    running = RunningMean([1, 2])
+    running.add({})
+    running.add({})
+    assert running.result() == {}
+    result = federation.run(RunConfig(out=str(tmp_path), personalize="all", **TINY), quiet=True)
+    assert result.summary["status"] == "done" and result.summary["shared_params"] == 0

@@ -51,7 +51,7 @@ def weighted_mean(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequenc
             continue
         acc = torch.zeros_like(first, dtype=torch.float64)
         for state, w in zip(states, weights):
-            acc.add_(state[name], alpha=float(w) / total)  # in float64, with no temporary copy
+            acc += state[name].to(torch.float64) * (float(w) / total)
         out[name] = acc.to(first.dtype)
     return out
 
