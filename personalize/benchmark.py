@@ -37,6 +37,9 @@ COLUMNS = [
 ]  # fmt: skip
 
 
+TIMING_COLUMNS = COLUMNS[: COLUMNS.index("round_ratio") + 1]  # what each finished case prints
+
+
 @dataclass(frozen=True)
 class BenchCase:
     clients: int
@@ -265,7 +268,7 @@ def run_bench(cases: list[BenchCase], out: Path, *, quiet: bool = False) -> pd.D
         frame = frame[[c for c in COLUMNS if c in frame] + [c for c in frame if c not in COLUMNS]]
         frame.to_csv(out / "bench.csv", index=False)
         if not quiet:
-            shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k in COLUMNS[:16]}
+            shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k in TIMING_COLUMNS}
             print(json.dumps(shown), flush=True)
     return pd.read_csv(out / "bench.csv")
 

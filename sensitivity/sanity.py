@@ -416,7 +416,7 @@ def calibrate(reference: RunConfig, out: Path, *, budget_minutes: float, quiet: 
             continue
         if not quiet:
             tqdm.write(f"calibrate: FedAvg, {rounds} rounds x {epochs} local epochs")
-        if rounds > held:  # a longer run already in the folder holds this one as its first rounds
+        if rounds > held:  # else the run in the folder already holds this setting as its first rounds
             wanted = reference.replace(rounds=rounds, local_epochs=epochs, personalize="none", out=str(folder))
             if runs.run_resumable(wanted, quiet=quiet) == "failed":
                 raise UserError(f"the calibration run in {folder} failed (see its error.txt); lower the learning rate")
