@@ -1,12 +1,11 @@
 """`fedsens methods` and the `--method` / `-o KEY=VALUE` options train, sweep and compare share.
 
 The registry is imported only when a value is checked or a list printed (it imports torch), so
-`fedsens --help` stays quick; `fedsens train --help` lists the method names from the registry.
+`fedsens --help` stays quick; `fedsens methods` lists the names.
 """
 
 from __future__ import annotations
 
-import click
 import typer
 
 from fedsens.commands._common import clean_errors
@@ -14,27 +13,19 @@ from fedsens.commands._common import clean_errors
 OPTION_HELP = "A method option KEY=VALUE (repeat for several), e.g. -o scale=0.5; `fedsens methods` lists them."
 
 
-class MethodName(click.ParamType):
-    """A registered method's name; the choices are read from the registry when first needed."""
+def parse_method_name(value: str) -> str:
+    """A registered method's name; the registry is read only when a value is checked (it imports torch)."""
+    from fedsens.personalize.methods import names
 
-    name = "method"
-
-    def _names(self) -> list[str]:
-        from fedsens.personalize.methods import names
-
-        return names()
-
-    def get_metavar(self, param, ctx=None) -> str:  # click 8.2+ passes ctx
-        return "[" + "|".join(self._names()) + "]"
-
-    def convert(self, value, param, ctx):
-        if value in self._names():
-            return value
-        self.fail(f"unknown method {value!r}; choose one of {', '.join(self._names())}", param, ctx)
+    if value in names():
+        return value
+    raise typer.BadParameter(f"unknown method {value!r}; choose one of {', '.join(names())}")
 
 
 def method_option(default: str | None = None, help: str = "The personalized-FL method (`fedsens methods`).") -> str:
-    return typer.Option(default, "--method", click_type=MethodName(), help=help)
+    # `parser=` is the custom-type hook every typer release we admit has (0.12 to 0.29): `click_type=` is gone
+    # from typer 0.29, and typer 0.26+ vendors click instead of installing it, so fedsens never imports click.
+    return typer.Option(default, "--method", parser=parse_method_name, metavar="METHOD", help=help)
 
 
 def options_option(help: str = OPTION_HELP) -> list[str]:
