@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import re
 import sys
-import tomllib
 from pathlib import Path
 
-# torch and torchvision are pinned to the one pair this machine can install (pip takes them from its cache;
-# any other release is a multi-GB CUDA download), which is also the lower bound pyproject admits.
+import tomllib
+
 REQUIREMENT = re.compile(r"^(?P<name>[A-Za-z0-9_.\-]+)(\[[^\]]*\])?\s*(?P<spec>[^;]*)")
 
 
