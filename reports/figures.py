@@ -407,7 +407,7 @@ def plot_partition(counts: pd.DataFrame, *, axes: Sequence[Axes] | None = None) 
     else:
         fig, axes = _panel_axes(axes, len(tables), width=0, height=0)
     for ax, kind, table in zip(axes, kinds, tables):
-        annot = table.size <= 120
+        annot = bool(table.size <= 120)  # a plain bool: seaborn 0.13.0 takes numpy.bool_ for an array of labels
         sns.heatmap(table, ax=ax, cmap="rocket_r", annot=annot, fmt="d", cbar_kws={"label": "samples"})
         ax.grid(False)
         ax.tick_params(axis="y", rotation=0)

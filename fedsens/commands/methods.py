@@ -23,7 +23,7 @@ def parse_method_name(value: str) -> str:
 
 
 def method_option(default: str | None = None, help: str = "The personalized-FL method (`fedsens methods`).") -> str:
-    # `parser=` is the custom-type hook every typer release we admit has (0.12 to 0.29): `click_type=` is gone
+    # `parser=` is the custom-type hook every typer release we admit has (0.16 to 0.29): `click_type=` is gone
     # from typer 0.29, and typer 0.26+ vendors click instead of installing it, so fedsens never imports click.
     return typer.Option(default, "--method", parser=parse_method_name, metavar="METHOD", help=help)
 
