@@ -58,7 +58,10 @@ def anchor(title: str) -> str:
     return re.sub(r"[-\s]+", "-", words)
 
 
-@pytest.mark.parametrize(("page", "heading"), [("docs/api.md", "The Python API"), ("docs/extending.md", "Add a dataset")])
+RUN_HERE = [("docs/api.md", "The Python API"), ("docs/extending.md", "Add a dataset")]
+
+
+@pytest.mark.parametrize(("page", "heading"), RUN_HERE)
 def test_the_documented_example_runs(page, heading, tmp_path, monkeypatch, capsys):
     blocks = python_blocks(page, heading)
     assert blocks, f"no python block under '{heading}' in {page}"
