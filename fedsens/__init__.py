@@ -1,6 +1,6 @@
 """fedsens: where and how to personalize Vision Transformers in federated learning.
 
-The public API, for use from Python (see the README, "Use it from Python"):
+The public API, for use from Python (see docs/api.md, "The Python API"):
 
     import fedsens
     result = fedsens.run(fedsens.RunConfig(rounds=3, out="runs/x"))

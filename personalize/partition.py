@@ -249,7 +249,7 @@ def _plain_counts(class_sizes: np.ndarray, num_clients: int, alpha: float, rng: 
 def _capped_counts(class_sizes: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator) -> np.ndarray:
     """The public FedPerfix code's rule: classes are dealt in order, each by Dir(alpha) shares, but a
     client that already holds N / num_clients samples gets no share of the classes still to come.
-    It keeps client sizes far more even than the plain rule (see the README's partition figures)."""
+    It keeps client sizes far more even than the plain rule (see the partition figures in docs/datasets.md)."""
     cap = class_sizes.sum() / num_clients
     held = np.zeros(num_clients, dtype=np.int64)
     rows = []

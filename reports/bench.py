@@ -13,7 +13,7 @@ from fedsens.reports.tables import MIB, bench_rows, bench_setups, bench_speedups
 
 # A bench folder's figures (file stems under DIR/report/).
 BENCH_FIGURE_NAMES = ("bench_ratios", "bench_memory")
-# The columns a reader compares, in the order of the README's table.
+# The columns a reader compares, in the order of the table in docs/scale.md.
 SUMMARY_COLUMNS = (
     *("config", "loop", "clients", "personalize", "s_per_round"),
     *("train_ratio", "eval_ratio", "round_ratio", "peak_rss_mb", "local_mb"),

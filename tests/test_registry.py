@@ -1,5 +1,5 @@
 """The method registry: a method registered from outside runs through the CLI's own path; options are
-validated and parsed; `fedsens methods`; `-o` on train, sweep and compare; the README's example runs."""
+validated and parsed; `fedsens methods`; `-o` on train, sweep and compare; the example in docs/extending.md runs."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from fedsens.sensitivity import compare as compare_lib
 from fedsens.sensitivity import runs
 
 TINY = ["--dataset", "synthetic", "--model", "vit-nano", "--clients", "3", "--rounds", "1", "--quiet"]
-README = Path(__file__).resolve().parents[1] / "README.md"
+EXTENDING = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
 
 
 @dataclass(frozen=True)
@@ -205,14 +205,14 @@ def test_sweep_takes_a_method_that_takes_parts_and_its_options(tmp_path):
     assert result.exit_code == 2 and "method fedavg has no option 'scale'" in result.output
 
 
-def test_the_readmes_add_a_method_example_runs(tmp_path, monkeypatch):
-    section = README.read_text().split("## Add a method", 1)[1]
+def test_the_docs_add_a_method_example_runs(tmp_path, monkeypatch):
+    section = EXTENDING.read_text().split("## Add a method", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     monkeypatch.chdir(tmp_path)
     module = types.ModuleType("readme_example")  # dataclasses and type hints look their module up
     monkeypatch.setitem(sys.modules, module.__name__, module)
     try:
-        exec(compile(code, "README.md", "exec"), module.__dict__)
+        exec(compile(code, "docs/extending.md", "exec"), module.__dict__)
     finally:
         METHODS.pop("frozen-part", None)
     saved = runio.read_json(tmp_path / "runs" / "frozen-part" / "config.json")["config"]

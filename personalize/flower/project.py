@@ -51,8 +51,8 @@ def pyproject_text(config: RunConfig, *, reply_timeout: float = 600.0) -> str:
 
     run_config = records.run_config_of(_absolute(config), **{"reply-timeout": reply_timeout})
     lines = [
-        "# A fedsens run as a Flower app: `flwr run . SUPERLINK` (see fedsens's README, section",
-        '# "From a sweep to a real federation (Flower)"). Override any value: flwr run . SUPERLINK -c "rounds=5"',
+        "# A fedsens run as a Flower app: `flwr run . SUPERLINK` (see fedsens's docs/flower.md,",
+        '# "A real federation"). Override any value: flwr run . SUPERLINK -c "rounds=5"',
         "[build-system]",
         'requires = ["hatchling"]',
         'build-backend = "hatchling.build"',
