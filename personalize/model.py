@@ -204,6 +204,11 @@ def _create(timm_name: str, num_classes: int, options: dict[str, Any], source: P
         raise UserError(f"{timm_name} cannot be built with {model_args_lib.text(options)} ({message})") from None
 
 
+def source_options(config: Any) -> dict[str, Any]:
+    """The keywords of `build` that a RunConfig sets beyond the shape: model args, weights, pretrained."""
+    return {"model_args": config.model_args, "weights": config.weights, "pretrained": config.pretrained}
+
+
 def source_record(
     name: str, model_args: Mapping[str, Any] | None, weights: str | None, pretrained: bool
 ) -> dict[str, Any]:

@@ -23,16 +23,6 @@ TINY = dict(img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=2)
 
 FAMILIES = (
     Family(
-        "deit-distilled",
-        "DeiT, distilled (class + distillation token, two heads)",
-        ("deit",),
-        (VisionTransformerDistilled,),
-        ("deit_tiny_distilled_patch16_224", "deit_small_distilled_patch16_224", "deit_base_distilled_patch16_384"),
-        tiny=TINY,
-        whole=_attention_pool,
-        notes="dist_token is embed; head_dist is head",
-    ),
-    Family(
         "vit",
         "ViT, DeiT, DeiT III (timm VisionTransformer)",
         ("vision_transformer", "deit"),
@@ -41,5 +31,15 @@ FAMILIES = (
         tiny=TINY,
         whole=_attention_pool,
         notes="ls1/ls2 with their branch; registers and no_embed_class pos_embed are embed; attn_pool is head",
+    ),
+    Family(
+        "deit-distilled",
+        "DeiT, distilled (class + distillation token, two heads)",
+        ("deit",),
+        (VisionTransformerDistilled,),
+        ("deit_tiny_distilled_patch16_224", "deit_small_distilled_patch16_224", "deit_base_distilled_patch16_384"),
+        tiny=TINY,
+        whole=_attention_pool,
+        notes="dist_token is embed; head_dist is head",
     ),
 )
