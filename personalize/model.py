@@ -194,6 +194,8 @@ def _create(timm_name: str, num_classes: int, options: dict[str, Any], source: P
         if source is not None:
             return weights_lib.create_from_file(timm_name, source, num_classes=num_classes, **options)
         return timm.create_model(timm_name, pretrained=False, num_classes=num_classes, **options)
+    except UserError:
+        raise
     except TypeError as err:
         found = re.search(r"unexpected keyword argument '(\w+)'", str(err))
         if found:

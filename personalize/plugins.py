@@ -205,7 +205,11 @@ def install(
     Returns the names of the parameters added (all under `<attention>.prefix.`). The original
     parameters keep their names and identities. A model that already has plugins is refused.
     """
-    attentions = [(name, module) for name, module in families.of(model).attentions(model) if projections(module)]
+    try:
+        found = families.of(model).attentions(model)
+    except UserError:  # a model no family describes has no attention we know how to plug
+        found = []
+    attentions = [(name, module) for name, module in found if projections(module)]
     if any(isinstance(getattr(module, "prefix", None), KeyValueOffsets) for _, module in attentions):
         raise UserError("the model already has attention plugins; install them once, on a fresh model")
     _check_options(kind, mid_dim=mid_dim, init=init, available=len(attentions))

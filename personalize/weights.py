@@ -56,7 +56,7 @@ def cached_file(name: str) -> Path:
 
         filenames = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else HUB_FILENAMES
         for filename in filenames:
-            found = try_to_load_from_cache(hub_id, filename)
+            found = try_to_load_from_cache(hub_id, filename, cache_dir=_hub_cache())
             if isinstance(found, str) and Path(found).is_file():
                 return Path(found)
     if isinstance(cfg.url, str) and cfg.url:
