@@ -511,8 +511,8 @@ def _run_locked(
         out / "config.json",
         {"config": dataclasses.asdict(config), "versions": runio.versions(), "git_revision": runio.git_revision()},
     )
-    columns = schema.STAGED_PARTS_COLUMNS if "stage" in ctx.parts.columns else schema.PARTS_COLUMNS
-    runio.write_table(out / "parts.csv", ctx.parts.to_dict("records"), columns)
+    parts_columns = schema.STAGED_PARTS_COLUMNS if "stage" in ctx.parts.columns else schema.PARTS_COLUMNS
+    runio.write_table(out / "parts.csv", ctx.parts.to_dict("records"), parts_columns)
     if not quiet:
         tqdm.write(f"{out}: {model_lib.describe(ctx.parts)}")
     for hook in hooks:

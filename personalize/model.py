@@ -189,6 +189,15 @@ def build(
     return model
 
 
+def block_count(name: str, model_args: Mapping[str, Any] | None = None) -> int:
+    """How many blocks (the block column's span) a model has: a preset's depth, or the built model's count."""
+    if is_preset(name) and not model_args and get_preset(name).depth is not None:
+        return int(get_preset(name).depth)  # type: ignore[arg-type]
+    spec = input_spec(name, data_channels=3, data_size=32, model_args=model_args)
+    model = build(name, 2, spec.in_chans, spec.img_size, patch_size=spec.patch_size or None, model_args=model_args)
+    return len(family_lib.of(model).blocks(model))
+
+
 def _create(timm_name: str, num_classes: int, options: dict[str, Any], source: Path | None) -> nn.Module:
     try:
         if source is not None:

@@ -132,6 +132,15 @@ def test_part_specs_work_on_every_family(variant):
         model_lib.resolve(model, "blocks.99")
 
 
+def test_per_block_cells_count_the_blocks_of_any_family():
+    from fedsens.sensitivity.sweep import per_block_parts
+
+    swin = FAMILIES["swin"]  # depths (1, 2): three blocks over two stages
+    assert per_block_parts(swin.examples[0], ("attn",), swin.tiny) == ("attn@0", "attn@1", "attn@2")
+    cait = FAMILIES["cait"]  # two self-attention blocks and one class-attention block
+    assert len(per_block_parts(cait.examples[0], ("mlp",), cait.tiny)) == 3
+
+
 def test_a_name_outside_the_families_is_one_line_naming_them():
     with pytest.raises(UserError, match=r"resnet18.*vit: vit_small_patch16_224.*swin: swin_tiny"):
         model_lib.build("resnet18", 3, 3, 32)
