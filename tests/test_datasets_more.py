@@ -4,6 +4,7 @@ every MedMNIST 2D dataset by name, read from npz files written here in medmnist'
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from medmnist.info import INFO
@@ -13,7 +14,7 @@ from fedsens.personalize import datasets as data_lib
 from fedsens.personalize.config import RunConfig
 from fedsens.personalize.datasets import imagefolder, medmnist_names
 from fedsens.personalize.errors import UserError
-from fedsens.personalize.federation import run
+from fedsens.sensitivity.sweep import SweepConfig, run_sweep
 
 # ---- MedMNIST 2D -----------------------------------------------------------------------------
 
@@ -144,19 +145,24 @@ def test_an_empty_class_folder_or_no_folder_is_one_line(tmp_path):
         data_lib.load("imagefolder", None)
 
 
-def test_a_run_on_an_image_folder_with_a_domain_level_uses_the_domain_scheme(tmp_path):
-    root = tmp_path / "domains"
+def _random_tree(root, domains: tuple[str, ...]):
     rng = np.random.default_rng(1)
-    for domain in ("photo", "sketch"):
+    for domain in domains:
         for label in ("cat", "dog", "owl"):
             for index in range(6):
                 path = root / domain / label / f"{index}.png"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(path)
+    return root
+
+
+@pytest.mark.parametrize(("domains", "scheme"), [(("",), "dirichlet"), (("photo", "sketch"), "domain")])
+def test_a_sweep_runs_on_an_image_folder_with_or_without_a_domain_level(tmp_path, domains, scheme):
+    root = _random_tree(tmp_path / "images", domains)
     config = RunConfig(
         dataset="imagefolder",
         data_root=str(root),
-        scheme="domain",
+        scheme=scheme,
         clients=4,
         model="vit-nano",
         rounds=1,
@@ -164,7 +170,8 @@ def test_a_run_on_an_image_folder_with_a_domain_level_uses_the_domain_scheme(tmp
         device="cpu",
         out=str(tmp_path / "run"),
     )
-    result = run(config, quiet=True)
-    assert result.summary["rounds"] == 1
-    partition = (tmp_path / "run" / "partition.json").read_text()
-    assert "photo" in partition and "sketch" in partition
+    run_sweep(SweepConfig(run=config, parts=("head",), seeds=(0,), out=str(tmp_path / "sweep"), quiet=True, force=True))
+    sensitivity = pd.read_csv(tmp_path / "sweep" / "sensitivity.csv")
+    assert sorted(sensitivity["local_part"]) == ["head", "none"] and (sensitivity["scheme"] == scheme).all()
+    partition = next((tmp_path / "sweep" / "cells").glob("*head*")).joinpath("partition.json").read_text()
+    assert ("sketch" in partition) == (scheme == "domain")
