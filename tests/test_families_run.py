@@ -74,3 +74,14 @@ def test_a_run_starts_from_a_weights_file_of_another_class_count(tmp_path):
     assert run(config, quiet=True).summary["rounds"] == 1
     loaded = model_lib.build(config.model, 10, 3, spec.img_size, model_args=config.model_args, weights=config.weights)
     assert torch.equal(loaded.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+
+
+def test_the_flower_engine_runs_a_tiny_swin_with_fedperfix(tmp_path):
+    pytest.importorskip("flwr")
+    from fedsens.personalize.flower import records
+    from fedsens.personalize.flower.engine import run_simulation
+
+    config = _tiny_run("swin", tmp_path / "flower", rounds=1, method="fedperfix", method_options={"mid_dim": 4})
+    assert records.config_of(records.run_config_of(config)) == config  # model args survive Flower's scalar config
+    result = run_simulation(config, quiet=True)
+    assert len(result.metrics) and "stage" in pd.read_csv(tmp_path / "flower" / "parts.csv").columns
