@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from fedsens.commands import bench, compare, data, flower, methods, probe, report, split, sweep, train
+from fedsens.commands import bench, compare, data, flower, methods, models, probe, report, split, sweep, train
 
 app = typer.Typer(
     name="fedsens",
@@ -44,6 +44,7 @@ app.command("probe")(probe.probe)
 app.command("compare")(compare.compare)
 app.command("report")(report.report)
 app.command("methods")(methods.methods)
+app.command("models")(models.models)
 app.command("bench")(bench.bench)
 
 flower_app = typer.Typer(help="Run fedsens methods as Flower apps (needs the flower extra).", no_args_is_help=True)

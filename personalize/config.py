@@ -48,7 +48,10 @@ class RunConfig:
     weight_decay: float = 0.0
     augment_shift: float = 0.125  # random translation (fraction of the side) while training; 0 = off
     augment_scale: float = 0.1
-    model: str = "vit-micro"
+    model: str = "vit-micro"  # a preset (personalize.model) or a timm name of a supported family (`fedsens models`)
+    model_args: Mapping[str, Any] = field(default_factory=dict)  # timm constructor options (--model-arg KEY=VALUE)
+    pretrained: bool = False  # timm's weights for the name, from the local Hugging Face cache only
+    weights: str | None = None  # a local weights file (safetensors or torch state dict), through timm's loading
     personalize: str = "none"
     method: str = "fedavg"
     seed: int = 0
@@ -107,6 +110,11 @@ class RunConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        if self.pretrained and self.weights is not None:
+            raise UserError("give --weights FILE or --pretrained, not both")
+        from fedsens.personalize import model_args  # light: no torch
+
+        object.__setattr__(self, "model_args", model_args.check(self.model_args))
         from fedsens.personalize.methods import registry  # the methods import torch: not at CLI start-up
 
         method = registry.method_class(self.method)

@@ -159,7 +159,9 @@ def load_dataset(config: RunConfig) -> ImageSet:
     if spec.decodes_at is not None:
         # Without a fixed native size the images count as large: a small preset then caps its input at 32 px.
         native = spec.image_size or 1024
-        input_size = model_lib.input_spec(config.model, data_channels=spec.channels or 3, data_size=native).img_size
+        input_size = model_lib.input_spec(
+            config.model, data_channels=spec.channels or 3, data_size=native, model_args=config.model_args
+        ).img_size
     options = {}
     if config.dataset == "synthetic":  # a population of any size from the command line
         options = synthetic.population_options(
@@ -174,9 +176,17 @@ def _build_context(config: RunConfig, method: Method, out: Path) -> RunContext:
     device = resolve_device(config.device)
     dataset = load_dataset(config)
     part = _load_partition(config, dataset, out)
-    spec = model_lib.input_spec(config.model, data_channels=dataset.channels, data_size=dataset.image_size)
+    spec = model_lib.input_spec(
+        config.model, data_channels=dataset.channels, data_size=dataset.image_size, model_args=config.model_args
+    )
     model = model_lib.build(
-        config.model, dataset.num_classes, spec.in_chans, spec.img_size, patch_size=spec.patch_size, seed=config.seed
+        config.model,
+        dataset.num_classes,
+        spec.in_chans,
+        spec.img_size,
+        patch_size=spec.patch_size,
+        seed=config.seed,
+        **model_lib.source_options(config),
     )
     with torch.random.fork_rng(devices=[]):  # plugins are initialised from the run's seed too
         torch.manual_seed(config.seed + 1)
@@ -501,7 +511,8 @@ def _run_locked(
         out / "config.json",
         {"config": dataclasses.asdict(config), "versions": runio.versions(), "git_revision": runio.git_revision()},
     )
-    runio.write_table(out / "parts.csv", ctx.parts.to_dict("records"), schema.PARTS_COLUMNS)
+    parts_columns = schema.STAGED_PARTS_COLUMNS if "stage" in ctx.parts.columns else schema.PARTS_COLUMNS
+    runio.write_table(out / "parts.csv", ctx.parts.to_dict("records"), parts_columns)
     if not quiet:
         tqdm.write(f"{out}: {model_lib.describe(ctx.parts)}")
     for hook in hooks:

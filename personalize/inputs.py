@@ -2,7 +2,8 @@
 
 The dataset stays uint8 (on the device when it is CUDA); each batch is converted, resized to the
 model's input, channel-repeated only when the model wants 3 channels, normalised (mean 0.5, std 0.5,
-as the public FedPerfix code does) and, while training, randomly shifted/scaled.
+as the public FedPerfix code does, or the timm model's own mean/std) and, while training, randomly
+shifted/scaled.
 """
 
 from __future__ import annotations
@@ -39,13 +40,19 @@ class BatchPreparer:
             x = F.interpolate(
                 x,
                 size=(self.spec.img_size, self.spec.img_size),
-                mode="bilinear",
-                align_corners=False,
-                antialias=x.shape[-1] > self.spec.img_size,
+                mode=self.spec.interpolation,
+                align_corners=None if self.spec.interpolation == "nearest" else False,
+                antialias=self.spec.interpolation != "nearest" and x.shape[-1] > self.spec.img_size,
             )
+            if self.spec.interpolation == "bicubic":
+                x = x.clamp_(0.0, 1.0)  # bicubic overshoots the pixel range
         if generator is not None and (self.augment_shift > 0 or self.augment_scale > 0):
             x = self._random_affine(x, generator)
-        return (x - 0.5) / 0.5
+        if self.spec.mean is None or self.spec.std is None:
+            return (x - 0.5) / 0.5
+        mean = torch.tensor(self.spec.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.spec.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        return (x - mean) / std
 
     def _random_affine(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         n = x.shape[0]

@@ -26,18 +26,28 @@ def check(configs: Iterable[RunConfig]) -> None:
     manifests: set[tuple] = set()
     for config in configs:
         federation.resolve_device(config.device)  # --device tpu is bad input, not a failed cell
-        key = (config.dataset, config.data_root, config.model, config.verify)
+        key = (config.dataset, config.data_root, config.model, str(config.model_args), config.verify)
         if key not in datasets:
             datasets[key] = federation.load_dataset(config)  # as the run will load it (size, --no-verify)
         dataset = datasets[key]
         _check_partition(config, dataset, partitions)
         method = get_method(config)
         spec = method.local_spec()
-        if (config.model, config.dataset, config.method, spec) in manifests:
+        built = (config.model, str(config.model_args), config.weights, config.pretrained)
+        if (*built, config.dataset, config.method, spec) in manifests:
             continue
-        manifests.add((config.model, config.dataset, config.method, spec))
-        shape = model_lib.input_spec(config.model, data_channels=dataset.channels, data_size=dataset.image_size)
-        model = model_lib.build(config.model, dataset.num_classes, shape.in_chans, shape.img_size, seed=config.seed)
+        manifests.add((*built, config.dataset, config.method, spec))
+        shape = model_lib.input_spec(
+            config.model, data_channels=dataset.channels, data_size=dataset.image_size, model_args=config.model_args
+        )
+        model = model_lib.build(
+            config.model,
+            dataset.num_classes,
+            shape.in_chans,
+            shape.img_size,
+            seed=config.seed,
+            **model_lib.source_options(config),
+        )
         method.prepare_model(model)
         model_lib.manifest(model, spec)
 

@@ -175,7 +175,13 @@ def protocol(config: RunConfig, *, preset: str | None = None, method_overrides: 
     """The protocol a run (or every run of a grid) follows, as one flat, JSON-ready record."""
     from fedsens.personalize import model as model_lib  # torch: only when a protocol is written
 
-    spec = model_lib.get_preset(config.model)
+    source = model_lib.source_record(config.model, config.model_args, config.weights, config.pretrained)
+    if model_lib.is_preset(config.model) and "img_size" not in config.model_args:
+        image_size: Any = model_lib.get_preset(config.model).img_size or "the data's own (<= 32)"
+    else:
+        image_size = model_lib.input_spec(
+            config.model, data_channels=3, data_size=32, model_args=config.model_args
+        ).img_size
     augment = (
         "off"
         if config.augment_shift == 0 and config.augment_scale == 0
@@ -185,7 +191,9 @@ def protocol(config: RunConfig, *, preset: str | None = None, method_overrides: 
         "preset": preset,
         "dataset": config.dataset,
         "model": config.model,
-        "image_size": spec.img_size or "the data's own (<= 32)",
+        **{key: value for key, value in source.items() if key == "model_args"},
+        "image_size": image_size,
+        **{key: value for key, value in source.items() if key != "model_args"},
         "clients": config.clients,
         "join_ratio": config.join_ratio,
         "rounds": config.rounds,

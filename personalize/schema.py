@@ -37,6 +37,8 @@ ROUNDS_COLUMNS = [
 ]
 DIVERGENCE_COLUMNS = ["round", "group", "part", "block", "metric", "value"]
 PARTS_COLUMNS = ["param", "part", "block", "numel", "bytes", "local"]
+# Models with stages (Swin, Swin V2: personalize.families) add the stage of each parameter after its block.
+STAGED_PARTS_COLUMNS = ["param", "part", "block", "stage", "numel", "bytes", "local"]
 # The run tables the round loop writes, by file stem (a hook's own table keeps the columns it emits).
 RUN_TABLE_COLUMNS = {"metrics": METRICS_COLUMNS, "rounds": ROUNDS_COLUMNS, "divergence": DIVERGENCE_COLUMNS}
 

@@ -16,8 +16,10 @@ import functools
 import hashlib
 import itertools
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from tqdm import tqdm
@@ -89,14 +91,12 @@ class SweepConfig:
 PER_BLOCK_KINDS = ("attn", "mlp", "norm")
 
 
-def per_block_parts(model: str, kinds: tuple[str, ...]) -> tuple[str, ...]:
+def per_block_parts(model: str, kinds: tuple[str, ...], model_args: Mapping[str, Any] | None = None) -> tuple[str, ...]:
     """One part spec per block for each part type in `kinds` (`attn@0`, `attn@1`, ...): `--per-block`."""
     unknown = [kind for kind in kinds if kind not in PER_BLOCK_KINDS]
     if unknown:
         raise UserError(f"--per-block takes {', '.join(PER_BLOCK_KINDS)} (got {', '.join(unknown)})")
-    depth = model_lib.get_preset(model).depth
-    if depth is None:  # a timm-named model keeps timm's depth: build it once to count its blocks
-        depth = len(model_lib.build(model, num_classes=2, in_chans=3, img_size=224).blocks)
+    depth = model_lib.block_count(model, model_args)
     return tuple(f"{kind}@{block}" for kind in kinds for block in range(depth))
 
 

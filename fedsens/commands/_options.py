@@ -28,7 +28,25 @@ class Knob:
 
 
 KNOBS = (
-    Knob("model", str, "Model preset: vit-micro, vit-mini, vit-nano, vit_tiny_patch16_224, vit_small_patch16_224."),
+    Knob(
+        "model",
+        str,
+        "Model preset (vit-micro, vit-mini, vit-nano, vit_tiny_patch16_224, vit_small_patch16_224) or a timm name "
+        "of a supported family (`fedsens models`: ViT, DeiT, Swin, EVA, BEiT, CaiT).",
+    ),
+    Knob(
+        "model_args",
+        list[str],
+        "A timm constructor option KEY=VALUE, repeatable: --model-arg depth=4 --model-arg img_size=32.",
+        "--model-arg",
+    ),
+    Knob(
+        "pretrained",
+        bool,
+        "timm's pretrained weights for --model, from the local Hugging Face cache only (never downloads).",
+        "--pretrained/--no-pretrained",
+    ),
+    Knob("weights", str, "A weights file (safetensors or torch state dict) loaded through timm's pretrained loading."),
     Knob("clients", int, "Number of clients."),
     Knob("join_ratio", float, "Share of the clients sampled each round."),
     Knob("rounds", int, "Federated rounds."),
@@ -62,6 +80,10 @@ def _shown(value: Any, knob: Knob, run: dict[str, Any]) -> str:
         return "on" if run["augment_shift"] or run["augment_scale"] else "off"
     if value is None:
         return "none (one test and one train sample)" if knob.name == "min_samples" else "none"
+    if knob.name == "model_args":
+        return " ".join(f"{k}={v}" for k, v in value.items()) or "none"
+    if knob.name == "pretrained":
+        return "on" if value else "off"
     return str(value)
 
 
@@ -77,6 +99,10 @@ def _help(knob: Knob, preset_name: str) -> str:
 def to_run_fields(knobs: dict[str, Any]) -> dict[str, Any]:
     """The knobs as RunConfig fields (None where not given)."""
     fields = {k: v for k, v in knobs.items() if k != "augment"}
+    if fields.get("model_args") is not None:
+        from fedsens.personalize import model_args  # light: no torch
+
+        fields["model_args"] = model_args.parse(fields["model_args"]) or None
     augment = knobs.get("augment")
     if augment is not None:
         from fedsens.personalize.config import RunConfig

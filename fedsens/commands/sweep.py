@@ -183,7 +183,9 @@ def sweep(
         from fedsens.sensitivity.sweep import per_block_parts
 
         kinds = tuple(comma_list(per_block, str, "--per-block", "attn,mlp") or ())
-        config = dataclasses.replace(config, parts=(*config.parts, *per_block_parts(config.run.model, kinds)))
+        config = dataclasses.replace(
+            config, parts=(*config.parts, *per_block_parts(config.run.model, kinds, config.run.model_args))
+        )
     typer.echo(protocol_text(protocol(config)))
     if calibrate:
         from fedsens.sensitivity import sanity

@@ -19,8 +19,17 @@ from typing import Any
 from fedsens.personalize.errors import UserError
 
 # Modules of this package that are not datasets; the built-in datasets are listed in this order.
-_NOT_DATASETS = ("registry", "imageset")
-_BUILTIN_ORDER = ("digits", "synthetic", "cifar100", "organamnist", "officehome")
+_NOT_DATASETS = ("registry", "imageset", "medmnist_names", "medmnist2d")
+_BUILTIN_ORDER = ("digits", "synthetic", "cifar100", "organamnist", "officehome", "imagefolder")
+
+
+def _groups() -> dict[str, tuple[str, ...]]:
+    """Modules that register several datasets -> the names they register (read without importing them)."""
+    from fedsens.personalize.datasets.medmnist_names import NAMES  # a plain tuple: no medmnist, no torch
+
+    return {"medmnist2d": NAMES}
+
+
 DEFAULT_TEST_FRACTION = 0.25
 
 _registry: dict[str, DatasetSpec] = {}
@@ -98,7 +107,7 @@ def _package_modules() -> list[str]:
 
 def names() -> tuple[str, ...]:
     """Every dataset name, the embedded default (digits) first; imports no dataset module."""
-    builtin = _package_modules()
+    builtin = [*_package_modules(), *(name for names in _groups().values() for name in names)]
     return (*builtin, *(name for name in _registry if name not in builtin))
 
 
@@ -106,6 +115,9 @@ def get(name: str) -> DatasetSpec:
     """The spec of dataset `name`, importing its module on first use; a UserError naming the choices."""
     if name not in _registry and name in _package_modules():
         importlib.import_module(f"{__package__}.{name}")
+    for module, grouped in _groups().items():
+        if name not in _registry and name in grouped:
+            importlib.import_module(f"{__package__}.{module}")
     if name not in _registry:
         raise UserError(f"unknown dataset {name!r}; choose one of: {', '.join(names())}")
     return _registry[name]

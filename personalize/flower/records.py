@@ -34,6 +34,7 @@ def run_config_of(config: RunConfig, **engine: Any) -> dict[str, bool | int | fl
     """A RunConfig as Flower's run config: one key per field that is set (Flower has no None)."""
     values = {k: v for k, v in dataclasses.asdict(config).items() if v is not None}
     values["method_options"] = json.dumps(dict(config.method_options))  # Flower's values are scalars
+    values["model_args"] = json.dumps(dict(config.model_args))
     return {**values, **{k: v for k, v in ENGINE_KEYS.items() if k not in engine}, **engine}
 
 
@@ -47,7 +48,7 @@ def config_of(run_config: Mapping[str, Any]) -> RunConfig:
     for name, value in run_config.items():
         if name not in fields:
             continue
-        if name == "method_options" and isinstance(value, str):
+        if name in ("method_options", "model_args") and isinstance(value, str):
             values[name] = json.loads(value)
             continue
         default = fields[name].default

@@ -22,7 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 from tqdm import tqdm
 
-from fedsens.personalize import runio
+from fedsens.personalize import runio, schema
 from fedsens.personalize.client import NonFiniteLoss, RunContext
 from fedsens.personalize.config import RunConfig
 from fedsens.personalize.errors import UserError
@@ -193,9 +193,8 @@ def serve(grid: Grid, run_config: Mapping[str, Any]) -> dict:
             "git_revision": runio.git_revision(),
         },
     )
-    runio.write_table(
-        out / "parts.csv", run.parts.to_dict("records"), ["param", "part", "block", "numel", "bytes", "local"]
-    )
+    columns = schema.STAGED_PARTS_COLUMNS if "stage" in run.parts.columns else schema.PARTS_COLUMNS
+    runio.write_table(out / "parts.csv", run.parts.to_dict("records"), columns)
     nodes = map_clients(grid, config.clients, timeout)
     strategy = FedsensStrategy(run, method, nodes, quiet=bool(records.engine_option(run_config, "quiet")))
     strategy.start(grid, records.to_record(snapshot(run.named, run.shared_names)), config.rounds, timeout=timeout)

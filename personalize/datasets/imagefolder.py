@@ -1,0 +1,207 @@
+"""imagefolder: the user's own images, one folder per class (`DIR/<class>/*.png`), or one folder per domain
+holding the class folders (`DIR/<domain>/<class>/*.jpg`, like Office-Home) for `--scheme domain`.
+
+Files are found with torchvision's ImageFolder rules (its extensions, sorted class names), decoded once at
+the model's input size and cached beside the images (`DIR/.fedsens_cache_imagefolder_<size>.pt`, rebuilt
+when a file's path or size changes). Every image becomes 8-bit RGB: grey and palette images are expanded,
+CMYK converted, 16- and 32-bit images scaled to 8 bits by their type's range, alpha composited over black.
+An image that cannot be decoded stops the load with one line naming the file, unless `skip_bad_images`
+is set: then it is left out and counted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from tqdm import tqdm
+
+from fedsens.personalize import runio
+from fedsens.personalize.datasets.imageset import ImageSet
+from fedsens.personalize.datasets.registry import DatasetSpec, one_line, register
+from fedsens.personalize.errors import UserError
+
+DEFAULT_SIZE = 64  # outside a run (`fedsens data split`); a run decodes at the model's input size
+
+
+@dataclass(frozen=True)
+class Options:
+    """The loader's options (`--data-option KEY=VALUE`)."""
+
+    size: int = DEFAULT_SIZE
+    skip_bad_images: bool = False  # leave undecodable images out (counted) instead of stopping
+
+
+def how_to_get(root: Path | str = "DIR", **_) -> str:
+    return f"put one folder per class under {root} ({root}/<class>/*.jpg), or {root}/<domain>/<class>/*.jpg"
+
+
+def _subfolders(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _has_images(path: Path) -> bool:
+    return any(p.is_file() and p.name.lower().endswith(IMG_EXTENSIONS) for p in path.iterdir())
+
+
+def layout(root: Path) -> dict[str, Path]:
+    """Domain name -> folder of class folders ({'': root} when root holds the class folders itself)."""
+    if not root.is_dir():
+        raise UserError(f"image folder {root} does not exist; {how_to_get(root)}")
+    first = _subfolders(root)
+    if not first:
+        raise UserError(f"image folder {root} holds no class folders; {how_to_get(root)}")
+    if any(_has_images(folder) for folder in first):
+        return {"": root}
+    if all(_subfolders(folder) for folder in first):
+        return {folder.name: folder for folder in first}
+    raise UserError(f"image folder {root}: {first[0]} holds neither images nor class folders; {how_to_get(root)}")
+
+
+def _samples(root: Path, domains: dict[str, Path]) -> tuple[list[str], list[tuple[str, str, int]]]:
+    """The class names (union over domains) and (path, class, domain index) of every image file."""
+    found: list[tuple[str, str, int]] = []
+    classes: set[str] = set()
+    for domain_index, folder in enumerate(domains.values()):
+        names, _ = find_classes(str(folder))
+        for class_name in names:
+            class_folder = folder / class_name
+            if not any(p.name.lower().endswith(IMG_EXTENSIONS) for p in class_folder.rglob("*") if p.is_file()):
+                raise UserError(f"class folder {class_folder} has no images; add some or remove the folder")
+        for path, index in make_dataset(str(folder), {n: i for i, n in enumerate(names)}, IMG_EXTENSIONS):
+            found.append((path, names[index], domain_index))
+        classes.update(names)
+    return sorted(classes), found
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB: 16/32-bit scaled by their range, alpha over black, CMYK/palette/grey converted."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") else max(float(values.max()), 1.0)
+        grey = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def read_image(path: str, size: int) -> np.ndarray:
+    """size x size x 3 uint8 (aspect ignored, as Office-Home is read); OSError/ValueError when undecodable."""
+    with Image.open(path) as image:
+        image.draft("RGB", (size, size))  # JPEGs decode straight at a fraction of their size
+        image.load()
+        return np.array(to_rgb(image).resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+
+
+def _fingerprint(root: Path, samples: list[tuple[str, str, int]], size: int, skip: bool) -> str:
+    digest = hashlib.sha256(f"size={size};skip={skip}".encode())
+    for path, _, _ in samples:
+        digest.update(f"\n{os.path.relpath(path, root)}:{os.path.getsize(path)}".encode())
+    return digest.hexdigest()
+
+
+def _decode(samples, classes, size: int, skip: bool, quiet: bool) -> dict:
+    class_id = {name: index for index, name in enumerate(classes)}
+    images = torch.empty(len(samples), 3, size, size, dtype=torch.uint8)
+    labels, domains, kept, bad = [], [], 0, 0
+    for path, class_name, domain in tqdm(samples, desc=f"images -> {size}px (once)", disable=quiet):
+        try:
+            pixels = read_image(path, size)
+        except (OSError, ValueError, SyntaxError) as err:  # PIL raises all three on broken files
+            if not skip:
+                raise UserError(
+                    f"cannot decode image {path} ({one_line(err)}); replace or delete it, "
+                    "or pass --data-option skip_bad_images=true to leave such files out"
+                ) from None
+            bad += 1
+            continue
+        images[kept] = torch.from_numpy(pixels).permute(2, 0, 1)
+        labels.append(class_id[class_name])
+        domains.append(domain)
+        kept += 1
+    return {
+        "images": images[:kept].clone(),
+        "labels": torch.tensor(labels, dtype=torch.int64),
+        "domains": torch.tensor(domains, dtype=torch.int64),
+        "classes": list(classes),
+        "skipped": bad,
+    }
+
+
+def _read_cache(path: Path, fingerprint: str) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        payload = torch.load(path, weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError):
+        return None  # an unreadable cache is rebuilt
+    return payload if isinstance(payload, dict) and payload.get("fingerprint") == fingerprint else None
+
+
+def load(
+    root: Path | None, *, size: int = DEFAULT_SIZE, skip_bad_images: bool = False, quiet: bool = False
+) -> ImageSet:
+    options = Options(size=size, skip_bad_images=skip_bad_images)
+    if options.size < 1:
+        raise UserError(f"imagefolder size {size} must be a positive number of pixels")
+    root = SPEC.require_root(root)
+    domains = layout(root)
+    classes, samples = _samples(root, domains)
+    fingerprint = _fingerprint(root, samples, options.size, options.skip_bad_images)
+    cache = root / f".fedsens_cache_imagefolder_{options.size}.pt"
+    payload = _read_cache(cache, fingerprint)
+    if payload is None:
+        payload = _decode(samples, classes, options.size, options.skip_bad_images, quiet)
+        payload["fingerprint"] = fingerprint
+        try:
+            runio.replace_atomically(cache, lambda tmp: torch.save(payload, tmp))
+        except OSError as err:
+            warnings.warn(f"could not write the image cache {cache} ({err}); the next load decodes again", stacklevel=2)
+    if payload["skipped"] and not quiet:
+        warnings.warn(f"imagefolder: left out {payload['skipped']} image(s) that could not be decoded", stacklevel=2)
+    if not len(payload["labels"]):
+        raise UserError(f"no image in {root} could be decoded; {how_to_get(root)}")
+    has_domains = list(domains) != [""]
+    return ImageSet(
+        "imagefolder",
+        payload["images"],
+        payload["labels"],
+        tuple(payload["classes"]),
+        payload["domains"] if has_domains else None,
+        tuple(domains) if has_domains else (),
+    )
+
+
+def present(root: Path) -> bool:
+    try:
+        layout(root)
+    except UserError:
+        return False
+    return True
+
+
+SPEC = register(
+    DatasetSpec(
+        "imagefolder",
+        load,
+        "your own images: DIR/<class>/*.jpg, or DIR/<domain>/<class>/*.jpg for --scheme domain",
+        needs_root=True,
+        channels=3,
+        how_to_get=how_to_get,
+        present=present,
+        decodes_at="size",
+    )
+)
