@@ -125,18 +125,18 @@ def plant(data: ImageSet, options: Options) -> ImageSet:
     for domain in range(options.changed_domains):
         members = torch.nonzero(domains == domain).flatten()
         if options.effect == "concept":
-            names = torch.randperm(data.num_classes, generator=generator)
-            labels[members] = names[data.labels[members]]
+            renaming = torch.randperm(data.num_classes, generator=generator)
+            labels[members] = renaming[data.labels[members]]
         elif options.effect == "recode":
             order = torch.randperm(options.patch * options.patch, generator=generator)
             images[members] = recode_patches(data.images[members], order, options.patch)
         elif options.effect == "feature":
             scale, shift = draw_affine(data.channels, generator)
             images[members] = affine_pixels(data.images[members], scale, shift)
-    names = tuple(
+    domain_names = tuple(
         f"{options.effect}-{d}" if d < options.changed_domains else f"plain-{d}" for d in range(options.domains)
     )
-    return ImageSet(f"planted-{options.effect}-{data.name}", images, labels, data.classes, domains, names)
+    return ImageSet(f"planted-{options.effect}-{data.name}", images, labels, data.classes, domains, domain_names)
 
 
 def load(
