@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from fedsens.commands import bench, compare, data, flower, methods, models, probe, report, split, sweep, train
+from fedsens.commands import bench, compare, data, flower, methods, models, probe, report, split, sweep, train, validate
 
 app = typer.Typer(
     name="fedsens",
@@ -40,6 +40,7 @@ app.add_typer(data_app, name="data")
 
 app.command("train")(train.train)
 app.command("sweep")(sweep.sweep)
+app.command("validate")(validate.validate)
 app.command("probe")(probe.probe)
 app.command("compare")(compare.compare)
 app.command("report")(report.report)

@@ -63,7 +63,8 @@ class RunConfig:
     # The method's own options (see `fedsens methods`): a plain mapping, completed with the method's
     # defaults and type-checked on construction, so config.json records every value the run used.
     method_options: Mapping[str, Any] = field(default_factory=dict)
-    # Dataset loading.
+    # Dataset loading: the loader's own keyword options (e.g. the planted dataset's effect and strength).
+    data_options: Mapping[str, Any] = field(default_factory=dict)
     verify: bool = True  # check the dataset files' checksums (CIFAR-100's md5); off for files you wrote
     # Scale (personalize.federation / clientstore): where the clients' own tensors live, how often
     # the checkpoint is written (None: every round unless the in-memory client state is large).

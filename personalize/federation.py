@@ -167,6 +167,7 @@ def load_dataset(config: RunConfig) -> ImageSet:
         options = synthetic.population_options(
             config.clients, config.synthetic_per_client, config.synthetic_size, config.synthetic_classes
         )
+    options |= dict(config.data_options)  # the loader's own options, as the run was given them
     return dataset_lib.load_for_run(
         config.dataset, config.data_root, input_size=input_size, verify=config.verify, **options
     )

@@ -148,3 +148,43 @@ SUMMARY_COLUMNS = [
     "protocol",  # the evaluation protocol of every accuracy in the row (the runs' headline)
     "paper_row",  # under a paper preset: the paper's table row this method reproduces
 ]
+
+# --- a validation's folder (sensitivity.validate): the sweep's settings on planted datasets with known answers ---
+# One row per planted (effect, strength): the sweep's top part, its interval and whether it is the planted one.
+VALIDATION_COLUMNS = [
+    "effect",
+    "strength",
+    "expected",  # the part(s) that must rank first, "|"-joined; empty for the no-effect dataset
+    "top_part",
+    "score",
+    "boot_low",
+    "boot_high",
+    "resolved_vs_next",
+    "above_zero",  # parts whose bootstrap interval lies above zero, "|"-joined (none: must stay empty)
+    "correct",  # the top part is an expected one (none: nothing above zero)
+    "found",  # correct, resolved from the next part and above zero (none: nothing above zero)
+    "fedavg_acc_tail",
+    "seconds",
+    "sweep",
+]
+# One row per planted (effect, strength) and divergence metric: does the metric's top part point at the planted one?
+VALIDATION_METRIC_COLUMNS = [
+    "effect",
+    "strength",
+    "expected",
+    "metric",
+    "top_part",
+    "points_at_planted",
+    "spearman_vs_gain",
+]
+# One row per effect: the minimal detectable strength of the settings.
+VALIDATION_SUMMARY_COLUMNS = [
+    "effect",
+    "expected",
+    "strengths",
+    "top_part",  # at the largest strength
+    "resolved",  # at the largest strength (none: something resolved above zero, a false positive)
+    "found",  # at the largest strength (none: nothing resolved above zero)
+    "minimal_detectable",  # the smallest strength at which it was found (NaN: at none)
+    "seconds",
+]

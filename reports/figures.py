@@ -232,12 +232,16 @@ def plot_divergence_rounds(divergence: pd.DataFrame, *, axes: Sequence[Axes] | N
     return fig
 
 
-def plot_rank_agreement(ranking: pd.DataFrame, *, ax: Axes | None = None) -> Figure:
+def plot_rank_agreement(
+    ranking: pd.DataFrame, *, missed: dict[str, list[str]] | None = None, ax: Axes | None = None
+) -> Figure:
     """Each divergence metric's (and the probe's, when one ran) ranking of the parts against the
     accuracy-gain ranking.
 
     `ranking`: ranking.csv (`part, rank, metric` and, if present, `spearman_vs_gain`). Points on
-    the diagonal are parts a metric ranks exactly as the sweep's accuracy gains do.
+    the diagonal are parts a metric ranks exactly as the sweep's accuracy gains do. `missed`: per metric,
+    the planted effects (from a validation of these settings) whose part it does not point at; the legend
+    says so.
     """
     gain = ranking[ranking["metric"] == GAIN][["part", "rank"]].dropna()
     others = ranking[ranking["metric"] != GAIN].dropna(subset=["rank"])
@@ -256,7 +260,8 @@ def plot_rank_agreement(ranking: pd.DataFrame, *, ax: Axes | None = None) -> Fig
             alpha=0.8,
             color=colors[index],
             marker=markers[index % len(markers)],
-            label=f"{metric} (Spearman ρ = {rho:+.2f})" if np.isfinite(rho) else f"{metric} (Spearman ρ: n/a)",
+            label=(f"{metric} (Spearman ρ = {rho:+.2f})" if np.isfinite(rho) else f"{metric} (Spearman ρ: n/a)")
+            + _missed_note((missed or {}).get(metric)),
         )
     top = len(gain)
     ax.plot([1, top], [1, top], linestyle="--", color="0.5", linewidth=0.8)
@@ -268,6 +273,13 @@ def plot_rank_agreement(ranking: pd.DataFrame, *, ax: Axes | None = None) -> Fig
     ax.set_title("Does FedAvg divergence predict the sweep's ranking?")
     ax.legend(fontsize="small")
     return fig
+
+
+def _missed_note(effects: list[str] | None) -> str:
+    """What the legend says of a metric checked on planted datasets."""
+    if effects is None:
+        return ""
+    return f"; misses planted {', '.join(effects)}" if effects else "; points at every planted part"
 
 
 def _spearman(rows: pd.DataFrame) -> float:

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from fedsens.personalize import runio
 from fedsens.reports import figures
+from fedsens.reports import validation as validation_report
 from fedsens.reports.bench import BENCH_FIGURE_NAMES, bench_failures, bench_headline, bench_tables
 from fedsens.reports.render import Block, FigureBlock, Heading, Note, Paragraph, Table, render_html, render_markdown
 from fedsens.reports.tables import (
@@ -74,7 +75,11 @@ def build_report(folder: str | Path, *, open_browser: bool = False, quiet: bool 
     planned, notes = plan_figures(tables)
     out = tables.folder / "report"
     out.mkdir(exist_ok=True)
-    for name in (*FIGURE_NAMES, *BENCH_FIGURE_NAMES):  # a figure whose table has gone must not linger
+    for name in (
+        *FIGURE_NAMES,
+        *BENCH_FIGURE_NAMES,
+        *validation_report.VALIDATION_FIGURE_NAMES,
+    ):  # a figure whose table has gone must not linger
         for stale in [*out.glob(f"{name}*.png"), *out.glob(f"{name}*.svg")]:
             stale.unlink()
     figure_blocks = [_save(plan, out) for plan in tqdm(planned, desc="report figures", disable=quiet)]
@@ -130,8 +135,11 @@ def plan_figures(tables: FolderTables) -> tuple[list[PlannedFigure], list[str]]:
     if tables.kind == "bench":
         notes.extend(bench_failures(tables.frames.get("bench")))
         return _bench_figures(tables.frames, need), notes
+    if tables.kind == "validation":
+        return _validation_figures(tables.frames, need), notes
     planned = [
         *(_ranking_figures(tables.frames, need) if tables.kind == "sweep" else []),
+        *(_validation_figures(tables.frames, need) if "validation" in tables.frames else []),
         *(_divergence_figures(tables.frames, need) if tables.kind != "comparison" else []),
         *_accuracy_figures(tables, need),
         *_partition_figure(tables, need),
@@ -145,6 +153,7 @@ def _ranking_figures(frames: dict[str, pd.DataFrame], need) -> list[PlannedFigur
     if not need(gains is not None and len(gains) > 0, "ranking.csv (gain_vs_fedavg rows)", "the sensitivity bars"):
         return []
     planned = []
+    missed = validation_report.missed_effects(frames.get("validation_metrics"))
     for label, rows in by_partition(ranking):
         suffix, where = (f"-{runio.slug(label)}", f" ({label})") if label else ("", "")
         planned.append(
@@ -185,8 +194,14 @@ def _ranking_figures(frames: dict[str, pd.DataFrame], need) -> list[PlannedFigur
                     f"rank_agreement{suffix}",
                     f"Each divergence metric's ranking of the parts (FedAvg cell{where}), and the probe's when "
                     "`fedsens probe --from` ran on this sweep (probe_gain), against their ranking by accuracy gain; "
-                    "points on the dashed diagonal agree, the legend gives Spearman's rho.",
-                    partial(figures.plot_rank_agreement, rows),
+                    "points on the dashed diagonal agree, the legend gives Spearman's rho"
+                    + (
+                        " and, from the validation of these settings, the planted effects whose part a metric does "
+                        "not point at (such a metric cannot predict the sweep)."
+                        if missed
+                        else "."
+                    ),
+                    partial(figures.plot_rank_agreement, rows, missed=missed),
                 )
             )
     return planned
@@ -269,6 +284,32 @@ def _partition_figure(tables: FolderTables, need) -> list[PlannedFigure]:
     ]
 
 
+def _validation_figures(frames: dict[str, pd.DataFrame], need) -> list[PlannedFigure]:
+    validation = frames.get("validation")
+    if not need(validation is not None and len(validation) > 0, "validation.csv", "the validation figures"):
+        return []
+    planned = [
+        PlannedFigure(
+            "validation",
+            "The sweep's settings on planted datasets with known answers: per effect, the top part's tail gain over "
+            "FedAvg at each strength (share of domains changed) with its 95% hierarchical-bootstrap interval; "
+            "filled = the planted part ranked first, resolved from the next and above zero.",
+            partial(validation_report.plot_validation, validation),
+        )
+    ]
+    metrics = frames.get("validation_metrics")
+    if metrics is not None and (metrics["expected"].fillna("") != "").any():
+        planned.append(
+            PlannedFigure(
+                "validation_metrics",
+                "Each divergence metric's most sensitive part in the FedAvg cells of each planted dataset: green where "
+                "it is the planted part, red where the metric points elsewhere.",
+                partial(validation_report.plot_metric_validation, metrics),
+            )
+        )
+    return planned
+
+
 def _bench_figures(frames: dict[str, pd.DataFrame], need) -> list[PlannedFigure]:
     measured = bench_rows(frames["bench"])[0] if "bench" in frames else None
     if not need(measured is not None and len(measured) > 0, "bench.csv with a measured row", "the bench figures"):
@@ -310,6 +351,8 @@ def headline(tables: FolderTables) -> list[Block]:
         blocks = _comparison_headline(frames["comparison"])
     elif tables.kind == "bench":
         blocks = bench_headline(frames.get("bench"))
+    elif tables.kind == "validation":
+        blocks = validation_report.validation_headline(frames.get("validation_summary"))
     else:
         blocks = _run_headline(tables.summary, frames.get("rounds"))
     protocol = headline_protocol(frames)
@@ -437,6 +480,8 @@ def key_tables(tables: FolderTables) -> list[Block]:
         blocks.append(Table("one row per method and seed (comparison.csv)", frames["comparison"], collapsed=True))
     if tables.kind == "bench":
         blocks.extend(bench_tables(frames.get("bench")))
+    if "validation" in frames:  # a validation folder, or a sweep holding the validation of its settings
+        blocks.extend(validation_report.validation_tables(frames))
     if tables.kind == "run":
         blocks.append(Heading("Result"))
         if tables.summary:

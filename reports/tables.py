@@ -17,13 +17,21 @@ from fedsens.personalize.errors import CorruptFileError, UserError
 
 # What each kind of folder's configuration file is called (a bench folder has none: each row of bench.csv
 # names its own configuration), and the tables it may hold.
-CONFIG_FILES = {"run": "config.json", "sweep": "sweep.json", "comparison": "compare.json"}
+CONFIG_FILES = {
+    "run": "config.json",
+    "sweep": "sweep.json",
+    "comparison": "compare.json",
+    "validation": "validate.json",
+}
 TABLE_FILES = {
     "run": ("rounds", "metrics", "divergence", "parts"),
     "sweep": ("sensitivity", "ranking", "rounds", "metrics", "divergence"),
     "comparison": ("comparison", "summary", "rounds", "metrics"),
     "bench": ("bench",),
+    "validation": ("validation_summary", "validation", "validation_metrics"),
 }
+# Where `fedsens validate --out SWEEP/validate` writes the validation of a sweep's settings.
+SWEEP_VALIDATION = Path("validate")
 # Where `fedsens probe --from SWEEP` writes its ranking (rows of ranking.csv's shape, metric probe_gain).
 PROBE_RANKING = Path("probe") / "probe_ranking.csv"
 # The column that tells the runs of a sweep or comparison apart in a figure (one line / box each).
@@ -47,6 +55,8 @@ def detect(folder: str | Path) -> str:
         return "run"
     if (path / "bench.csv").is_file():
         return "bench"
+    if (path / "validation_summary.csv").is_file():
+        return "validation"
     unfinished = (("sweep.json", "sensitivity.csv", "sweep"), ("compare.json", "comparison.csv", "compare"))
     for config, table, command in unfinished:
         if (path / config).is_file():
@@ -95,6 +105,8 @@ def read_folder(folder: str | Path) -> FolderTables:
     probe = _read_csv(path / PROBE_RANKING, problems) if kind == "sweep" else None
     if probe is not None and "ranking" in frames:  # `fedsens probe --from` this sweep: one more ranking source
         frames["ranking"] = pd.concat([frames["ranking"], probe], ignore_index=True)
+    if kind == "sweep":  # the validation of the sweep's settings, when `fedsens validate` wrote one into it
+        frames.update(_sweep_validation(path, problems))
     problems.extend(_inconsistencies(frames))
     partition_path = _partition_path(path, kind)
     if partition_path is None:
@@ -110,6 +122,24 @@ def read_folder(folder: str | Path) -> FolderTables:
         missing=tuple(missing),
         problems=tuple(problems),
     )
+
+
+def _sweep_validation(path: Path, problems: list[str]) -> dict[str, pd.DataFrame]:
+    """The tables of `path/validate/` when they validate the sweep's own settings (validate.json's `settings`:
+    every run setting but the data and partition, the seeds and the ranked cells, as sweep.json has them)."""
+    record = _read_json(path / SWEEP_VALIDATION / "validate.json")
+    sweep = _read_json(path / "sweep.json")
+    if not record or not sweep:
+        return {}
+    settings = record.get("settings", {})
+    ranked = [part for part in sweep.get("parts", []) if part != "all"]
+    same = all(sweep.get("run", {}).get(key) == value for key, value in settings.get("run", {}).items())
+    same = same and settings.get("seeds") == sweep.get("seeds") and settings.get("parts") == ranked
+    if not same:
+        problems.append(f"{SWEEP_VALIDATION}/ holds a validation of other settings than this sweep's; it is not shown")
+        return {}
+    tables = {name: _read_csv(path / SWEEP_VALIDATION / f"{name}.csv", problems) for name in TABLE_FILES["validation"]}
+    return {name: table for name, table in tables.items() if table is not None}
 
 
 # The columns without which a table cannot be drawn from; the rest are optional.
@@ -193,7 +223,7 @@ def _read_json(path: Path) -> dict | None:
 def _partition_path(folder: Path, kind: str) -> Path | None:
     """A run's own partition.json, or the first cell's / run's for a sweep / comparison; none for a bench,
     whose runs/ hold throwaway populations (a 10,000-client partition.json is slow to read and not reported)."""
-    if kind == "bench":
+    if kind in ("bench", "validation"):
         return None
     if kind == "run":
         candidates = [folder / "partition.json"]

@@ -15,6 +15,7 @@ independent and are optimistic; the ranking's `resolved_vs_next` flag uses the h
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
@@ -46,15 +47,37 @@ def tail_accuracy(rounds: pd.DataFrame) -> dict[str, float]:
     return dict(acc_tail=float(tail["acc_mean"].mean()), tail_rounds=len(tail))
 
 
-def client_outcomes(metrics: pd.DataFrame) -> pd.DataFrame:
+def headline_protocols(rounds: pd.DataFrame) -> dict[str, str]:
+    """The sweep's rounds.csv -> each cell's headline evaluation protocol (its `protocol` column)."""
+    if not {"cell", "protocol"} <= set(rounds.columns):
+        return {}
+    named = rounds.dropna(subset=["protocol"]).drop_duplicates("cell", keep="last")
+    return dict(zip(named["cell"].astype(str), named["protocol"].astype(str)))
+
+
+def headline_rows(cell: pd.DataFrame, protocol: str | None) -> pd.DataFrame:
+    """One cell's metrics.csv rows of its headline protocol. metrics.csv records both protocols for every
+    client and round (schema.EVAL_PROTOCOLS), so statistics over all its rows would mix two protocols while
+    the cell's score (rounds.csv's acc_*) uses one. A table without a `protocol` column has one protocol."""
+    if "protocol" not in cell.columns or cell["protocol"].nunique(dropna=True) <= 1:
+        return cell
+    if protocol is None:
+        name = cell["cell"].iloc[0] if "cell" in cell.columns else "?"
+        raise ValueError(f"cell {name} records several protocols and no headline was given for it")
+    return cell[cell["protocol"] == protocol]
+
+
+def client_outcomes(metrics: pd.DataFrame, headline: Mapping[str, str] | None = None) -> pd.DataFrame:
     """The sweep's metrics.csv -> one row per (partition, seed, part, client): `acc_tail`, the client's mean
-    test accuracy over its cell's tail rounds."""
+    test accuracy over its cell's tail rounds, in the cell's headline protocol (`headline`: cell -> protocol,
+    from `headline_protocols(rounds)`), so the grand mean of a part's per-client gains is the cell's score."""
     columns = [*PARTITION, "seed", "local_part", "client", "acc_tail"]
     if not len(metrics):
         return pd.DataFrame(columns=columns)
     test = metrics[metrics["split"] == "test"].dropna(subset=["accuracy"]) if "split" in metrics else metrics
     frames = []
-    for _, cell in test.groupby("cell", sort=False):
+    for name, cell in test.groupby("cell", sort=False):
+        cell = headline_rows(cell, (headline or {}).get(str(name)))
         tail = cell[cell["round"].isin(tail_rounds(cell["round"]))]
         frames.append(tail.groupby([*PARTITION, "seed", "local_part", "client"], sort=False)["accuracy"].mean())
     if not frames:

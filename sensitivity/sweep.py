@@ -311,7 +311,8 @@ def write_tables(out: Path, cells: list[Cell]) -> dict[str, pd.DataFrame]:
     """sensitivity.csv, ranking.csv and the concatenated rounds / metrics / divergence tables."""
     tables = {name: _concatenated(out, cells, name) for name in ("rounds", "metrics", "divergence")}
     tables["sensitivity"] = sensitivity_table(out, cells)
-    gains = stats_lib.paired_gains(stats_lib.client_outcomes(tables["metrics"]))
+    headline = stats_lib.headline_protocols(tables["rounds"])
+    gains = stats_lib.paired_gains(stats_lib.client_outcomes(tables["metrics"], headline))
     tables["ranking"] = ranking_lib.rank(tables["sensitivity"], gains)
     for name, frame in tables.items():
         runio.write_table(out / f"{name}.csv", frame.to_dict("records"), list(frame.columns))

@@ -78,6 +78,23 @@ def ranking_text(result: SweepResult) -> str:
     return "\n".join(lines)
 
 
+def _print_validation(config: SweepConfig) -> None:
+    """The validation of these settings (`fedsens validate --out SWEEP/validate`), when one is in the folder."""
+    from fedsens.sensitivity.validate import validation_of
+
+    folder = validation_of(config)
+    if folder is None:
+        return
+    import pandas as pd
+
+    from fedsens.commands.validate import validation_text
+
+    typer.echo(f"\nWould these settings find it? The validation of the same settings in {folder}:")
+    validation = pd.read_csv(folder / "validation.csv", keep_default_na=False, na_values=[""])
+    summary = pd.read_csv(folder / "validation_summary.csv", keep_default_na=False, na_values=[""])
+    typer.echo(validation_text(validation, summary))
+
+
 @clean_errors
 @training_options("quick")
 @executor_options("cell", "quick preset: the number of cores, else 1")
@@ -199,6 +216,7 @@ def sweep(
     where = execution.config(default_jobs)
     result = run_sweep(config, where)
     typer.echo(ranking_text(result))
+    _print_validation(config)
     if split_seeds:
         from fedsens.sensitivity.ranking import write_seed_half_agreement
 

@@ -30,11 +30,15 @@ def from_record(record: ArrayRecord, device: torch.device | str = "cpu") -> dict
     return {name: torch.from_numpy(array.numpy()).to(device).clone() for name, array in record.items()}
 
 
+# RunConfig's mapping fields, carried as JSON text in Flower's run config.
+MAPPING_FIELDS = ("method_options", "data_options", "model_args")
+
+
 def run_config_of(config: RunConfig, **engine: Any) -> dict[str, bool | int | float | str]:
     """A RunConfig as Flower's run config: one key per field that is set (Flower has no None)."""
     values = {k: v for k, v in dataclasses.asdict(config).items() if v is not None}
-    values["method_options"] = json.dumps(dict(config.method_options))  # Flower's values are scalars
-    values["model_args"] = json.dumps(dict(config.model_args))
+    for name in MAPPING_FIELDS:  # Flower's values are scalars
+        values[name] = json.dumps(dict(getattr(config, name)))
     return {**values, **{k: v for k, v in ENGINE_KEYS.items() if k not in engine}, **engine}
 
 
@@ -48,7 +52,7 @@ def config_of(run_config: Mapping[str, Any]) -> RunConfig:
     for name, value in run_config.items():
         if name not in fields:
             continue
-        if name in ("method_options", "model_args") and isinstance(value, str):
+        if name in MAPPING_FIELDS and isinstance(value, str):
             values[name] = json.loads(value)
             continue
         default = fields[name].default
