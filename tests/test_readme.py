@@ -21,6 +21,7 @@ EXECUTED = {
     ("docs/api.md", "The Python API"),
     ("docs/extending.md", "Add a dataset"),
     ("docs/extending.md", "Add a method"),
+    ("docs/validate.md", "The planted datasets (`personalize/datasets/planted.py`, dataset name `planted`)"),
 }
 
 
@@ -58,7 +59,11 @@ def anchor(title: str) -> str:
     return re.sub(r"[-\s]+", "-", words)
 
 
-RUN_HERE = [("docs/api.md", "The Python API"), ("docs/extending.md", "Add a dataset")]
+RUN_HERE = [
+    ("docs/api.md", "The Python API"),
+    ("docs/extending.md", "Add a dataset"),
+    ("docs/validate.md", "The planted datasets (`personalize/datasets/planted.py`, dataset name `planted`)"),
+]
 
 
 @pytest.mark.parametrize(("page", "heading"), RUN_HERE)
@@ -66,15 +71,18 @@ def test_the_documented_example_runs(page, heading, tmp_path, monkeypatch, capsy
     blocks = python_blocks(page, heading)
     assert blocks, f"no python block under '{heading}' in {page}"
     monkeypatch.chdir(tmp_path)  # the examples write under runs/
+    namespace = {"__name__": "readme"}
     try:
         for block in blocks:
-            exec(compile(block, f"{page} ({heading})", "exec"), {"__name__": "readme"})
+            exec(compile(block, f"{page} ({heading})", "exec"), namespace)
     finally:
         datasets.unregister("stripes")
     printed = capsys.readouterr().out
     if heading == "The Python API":
         assert (tmp_path / "runs/py/compare/report/index.html").is_file() and "bad input: --rounds" in printed
         assert (tmp_path / "runs/py/sweep/ranking.csv").is_file()
+    elif page == "docs/validate.md":  # the registered dataset and the transform give the same images
+        assert namespace["data"].images.equal(namespace["same"].images)
     else:
         assert (tmp_path / "runs/stripes/rounds.csv").is_file() and '"dataset": "stripes"' in (
             tmp_path / "runs/stripes/config.json"
