@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from fedsens.personalize import runio
 from fedsens.personalize.errors import CorruptFileError, UserError
 from fedsens.personalize.schema import DIVERGENCE_METRICS, GAIN, RANKING_COLUMNS, TAIL_GAIN
 from fedsens.personalize.stats import spearman
@@ -205,5 +206,5 @@ def write_seed_half_agreement(sweep_dir: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise UserError(f"{sweep_dir} is not a finished sweep folder (no sensitivity.csv)")
     table = seed_half_agreement(pd.read_csv(path))
-    table.to_csv(Path(sweep_dir) / "split_seeds.csv", index=False)
+    runio.write_table(Path(sweep_dir) / "split_seeds.csv", table.to_dict("records"), list(table.columns))
     return table

@@ -8,16 +8,20 @@ their start and rounds to a small actor that the driver drains into its one prog
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fedsens.personalize import runio
 from fedsens.personalize.errors import UserError
 from fedsens.sensitivity.executors import (
     Driver,
     ExecutorConfig,
     Job,
+    check_ray_address,
+    ray_host_port,
     train_job,
     train_portable,
     worker_location,
@@ -67,14 +71,24 @@ def _connect_ray(executor: ExecutorConfig):
     if ray.is_initialized():
         return ray, False
     options: dict[str, Any] = dict(log_to_driver=False, configure_logging=False)
+    check_ray_address(executor.ray_address)  # Ray retries a dead address for minutes
     try:
         if executor.ray_address is None:
             ray.init(include_dashboard=False, **options)
         else:
+            if executor.ray_address != "auto" and _is_loopback(ray_host_port(executor.ray_address)[0]):
+                options["_node_ip_address"] = "127.0.0.1"  # else Ray swaps in the machine's interface address
             ray.init(address=executor.ray_address, **options)
     except ConnectionError as err:
         raise UserError(f"--ray-address {executor.ray_address}: no Ray cluster answered ({err})") from None
     return ray, True
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def run_ray(todo: Sequence[Job], executor: ExecutorConfig, driver: Driver) -> dict[str, str]:
@@ -92,23 +106,33 @@ def run_ray(todo: Sequence[Job], executor: ExecutorConfig, driver: Driver) -> di
         node, cwd = ray.get_runtime_context().get_node_id(), os.getcwd()
         refs = {task.remote(job, events, executor.threads, node, cwd): job for job in todo}
         outcome: dict[str, str] = {}
-        while refs:
-            ready, _ = ray.wait(list(refs), num_returns=1, timeout=0.3)
-            driver.events(ray.get(events.drain.remote()))
-            for ref in ready:
-                job = refs.pop(ref)
-                note = ""
-                try:
-                    outcome[job.name], files = ray.get(ref)
-                    write_returned(Path(job.config.out), files)
-                except ray.exceptions.RayError as err:  # retries used up, or the task could not run
-                    note = f": {type(err).__name__} after {driver.attempts[job.name]} attempts"
-                    Path(job.config.out).mkdir(parents=True, exist_ok=True)
-                    (Path(job.config.out) / "error.txt").write_text(f"{err}\n")
-                    outcome[job.name] = "failed"
-                driver.finish(job.name, outcome[job.name], note)
+        try:
+            _wait_all(ray, refs, events, driver, outcome)
+        except BaseException:  # Ctrl-C, SIGTERM: no queued task may start; the runs resume from their checkpoints
+            for ref in refs:
+                ray.cancel(ref, force=True)
+            raise
         driver.events(ray.get(events.drain.remote()))
         return outcome
     finally:
         if connected_here:
             ray.shutdown()
+
+
+def _wait_all(ray, refs: dict, events, driver: Driver, outcome: dict[str, str]) -> None:
+    """Collect each task's outcome as it finishes (`refs` shrinks as they do)."""
+    while refs:
+        ready, _ = ray.wait(list(refs), num_returns=1, timeout=0.3)
+        driver.events(ray.get(events.drain.remote()))
+        for ref in ready:
+            job = refs.pop(ref)
+            note = ""
+            try:
+                outcome[job.name], files = ray.get(ref)
+                write_returned(Path(job.config.out), files)
+            except ray.exceptions.RayError as err:  # retries used up, or the task could not run
+                note = f": {type(err).__name__} after {driver.attempts[job.name]} attempts"
+                Path(job.config.out).mkdir(parents=True, exist_ok=True)
+                runio.write_text(Path(job.config.out) / "error.txt", f"{err}\n")
+                outcome[job.name] = "failed"
+            driver.finish(job.name, outcome[job.name], note)
