@@ -117,7 +117,8 @@ def read_table(
     header, the `required` columns (default: the table's declared ones, schema.RUN_TABLE_COLUMNS, by `kind`,
     default the file's stem) present, and its numeric, boolean and choice columns holding such values.
     Anything else is one CorruptFileError naming the file, the line and `fix`. An empty file is an empty
-    table (with the declared columns). `allow_cut_short`: a last line without its newline (a copy or write cut short) is dropped.
+    table (with the declared columns). `allow_cut_short`: a last line without its newline (a copy or write
+    cut short) is dropped.
     """
     path = Path(path)
     kind = kind or path.stem
