@@ -14,6 +14,7 @@ import dataclasses
 import multiprocessing
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import time
@@ -327,6 +328,8 @@ def gpu_groups(gpus: int, per_cell: int) -> list[str]:
 
 
 def _init_worker(events, threads: int, groups: list[str], counter) -> None:
+    # Ctrl-C reaches the whole process group: the driver alone answers it (cancels the queue, ends the workers).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     with counter.get_lock():
         slot = counter.value
         counter.value += 1

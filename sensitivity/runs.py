@@ -17,7 +17,7 @@ import pandas as pd
 
 from fedsens.personalize import federation, runio
 from fedsens.personalize.config import FREE_SETTINGS
-from fedsens.personalize.errors import CorruptFileError, UserError
+from fedsens.personalize.errors import ENVIRONMENT_ERRNOS, CorruptFileError, UserError
 from fedsens.personalize.federation import RunConfig
 
 # What to do about a run folder of a grid whose tables are damaged.
@@ -102,6 +102,11 @@ def run_resumable(wanted: RunConfig, hooks: Sequence = (), *, fresh: bool = Fals
     (folder / "error.txt").unlink(missing_ok=True)
     try:
         result = federation.run(wanted, hooks=hooks, resume=True, quiet=quiet)
+    except OSError as err:
+        if err.errno in ENVIRONMENT_ERRNOS:  # a full or read-only disk fails every run alike: stop the grid
+            raise
+        runio.write_text(folder / "error.txt", traceback.format_exc())
+        return "failed"
     except Exception:  # noqa: BLE001 - one failing run is recorded; the grid goes on
         runio.write_text(folder / "error.txt", traceback.format_exc())
         return "failed"

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import typer
@@ -28,7 +31,15 @@ def clean_errors(command: F) -> F:
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            with _terminate_as_interrupt():
+                return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            typer.echo(
+                "interrupted: finished rounds and runs are kept; the same command with --resume (train) or "
+                "again (sweep, compare) continues",
+                err=True,
+            )
+            raise typer.Exit(130) from None
         except UserError as err:
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(2) from None
@@ -39,6 +50,24 @@ def clean_errors(command: F) -> F:
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler, `kill`) stops a command as Ctrl-C does: queued runs are cancelled, workers
+    ended, locks released, temporaries removed, instead of the process vanishing mid-step."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def comma_list(text: str | None, kind: type, option: str, example: str) -> tuple | None:

@@ -104,6 +104,13 @@ def _coerce(kind: Any, value: Any) -> Any:
     raise ValueError(value)
 
 
+def _non_finite(value: Any) -> bool:
+    try:
+        return not math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
 def valid_keys(cls: type[Method]) -> str:
     fields = option_fields(cls)
     if not fields:
@@ -122,7 +129,7 @@ def resolve_options(cls: type[Method], given: Mapping[str, Any]) -> Any:
         try:
             values[key] = _coerce(kind, value)
         except ValueError:
-            wanted = type_name(kind).replace("float", "a finite number")
+            wanted = "a finite number" if _non_finite(value) else type_name(kind)
             raise UserError(
                 f"option {key} of method {cls.name} must be {wanted} (got {value!r}); {valid_keys(cls)}"
             ) from None
