@@ -44,6 +44,7 @@ NUMERIC_COLUMNS = {
     "metrics": ("round", "client", "loss", "accuracy", "n"),
     "rounds": tuple(c for c in ROUNDS_COLUMNS if c != "protocol"),
     "divergence": ("round", "value"),
+    "ranking": ("score", "rank"),
 }
 BOOLEAN_COLUMNS = {"metrics": ("participated",)}
 CHOICE_COLUMNS = {

@@ -180,8 +180,8 @@ def _read_json(path: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:  # not JSON, or not UTF-8 text
         raise UserError(f"{path} is not valid JSON ({err}); re-run the command that wrote it") from None
 
 

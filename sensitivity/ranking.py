@@ -145,12 +145,7 @@ def top_parts(sweep_dir: str | Path, k: int) -> str:
         )
     if k < 1:
         raise UserError(f"--top must be at least 1 (got {k})")
-    try:
-        table = pd.read_csv(path)
-    except pd.errors.EmptyDataError:
-        table = pd.DataFrame()
-    except (pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise CorruptFileError(path, str(err).splitlines()[0], "run the sweep again to rewrite it") from None
+    table = runio.read_table(path, "run the sweep again to rewrite it", required=())
     missing = [c for c in ("part", "metric", "rank", "score") if c not in table.columns]
     if missing:
         raise CorruptFileError(

@@ -110,13 +110,13 @@ def test_killed_and_resumed_runs_end_with_the_tables_of_an_uninterrupted_one(tmp
 INTERRUPTED = {
     "sweep --jobs 2": (
         [
-            *("sweep", *TINY, "--rounds", "3", "--seeds", "0", "--jobs", "2", "--only-parts"),
-            *(x for part in ("head", "attn", "mlp", "norm", "attn,head", "mlp,head") for x in ("--parts", part)),
+            *("sweep", *TINY, "--rounds", "2", "--seeds", "0", "--jobs", "2", "--only-parts"),
+            *(x for part in ("head", "attn", "mlp", "norm") for x in ("--parts", part)),
         ],
         ["sensitivity.csv", "rounds.csv", "metrics.csv"],
     ),
     "compare": (
-        ["compare", *TINY, "--rounds", "3", "--seeds", "0", "--methods", "fedavg,fedper,fedbn,local,fedrep"],
+        ["compare", *TINY, "--rounds", "2", "--seeds", "0", "--methods", "fedavg,fedper,fedbn,local"],
         ["comparison.csv", "rounds.csv", "metrics.csv"],
     ),
 }
@@ -164,7 +164,7 @@ def _interrupt_once(args: list[str], out: Path, wait_for: int) -> tuple[str, str
 @pytest.mark.parametrize("command", list(INTERRUPTED))
 def test_ctrl_c_cancels_queued_runs_and_a_rerun_ends_with_the_uninterrupted_tables(tmp_path, command):
     args, tables = INTERRUPTED[command]
-    _finish(args, tmp_path / "whole")
+    _finish([*args, "--jobs", "1"], tmp_path / "whole")  # in this process: the tables do not depend on where
     outcome: Counter = Counter()
     notes = []
     folder = tmp_path / "interrupted"
