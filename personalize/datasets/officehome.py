@@ -54,7 +54,7 @@ def load(root: Path | None, *, size: int = DEFAULT_SIZE, quiet: bool = False) ->
     """Every domain folder present; images squashed to size x size (aspect ignored) and cached per size."""
     if size < 1:
         raise UserError(f"Office-Home size {size} must be a positive number of pixels")
-    root = trees.check_root(SPEC.require_root(root), "the Office-Home root")
+    root = SPEC.require_root(root)
     folders = _folders(root, size)
     fingerprint = _file_fingerprint(root, folders, size)
     cache = root / f".fedsens_cache_officehome_{size}.pt"
