@@ -173,7 +173,7 @@ def test_ctrl_c_cancels_queued_runs_and_a_rerun_ends_with_the_uninterrupted_tabl
         notes.append(why)
         if kind != "ok":
             outcome[kind] += 1
-    _finish(args, folder)
+    _finish([*args, "--jobs", "1"], folder)  # the rerun resumes in this process: no second pool to start
     same = _same_tables(folder, tmp_path / "whole", tables)
     outcome["clear" if same else "silent"] += INTERRUPTS - sum(outcome.values())
     print(f"{command}: {INTERRUPTS} Ctrl-C: {notes}; {_counts(outcome)}")
