@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from fedsens.personalize.errors import UserError
@@ -61,7 +62,7 @@ def _loop_line(what: str, link: Path, top: Path) -> str:
     )
 
 
-def read_once():
+def read_once() -> Callable[[str], bool]:
     """An ImageFolder `is_valid_file` that accepts each real file once (a folder linked twice is read once),
     given the image extensions check it replaces."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
