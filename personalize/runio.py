@@ -169,8 +169,10 @@ def check_resumed_tables(out: Path, sizes: dict[str, int], round_: int, fix: str
         path = Path(out) / f"{name}.csv"
         actual = path.stat().st_size if path.exists() else None
         if actual != size:
-            what = "is missing" if actual is None else f"holds {actual} bytes, fewer than the {size}"
-            raise UserError(f"{path} {what} the checkpoint of round {round_} records (rows were lost); {fix}")
+            what = "is missing" if actual is None else f"holds {actual} bytes"
+            raise UserError(
+                f"{path} {what}, but the checkpoint of round {round_} records {size} bytes of it (rows were lost); {fix}"
+            )
         table = read_table(path, fix)
         if name == "rounds" and list(table["round"]) != list(range(1, round_ + 1)):
             raise CorruptFileError(path, f"its rounds are not 1..{round_}, the checkpoint's", fix)
