@@ -171,7 +171,8 @@ def check_resumed_tables(out: Path, sizes: dict[str, int], round_: int, fix: str
         if actual != size:
             what = "is missing" if actual is None else f"holds {actual} bytes"
             raise UserError(
-                f"{path} {what}, but the checkpoint of round {round_} records {size} bytes of it (rows were lost); {fix}"
+                f"{path} {what}, but the checkpoint of round {round_} records {size} bytes of it "
+                f"(rows were lost); {fix}"
             )
         table = read_table(path, fix)
         if name == "rounds" and list(table["round"]) != list(range(1, round_ + 1)):
