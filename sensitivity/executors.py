@@ -102,36 +102,10 @@ def from_options(
         gpus_per_cell=gpus_per_cell,
         ray_address=ray_address,
     )
+    from fedsens.sensitivity.ray_executor import check_ray_address  # Ray itself is imported only to run
+
     check_ray_address(config.ray_address)  # before any cell trains (the FedAvg reference comes first)
     return config
-
-
-RAY_CONNECT_TIMEOUT = 5.0  # seconds to wait for a Ray cluster's port to answer
-
-
-def ray_host_port(address: str) -> tuple[str, int]:
-    """HOST:PORT (or ray://HOST:PORT) of --ray-address; a UserError when it is neither."""
-    bare = address.split("://", 1)[-1]
-    host, sep, port = bare.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UserError(f"--ray-address {address!r} is not HOST:PORT (e.g. 127.0.0.1:6379) or auto")
-    return host.strip("[]"), int(port)
-
-
-def check_ray_address(address: str | None, timeout: float = RAY_CONNECT_TIMEOUT) -> None:
-    """A cluster address must answer within `timeout` seconds: Ray itself retries a dead address for
-    minutes. None (start a cluster here) and auto (Ray finds it) are left to Ray."""
-    if address is None or address == "auto":
-        return
-    host, port = ray_host_port(address)
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except OSError as err:
-        reason = "no answer" if isinstance(err, TimeoutError) else (err.strerror or str(err)).lower()
-        raise UserError(
-            f"--ray-address {address}: nothing answers there within {timeout:g} s ({reason}); start the cluster "
-            "(`ray start --head`) and pass the address it prints, or leave --ray-address out to start one here"
-        ) from None
 
 
 def clamp_jobs(jobs: int, cells: int, cores: int) -> tuple[int, str | None]:

@@ -346,7 +346,7 @@ def test_a_ray_address_where_nothing_listens_is_one_line_within_seconds_before_a
 
 
 def test_ray_addresses_are_parsed_and_checked():
-    from fedsens.sensitivity.executors import check_ray_address, ray_host_port
+    from fedsens.sensitivity.ray_executor import check_ray_address, ray_host_port
 
     assert ray_host_port("ray://127.0.0.1:10001") == ("127.0.0.1", 10001)
     with pytest.raises(UserError, match="not HOST:PORT"):
