@@ -7,6 +7,7 @@ depending on the loop.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,6 +78,10 @@ class RunConfig:
     synthetic_classes: int = 10
 
     def __post_init__(self):
+        for setting in dataclasses.fields(self):  # nan passes every comparison below: refuse it first
+            value = getattr(self, setting.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"--{setting.name.replace('_', '-')} must be a finite number (got {value})")
         checks = [
             (self.alpha > 0, f"alpha must be > 0 (got {self.alpha}); small alpha = strong label skew"),
             (self.clients >= 1, f"--clients must be at least 1 (got {self.clients})"),

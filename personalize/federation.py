@@ -136,7 +136,7 @@ def _load_partition(config: RunConfig, dataset: ImageSet, out: Path) -> partitio
             raise UserError(f"partition file {source} does not exist; write one with `fedsens data split`")
         part = partition_lib.load(source)
         if source.resolve() != target.resolve():
-            target.write_text(source.read_text())
+            runio.write_text(target, source.read_text())
     else:
         part = partition_lib.load_or_make(
             target,
@@ -256,6 +256,10 @@ def _comparable(config: RunConfig) -> dict:
     return d
 
 
+# What a resumed run whose tables no longer match its checkpoint can do: its history is gone.
+RESUME_FIX = "the run cannot be resumed from it: start over with --overwrite (or restore the file)"
+
+
 def _start_state(ctx: RunContext, method: Method, resume: bool, overwrite: bool) -> RunState:
     checkpoint = ctx.out / "checkpoint.pt"
     if not checkpoint.exists() or overwrite:
@@ -265,7 +269,11 @@ def _start_state(ctx: RunContext, method: Method, resume: bool, overwrite: bool)
         return _fresh_state(ctx, method)
     if not resume:
         raise UserError(f"{ctx.out} already holds a run; pass --resume to continue it or --overwrite to start over")
-    saved = runio.read_json(ctx.out / "config.json")["config"]
+    fell_back: list[str] = []
+    saved_state = runio.load_checkpoint(checkpoint, notify=fell_back.append)
+    for line in fell_back:
+        tqdm.write(line)
+    saved = runio.saved_settings(saved_state, ctx.out / "config.json")
     wanted = _comparable(ctx.config)
     differ = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in wanted.items() if saved.get(k) != v]
     if differ:
@@ -273,10 +281,6 @@ def _start_state(ctx: RunContext, method: Method, resume: bool, overwrite: bool)
             f"{ctx.out} holds a run with other settings ({'; '.join(differ)}); "
             "use another --out, or --overwrite to start over"
         )
-    fell_back: list[str] = []
-    saved_state = runio.load_checkpoint(checkpoint, notify=fell_back.append)
-    for line in fell_back:
-        tqdm.write(line)
     if "table_sizes" not in saved_state:
         raise UserError(f"{checkpoint} was written by an older fedsens (per-client state); rerun with --overwrite")
     if int(saved_state["round"]) > ctx.config.rounds:  # its tables would report the longer run as this one
@@ -309,6 +313,7 @@ def _start_state(ctx: RunContext, method: Method, resume: bool, overwrite: bool)
     for table in ctx.out.glob("*.csv"):  # rows written after the checkpoint are written again
         if table.name != "parts.csv":
             runio.truncate(table, sizes.get(table.stem, 0))
+    runio.check_resumed_tables(ctx.out, sizes, int(saved_state["round"]), RESUME_FIX)
     return RunState(int(saved_state["round"]), float(saved_state["seconds"]), shared, local, extra, sizes)
 
 
@@ -388,7 +393,7 @@ def _previous_after_rows(ctx: RunContext, round_: int) -> dict[int, dict]:
     path = ctx.out / "metrics.csv"
     if round_ < 1 or not path.exists() or path.stat().st_size == 0:
         return {}
-    table = pd.read_csv(path)
+    table = runio.read_table(path, RESUME_FIX)
     rows = table[(table["round"] == round_) & (table["protocol"] == "after-aggregation")]
     return {int(r["client"]): r for r in rows.to_dict("records")}
 
@@ -454,10 +459,10 @@ def _read_tables(ctx: RunContext, names: Iterable[str]) -> dict[str, pd.DataFram
     for name in names:
         path = ctx.out / f"{name}.csv"
         if path.exists() and path.stat().st_size:
-            frames[name] = pd.read_csv(path)
+            frames[name] = runio.read_table(path, RESUME_FIX)
         else:
             frames[name] = pd.DataFrame(columns=runio.TABLE_COLUMNS.get(name))
-            frames[name].to_csv(path, index=False)
+            runio.write_table(path, [], list(frames[name].columns))
     return frames
 
 
@@ -564,7 +569,7 @@ def _run_locked(
         _append_tables(ctx, state, rows, columns)
         state.round, state.seconds = round_, state.seconds + seconds
         if round_ % every == 0 or round_ == config.rounds:
-            runio.save_checkpoint(out / "checkpoint.pt", state.checkpoint())
+            runio.save_checkpoint(out / "checkpoint.pt", {**state.checkpoint(), **runio.settings_record(config)})
             state.local.commit()
             state.extra.commit()
         bar.update(1)

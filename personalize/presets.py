@@ -233,6 +233,30 @@ def write_protocol(folder: Path | str, record: Mapping[str, Any]) -> Path:
     return path
 
 
-def overlay(config: RunConfig, **given: Any) -> RunConfig:
-    """`config` with every given value (not None) laid over it: a preset never overrides an option."""
-    return dataclasses.replace(config, **{k: v for k, v in given.items() if v is not None})
+def given(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The values a user gave (None = the option was left out)."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def overlay(config: Any, **values: Any) -> Any:
+    """`config` (a RunConfig, or a grid's config) with every given value (not None) laid over it: the one
+    rule by which an option the user gives beats the preset's value, in train, sweep and compare."""
+    return dataclasses.replace(config, **given(values))
+
+
+def yield_to(
+    method_overrides: Mapping[str, Mapping[str, Any]], fields: Mapping[str, Any], options: Mapping[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """A preset's per-method changes without those the user set: the user's RunConfig `fields` (None = not
+    given) and method `options` (-o) win over what the preset sets for one method (Per-FedAvg's lr, FedPerfix's
+    local parts), as they win over the preset's shared values (`overlay`)."""
+    set_by_user = set(given(fields))
+    changed: dict[str, dict[str, Any]] = {}
+    for method, changes in method_overrides.items():
+        kept = {k: v for k, v in changes.items() if k != "method_options" and k not in set_by_user}
+        own = {k: v for k, v in changes.get("method_options", {}).items() if k not in options}
+        if own:
+            kept["method_options"] = own
+        if kept:
+            changed[method] = kept
+    return changed

@@ -41,6 +41,18 @@ PARTS_COLUMNS = ["param", "part", "block", "numel", "bytes", "local"]
 STAGED_PARTS_COLUMNS = ["param", "part", "block", "stage", "numel", "bytes", "local"]
 # The run tables the round loop writes, by file stem (a hook's own table keeps the columns it emits).
 RUN_TABLE_COLUMNS = {"metrics": METRICS_COLUMNS, "rounds": ROUNDS_COLUMNS, "divergence": DIVERGENCE_COLUMNS}
+# The columns of those tables that hold numbers (empty = NaN is allowed) and booleans: what a reader checks.
+NUMERIC_COLUMNS = {
+    "metrics": ("round", "client", "loss", "accuracy", "n"),
+    "rounds": tuple(c for c in ROUNDS_COLUMNS if c != "protocol"),
+    "divergence": ("round", "value"),
+    "ranking": ("score", "rank"),
+}
+BOOLEAN_COLUMNS = {"metrics": ("participated",)}
+CHOICE_COLUMNS = {
+    "metrics": {"protocol": EVAL_PROTOCOLS, "split": ("test", "train")},
+    "rounds": {"protocol": EVAL_PROTOCOLS},
+}
 
 # --- a sweep's folder (sensitivity.sweep, sensitivity.ranking) ---------------------------------
 # The columns that lead each cell's rows when the cells' run tables are concatenated.

@@ -97,8 +97,8 @@ def build_report(folder: str | Path, *, open_browser: bool = False, quiet: bool 
     title = f"fedsens {tables.kind} report: {tables.folder.resolve().name}"
     subtitle = f"{tables.folder.resolve()} · tables read: {', '.join(sorted(f'{n}.csv' for n in tables.frames))}"
     index = out / "index.html"
-    index.write_text(render_html(title, subtitle, blocks), encoding="utf-8")
-    (out / "report.md").write_text(render_markdown(title, subtitle, blocks), encoding="utf-8")
+    runio.write_text(index, render_html(title, subtitle, blocks))
+    runio.write_text(out / "report.md", render_markdown(title, subtitle, blocks))
     if open_browser:
         webbrowser.open(index.resolve().as_uri())
     return index
@@ -108,8 +108,8 @@ def _save(plan: PlannedFigure, out: Path) -> FigureBlock:
     figure = plan.draw()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=PNG_DPI)
-    (out / f"{plan.name}.png").write_bytes(buffer.getvalue())
-    figure.savefig(out / f"{plan.name}.svg", format="svg")
+    runio.write_bytes(out / f"{plan.name}.png", buffer.getvalue())
+    runio.replace_atomically(out / f"{plan.name}.svg", lambda tmp: figure.savefig(tmp, format="svg"))
     return FigureBlock(plan.name, plan.caption, buffer.getvalue())
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fedsens.personalize.errors import CorruptFileError, UserError
+from fedsens.personalize import runio
+from fedsens.personalize.errors import UserError
 
 # What each kind of folder's configuration file is called (a bench folder has none: each row of bench.csv
 # names its own configuration), and the tables it may hold.
@@ -158,15 +159,10 @@ REQUIRED_COLUMNS = {
 def _read_csv(path: Path, problems: list[str]) -> pd.DataFrame | None:
     """A table, validated: a garbled file is an error naming it; a last line cut short (a run killed or a
     copy broken mid-write) is dropped and noted, as are rows whose key columns are empty."""
-    if not path.is_file():
+    if not path.is_file() or not path.read_bytes().strip():
         return None
-    try:
-        table = pd.read_csv(path)
-    except pd.errors.EmptyDataError:
-        return None
-    except (pd.errors.ParserError, UnicodeDecodeError) as err:
-        problem = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CorruptFileError(path, problem, "re-run the command that wrote it") from None
+    # encoding, shape and the types of the known columns are checked there; the required columns here
+    table = runio.read_table(path, "re-run the command that wrote it", required=(), allow_cut_short=True)
     required = REQUIRED_COLUMNS.get(path.stem, ())
     absent = [column for column in required if column not in table.columns]
     if absent:
@@ -174,8 +170,7 @@ def _read_csv(path: Path, problems: list[str]) -> pd.DataFrame | None:
             f"{path} lacks the column(s) {', '.join(absent)} (has: {', '.join(map(str, table.columns))}); "
             "re-run the command that wrote it"
         )
-    if len(table) and not path.read_bytes().endswith(b"\n"):
-        table = table.iloc[:-1]
+    if not path.read_bytes().endswith(b"\n"):  # read_table left that line out
         problems.append(f"{path.name} ends mid-line (cut short); its incomplete last row was left out")
     keys = [column for column in required if column in ("round", "client", "seed", "method", "local_part", "part")]
     incomplete = table[keys].isna().any(axis=1) if keys else pd.Series(False, index=table.index)
@@ -215,8 +210,8 @@ def _read_json(path: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:  # not JSON, or not UTF-8 text
         raise UserError(f"{path} is not valid JSON ({err}); re-run the command that wrote it") from None
 
 

@@ -158,6 +158,19 @@ def paper_rows(config: CompareConfig) -> dict[str, str]:
     return {m: presets.PAPER_ROWS.get(m, "-") for m in config.methods}
 
 
+def _preset_note(config: CompareConfig, message: str) -> str:
+    """Where a bad value in `message` came from when the preset set it for one method (its FedPerfix local
+    parts, say), and the option that overrides it; '' otherwise."""
+    for method, changes in config.method_overrides.items():
+        for key, value in changes.get("method_options", {}).items():
+            if any(f"'{term.strip()}'" in message for term in str(value).split(",") if term.strip()):
+                return (
+                    f" ({key}={value} is the {config.preset or 'preset'} preset's setting for {method}; "
+                    f"override it with -o {key}=...)"
+                )
+    return ""
+
+
 def run_job(config: CompareConfig, method: str, seed: int) -> executors.Job:
     """One method x seed as a job any executor can run."""
     return executors.Job(f"{method}-s{seed}", run_config(config, method, seed))
@@ -284,7 +297,10 @@ def _run_compare_locked(config: CompareConfig, executor: executors.ExecutorConfi
     started = time.perf_counter()
     out = Path(config.out)
     todo = [(m, s) for s in config.seeds for m in row_names(config)]
-    preflight.check(run_config(config, m, s) for m, s in todo)  # bad input stops here, before any run
+    try:
+        preflight.check(run_config(config, m, s) for m, s in todo)  # bad input stops here, before any run
+    except UserError as err:
+        raise UserError(f"{err}{_preset_note(config, str(err))}") from None
     presets.write_protocol(out, protocol(config))
     if not config.fresh:
         for method, seed in todo:

@@ -14,6 +14,7 @@ import dataclasses
 import multiprocessing
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import time
@@ -26,6 +27,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from fedsens.personalize import runio
 from fedsens.personalize.errors import UserError
 from fedsens.personalize.federation import RunConfig
 from fedsens.sensitivity import runs
@@ -92,7 +94,7 @@ def from_options(
     """The CLI's executor options; workers get the torch threads this process was given (--threads)."""
     import torch
 
-    return ExecutorConfig(
+    config = ExecutorConfig(
         kind=kind,
         jobs=default_jobs if jobs is None else jobs,
         threads=torch.get_num_threads(),
@@ -100,6 +102,19 @@ def from_options(
         gpus_per_cell=gpus_per_cell,
         ray_address=ray_address,
     )
+    from fedsens.sensitivity.ray_executor import check_ray_address  # Ray itself is imported only to run
+
+    check_ray_address(config.ray_address)  # before any cell trains (the FedAvg reference comes first)
+    return config
+
+
+def clamp_jobs(jobs: int, cells: int, cores: int) -> tuple[int, str | None]:
+    """Worker processes for `jobs` asked, `cells` to train and `cores` on this machine: never more than
+    either (more processes than cores only share the cores, and each costs a start-up); the notice says so."""
+    workers = max(1, min(jobs, cells, cores))
+    if jobs > cores and cells > cores:
+        return workers, f"--jobs {jobs}: this machine has {cores} cores; training {workers} at a time"
+    return workers, None
 
 
 def cores() -> int:
@@ -164,9 +179,7 @@ def write_returned(folder: Path, files: dict[str, bytes]) -> None:
     for name, content in files.items():
         target = folder / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_bytes(content)
-        os.replace(tmp, target)
+        runio.write_bytes(target, content)
 
 
 # ---- the driver: bar, logs, skipping ------------------------------------------------------------
@@ -174,7 +187,7 @@ def write_returned(folder: Path, files: dict[str, bytes]) -> None:
 
 def _log(folder: Path, line: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "log.txt", "a") as log:
+    with runio.writing(folder / "log.txt"), open(folder / "log.txt", "a") as log:
         log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
 
 
@@ -289,6 +302,8 @@ def gpu_groups(gpus: int, per_cell: int) -> list[str]:
 
 
 def _init_worker(events, threads: int, groups: list[str], counter) -> None:
+    # Ctrl-C reaches the whole process group: the driver alone answers it (cancels the queue, ends the workers).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     with counter.get_lock():
         slot = counter.value
         counter.value += 1
@@ -321,12 +336,26 @@ def _drain(queue) -> list[tuple]:
             return found
 
 
+def _stop_pool(pool: ProcessPoolExecutor) -> None:
+    """Cancel every queued run and end the workers: a worker survives the KeyboardInterrupt of its run
+    (the pool catches it) and would take the next queued run. The runs resume from their checkpoints."""
+    pool.shutdown(wait=False, cancel_futures=True)
+    for child in multiprocessing.active_children():
+        child.terminate()
+    for child in multiprocessing.active_children():
+        child.join(timeout=10)
+
+
 def _run_pool(todo: Sequence[Job], executor: ExecutorConfig, driver: Driver) -> dict[str, str]:
     """`jobs` runs at a time in spawned worker processes; a run whose worker died is re-submitted (it
     resumes from its checkpoint) up to `max_retries` times, then recorded as failed."""
     context = multiprocessing.get_context("spawn")
     groups = _local_gpus(executor)
-    workers = min(executor.jobs, len(todo)) if not groups else min(executor.jobs, len(groups), len(todo))
+    workers, notice = clamp_jobs(executor.jobs, len(todo), max(1, cores() // executor.threads))
+    if notice:
+        tqdm.write(notice)
+    if groups:
+        workers = min(workers, len(groups))
     outcome: dict[str, str] = {}
     pending = list(todo)
     while pending:
@@ -339,17 +368,21 @@ def _run_pool(todo: Sequence[Job], executor: ExecutorConfig, driver: Driver) -> 
             initargs=(events, executor.threads, groups, counter),
         ) as pool:
             futures = {pool.submit(_pool_job, job): job for job in pending}
-            while futures:
-                done, _ = wait(futures, timeout=0.3, return_when=FIRST_COMPLETED)
-                driver.events(_drain(events))
-                for future in done:
-                    job = futures.pop(future)
-                    try:
-                        outcome[job.name] = future.result()
-                    except BrokenProcessPool:
-                        lost.append(job)
-                        continue
-                    driver.finish(job.name, outcome[job.name])
+            try:
+                while futures:
+                    done, _ = wait(futures, timeout=0.3, return_when=FIRST_COMPLETED)
+                    driver.events(_drain(events))
+                    for future in done:
+                        job = futures.pop(future)
+                        try:
+                            outcome[job.name] = future.result()
+                        except BrokenProcessPool:
+                            lost.append(job)
+                            continue
+                        driver.finish(job.name, outcome[job.name])
+            except BaseException:  # Ctrl-C, SIGTERM: no queued run may start; the running ones stop now
+                _stop_pool(pool)
+                raise
         driver.events(_drain(events))
         if lost and not any(driver.attempts[job.name] for job in lost) and not driver.finished:
             raise RuntimeError("the worker processes died before starting any run; see the errors above")
@@ -357,7 +390,7 @@ def _run_pool(todo: Sequence[Job], executor: ExecutorConfig, driver: Driver) -> 
         for job in lost:
             if driver.attempts[job.name] > executor.max_retries:
                 message = f"its worker process died on each of {driver.attempts[job.name]} attempts"
-                (Path(job.config.out) / "error.txt").write_text(message + "\n")
+                runio.write_text(Path(job.config.out) / "error.txt", message + "\n")
                 outcome[job.name] = "failed"
                 driver.finish(job.name, "failed", f": {message}")
             else:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from fedsens.personalize import runio
 from fedsens.personalize.errors import UserError
 from fedsens.sensitivity.ranking import accuracy_order
 
@@ -40,13 +41,13 @@ def _ranking(sweep_dir: Path) -> pd.DataFrame:
         raise UserError(
             f"{sweep_dir} is not a finished sweep folder (no ranking.csv); run `fedsens sweep --out {sweep_dir}` first"
         )
-    return pd.read_csv(path)
+    return runio.read_table(path, "run the sweep again to rewrite it", required=("part", "metric", "rank", "score"))
 
 
 def attention_blocks(sweep_dir: Path) -> list[int]:
     """The model's blocks holding attention, from any cell's parts.csv."""
     for parts_csv in sorted((sweep_dir / "cells").glob("*/parts.csv")):
-        parts = pd.read_csv(parts_csv)
+        parts = runio.read_table(parts_csv, "re-run the sweep", required=("part", "block"))
         blocks = parts.loc[parts["part"] == "attn", "block"].dropna()
         if len(blocks):
             return sorted({int(b) for b in blocks})

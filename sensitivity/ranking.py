@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from fedsens.personalize import runio
 from fedsens.personalize.errors import CorruptFileError, UserError
 from fedsens.personalize.schema import DIVERGENCE_METRICS, GAIN, RANKING_COLUMNS, TAIL_GAIN
 from fedsens.personalize.stats import spearman
@@ -144,12 +145,7 @@ def top_parts(sweep_dir: str | Path, k: int) -> str:
         )
     if k < 1:
         raise UserError(f"--top must be at least 1 (got {k})")
-    try:
-        table = pd.read_csv(path)
-    except pd.errors.EmptyDataError:
-        table = pd.DataFrame()
-    except (pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise CorruptFileError(path, str(err).splitlines()[0], "run the sweep again to rewrite it") from None
+    table = runio.read_table(path, "run the sweep again to rewrite it", required=())
     missing = [c for c in ("part", "metric", "rank", "score") if c not in table.columns]
     if missing:
         raise CorruptFileError(
@@ -205,5 +201,5 @@ def write_seed_half_agreement(sweep_dir: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise UserError(f"{sweep_dir} is not a finished sweep folder (no sensitivity.csv)")
     table = seed_half_agreement(pd.read_csv(path))
-    table.to_csv(Path(sweep_dir) / "split_seeds.csv", index=False)
+    runio.write_table(Path(sweep_dir) / "split_seeds.csv", table.to_dict("records"), list(table.columns))
     return table

@@ -8,11 +8,14 @@ their start and rounds to a small actor that the driver drains into its one prog
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fedsens.personalize import runio
 from fedsens.personalize.errors import UserError
 from fedsens.sensitivity.executors import (
     Driver,
@@ -23,6 +26,33 @@ from fedsens.sensitivity.executors import (
     worker_location,
     write_returned,
 )
+
+RAY_CONNECT_TIMEOUT = 5.0  # seconds to wait for a Ray cluster's port to answer
+
+
+def ray_host_port(address: str) -> tuple[str, int]:
+    """HOST:PORT (or ray://HOST:PORT) of --ray-address; a UserError when it is neither."""
+    bare = address.split("://", 1)[-1]
+    host, sep, port = bare.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(f"--ray-address {address!r} is not HOST:PORT (e.g. 127.0.0.1:6379) or auto")
+    return host.strip("[]"), int(port)
+
+
+def check_ray_address(address: str | None, timeout: float = RAY_CONNECT_TIMEOUT) -> None:
+    """A cluster address must answer within `timeout` seconds: Ray itself retries a dead address for
+    minutes. None (start a cluster here) and auto (Ray finds it) are left to Ray."""
+    if address is None or address == "auto":
+        return
+    host, port = ray_host_port(address)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as err:
+        reason = "no answer" if isinstance(err, TimeoutError) else (err.strerror or str(err)).lower()
+        raise UserError(
+            f"--ray-address {address}: nothing answers there within {timeout:g} s ({reason}); start the cluster "
+            "(`ray start --head`) and pass the address it prints, or leave --ray-address out to start one here"
+        ) from None
 
 
 class _Events:
@@ -67,14 +97,24 @@ def _connect_ray(executor: ExecutorConfig):
     if ray.is_initialized():
         return ray, False
     options: dict[str, Any] = dict(log_to_driver=False, configure_logging=False)
+    check_ray_address(executor.ray_address)  # Ray retries a dead address for minutes
     try:
         if executor.ray_address is None:
             ray.init(include_dashboard=False, **options)
         else:
+            if executor.ray_address != "auto" and _is_loopback(ray_host_port(executor.ray_address)[0]):
+                options["_node_ip_address"] = "127.0.0.1"  # else Ray swaps in the machine's interface address
             ray.init(address=executor.ray_address, **options)
     except ConnectionError as err:
         raise UserError(f"--ray-address {executor.ray_address}: no Ray cluster answered ({err})") from None
     return ray, True
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def run_ray(todo: Sequence[Job], executor: ExecutorConfig, driver: Driver) -> dict[str, str]:
@@ -92,23 +132,33 @@ def run_ray(todo: Sequence[Job], executor: ExecutorConfig, driver: Driver) -> di
         node, cwd = ray.get_runtime_context().get_node_id(), os.getcwd()
         refs = {task.remote(job, events, executor.threads, node, cwd): job for job in todo}
         outcome: dict[str, str] = {}
-        while refs:
-            ready, _ = ray.wait(list(refs), num_returns=1, timeout=0.3)
-            driver.events(ray.get(events.drain.remote()))
-            for ref in ready:
-                job = refs.pop(ref)
-                note = ""
-                try:
-                    outcome[job.name], files = ray.get(ref)
-                    write_returned(Path(job.config.out), files)
-                except ray.exceptions.RayError as err:  # retries used up, or the task could not run
-                    note = f": {type(err).__name__} after {driver.attempts[job.name]} attempts"
-                    Path(job.config.out).mkdir(parents=True, exist_ok=True)
-                    (Path(job.config.out) / "error.txt").write_text(f"{err}\n")
-                    outcome[job.name] = "failed"
-                driver.finish(job.name, outcome[job.name], note)
+        try:
+            _wait_all(ray, refs, events, driver, outcome)
+        except BaseException:  # Ctrl-C, SIGTERM: no queued task may start; the runs resume from their checkpoints
+            for ref in refs:
+                ray.cancel(ref, force=True)
+            raise
         driver.events(ray.get(events.drain.remote()))
         return outcome
     finally:
         if connected_here:
             ray.shutdown()
+
+
+def _wait_all(ray, refs: dict, events, driver: Driver, outcome: dict[str, str]) -> None:
+    """Collect each task's outcome as it finishes (`refs` shrinks as they do)."""
+    while refs:
+        ready, _ = ray.wait(list(refs), num_returns=1, timeout=0.3)
+        driver.events(ray.get(events.drain.remote()))
+        for ref in ready:
+            job = refs.pop(ref)
+            note = ""
+            try:
+                outcome[job.name], files = ray.get(ref)
+                write_returned(Path(job.config.out), files)
+            except ray.exceptions.RayError as err:  # retries used up, or the task could not run
+                note = f": {type(err).__name__} after {driver.attempts[job.name]} attempts"
+                Path(job.config.out).mkdir(parents=True, exist_ok=True)
+                runio.write_text(Path(job.config.out) / "error.txt", f"{err}\n")
+                outcome[job.name] = "failed"
+            driver.finish(job.name, outcome[job.name], note)

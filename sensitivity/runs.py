@@ -17,13 +17,17 @@ import pandas as pd
 
 from fedsens.personalize import federation, runio
 from fedsens.personalize.config import FREE_SETTINGS
-from fedsens.personalize.errors import UserError
+from fedsens.personalize.errors import ENVIRONMENT_ERRNOS, CorruptFileError, UserError
 from fedsens.personalize.federation import RunConfig
+
+# What to do about a run folder of a grid whose tables are damaged.
+REDO_FIX = "redo that run with --fresh (or delete its folder)"
 
 
 def read_csv(path: Path) -> pd.DataFrame:
-    """A table, or an empty frame when the file is missing or holds no columns."""
-    return pd.read_csv(path) if path.exists() and path.stat().st_size > 1 else pd.DataFrame()
+    """A run's table, validated (runio.read_table), or an empty frame when the file is missing or holds no
+    columns."""
+    return runio.read_table(path, REDO_FIX) if path.exists() and path.stat().st_size > 1 else pd.DataFrame()
 
 
 def final_accuracy(rounds: pd.DataFrame) -> dict[str, float]:
@@ -60,7 +64,12 @@ def check_same_settings(folder: Path, wanted: RunConfig) -> None:
     """A folder that holds a run with other settings is an error, never silently reused."""
     if not (folder / "config.json").exists():
         return
-    saved = runio.read_json(folder / "config.json")["config"]
+    try:
+        saved = runio.read_json(folder / "config.json")["config"]
+    except CorruptFileError:
+        if (folder / "checkpoint.pt").exists():
+            return  # the checkpoint keeps the run's settings: resuming compares with those and rewrites config.json
+        raise
     differ = sorted(k for k, v in dataclasses.asdict(wanted).items() if k not in FREE_SETTINGS and saved.get(k) != v)
     if differ:
         raise UserError(
@@ -93,8 +102,13 @@ def run_resumable(wanted: RunConfig, hooks: Sequence = (), *, fresh: bool = Fals
     (folder / "error.txt").unlink(missing_ok=True)
     try:
         result = federation.run(wanted, hooks=hooks, resume=True, quiet=quiet)
+    except OSError as err:
+        if err.errno in ENVIRONMENT_ERRNOS:  # a full or read-only disk fails every run alike: stop the grid
+            raise
+        runio.write_text(folder / "error.txt", traceback.format_exc())
+        return "failed"
     except Exception:  # noqa: BLE001 - one failing run is recorded; the grid goes on
-        (folder / "error.txt").write_text(traceback.format_exc())
+        runio.write_text(folder / "error.txt", traceback.format_exc())
         return "failed"
     if result.summary.get("status") == "diverged":  # recorded as diverged (status); counted with the failures
         return "failed"

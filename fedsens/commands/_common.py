@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import functools
-from collections.abc import Callable
+import inspect
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import typer
 
-from fedsens.personalize.errors import UserError, describe_os_error
+from fedsens.personalize.errors import ENVIRONMENT_ERRNOS, WITH_OUT, WITHOUT_OUT, UserError, describe_os_error
 
 F = TypeVar("F", bound=Callable)
 
@@ -18,23 +21,53 @@ def clean_errors(command: F) -> F:
     """Wrap a command so bad input prints `error: ...` on one line instead of a traceback.
 
     An OSError that names a file (permission denied, read-only, disk full, a file where a folder should
-    be) is about the user's paths; one without a file name is a bug and keeps its traceback.
+    be) is about the user's paths, and so is one about the disk (full, read-only, no permission) even
+    when the OS gave no file name; any other is a bug and keeps its traceback. The advice says how to
+    write elsewhere in this command's terms: its --out, or (a command without one) a copy of the folder.
     """
+    has_out = "out" in inspect.signature(command).parameters
+    elsewhere = WITH_OUT if has_out else WITHOUT_OUT
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            with _terminate_as_interrupt():
+                return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            typer.echo(
+                "interrupted: finished rounds and runs are kept; the same command with --resume (train) or "
+                "again (sweep, compare) continues",
+                err=True,
+            )
+            raise typer.Exit(130) from None
         except UserError as err:
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(2) from None
         except OSError as err:
-            if err.filename is None:
+            if err.filename is None and err.errno not in ENVIRONMENT_ERRNOS:
                 raise
-            typer.echo(f"error: {describe_os_error(err)}", err=True)
+            typer.echo(f"error: {describe_os_error(err, elsewhere)}", err=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler, `kill`) stops a command as Ctrl-C does: queued runs are cancelled, workers
+    ended, locks released, temporaries removed, instead of the process vanishing mid-step."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def comma_list(text: str | None, kind: type, option: str, example: str) -> tuple | None:
@@ -51,6 +84,7 @@ def comma_list(text: str | None, kind: type, option: str, example: str) -> tuple
 
 def overlay(base, *, run: dict, grid: dict):
     """A grid preset (a sweep or compare config holding a RunConfig in `run`) with every option the user
-    gave (not None) laid over it: a preset never overrides an explicit option."""
-    run_config = base.run.replace(**{k: v for k, v in run.items() if v is not None})
-    return dataclasses.replace(base, run=run_config, **{k: v for k, v in grid.items() if v is not None})
+    gave (not None) laid over it: a preset never overrides an explicit option (presets.overlay)."""
+    from fedsens.personalize import presets
+
+    return presets.overlay(base, run=presets.overlay(base.run, **run), **grid)

@@ -64,8 +64,7 @@ def bench(
 
 
 def _throughput(model: str, batch_size: int, steps: int, device: str, local: list[str], out: Path) -> None:
-    import pandas as pd
-
+    from fedsens.personalize import runio
     from fedsens.personalize.benchmark import THROUGHPUT_COLUMNS, measure_throughput
     from fedsens.personalize.errors import UserError
 
@@ -80,5 +79,5 @@ def _throughput(model: str, batch_size: int, steps: int, device: str, local: lis
             f"step {row['plain_images_s']:.1f} images/s ({row['ratio']:.2f}x) on {row['device']}"
         )
     out.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows, columns=THROUGHPUT_COLUMNS).to_csv(out / "throughput.csv", index=False)
+    runio.write_table(out / "throughput.csv", rows, THROUGHPUT_COLUMNS)
     typer.echo(f"bench: {out / 'throughput.csv'}")

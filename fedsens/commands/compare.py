@@ -20,10 +20,13 @@ if TYPE_CHECKING:  # the library is imported when the command runs, so `fedsens 
 def build_config(name: str, *, run: dict, compare: dict, options: dict | None = None) -> CompareConfig:
     """The preset with every explicitly given option (not None) laid over it; method options (-o) are
     added to the preset's, and each must belong to at least one compared method."""
+    from fedsens.personalize import presets
     from fedsens.sensitivity.compare import check_options_apply, preset
 
     base = preset(name)
-    config = overlay(base, run=run, grid={**compare, "method_options": {**base.method_options, **(options or {})}})
+    overrides = presets.yield_to(base.method_overrides, run, options or {})  # the user's options win here too
+    grid = {**compare, "method_options": {**base.method_options, **(options or {})}, "method_overrides": overrides}
+    config = overlay(base, run=run, grid=grid)
     check_options_apply(config.methods, list(options or {}))
     return config
 

@@ -16,7 +16,7 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
-from fedsens.personalize import runio
+from fedsens.personalize import runio, trees
 from fedsens.personalize.datasets.imageset import ImageSet
 from fedsens.personalize.datasets.registry import DatasetSpec, one_line, register
 from fedsens.personalize.errors import UserError
@@ -86,9 +86,13 @@ def _folders(root: Path, size: int) -> dict[str, ImageFolder]:
         raise UserError(f"Office-Home not found: no Art, Clipart, Product or Real World folder in {root}; {fix}")
     folders = {}
     for path in found:
+        trees.check_no_loops(path, "the Office-Home domain")  # ImageFolder would follow a loop ~40 levels deep
         try:
-            # allow_empty: a domain may lack a class; the class list is the union over domains.
-            folders[path.name] = ImageFolder(str(path), loader=partial(read_rgb, size=size), allow_empty=True)
+            # allow_empty: a domain may lack a class; the class list is the union over domains. Each real file
+            # once: a folder linked twice is not counted twice.
+            folders[path.name] = ImageFolder(
+                str(path), loader=partial(read_rgb, size=size), allow_empty=True, is_valid_file=trees.read_once()
+            )
         except FileNotFoundError:
             raise UserError(f"Office-Home domain {path} has no class folders; {how_to_get(root)}") from None
     if not any(folder.samples for folder in folders.values()):
@@ -99,7 +103,20 @@ def _folders(root: Path, size: int) -> dict[str, ImageFolder]:
 def read_rgb(path: str, size: int) -> Image.Image:
     with Image.open(path) as image:
         image.draft("RGB", (size, size))  # JPEGs decode straight at 1/2..1/8 scale: much faster
-        return image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+        return to_8bit(image).convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+
+
+# Pillow's modes of greyscale images deeper than 8 bits (a 16-bit PNG opens as "I;16" or "I").
+WIDE_GREY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """An 8-bit version of a 16-bit greyscale image, scaled (0..65535 -> 0..255): Pillow's convert("RGB")
+    clips such values at 255 instead, so a mid-grey 16-bit photo would come out almost white."""
+    if image.mode not in WIDE_GREY_MODES:
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    return Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), mode="L")
 
 
 def _file_fingerprint(root: Path, folders: dict[str, ImageFolder], size: int) -> str:

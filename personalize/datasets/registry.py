@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedsens.personalize import trees
 from fedsens.personalize.errors import UserError
 
 # Modules of this package that are not datasets; the built-in datasets are listed in this order.
@@ -83,7 +84,7 @@ class DatasetSpec:
                 f"dataset {self.name!r} needs a data root folder; {self.instructions(**options)} "
                 "and pass that DIR as --data-root DIR"
             )
-        return root
+        return trees.check_root(root, f"the {self.name} data root")  # a link loop reads as "not found" otherwise
 
 
 def register(spec: DatasetSpec, *, replace: bool = False) -> DatasetSpec:

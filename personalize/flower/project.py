@@ -11,6 +11,7 @@ import json
 import math
 from pathlib import Path
 
+from fedsens.personalize import runio
 from fedsens.personalize.config import RunConfig
 from fedsens.personalize.errors import UserError
 
@@ -86,9 +87,11 @@ def write_app(directory: Path, config: RunConfig, *, overwrite: bool = False) ->
     check_protocol(config)
     directory = Path(directory)
     target = directory / "pyproject.toml"
-    if target.exists() and not overwrite:
-        raise UserError(f"{target} exists; pass --overwrite or choose another DIR")
+    files = {target: pyproject_text(config), directory / f"{APP_MODULE}.py": _MODULE_TEXT}
+    present = [path for path in files if path.exists()]
+    if present and not overwrite:  # every file it writes, checked before any is written
+        raise UserError(f"{present[0]} exists; pass --overwrite to replace it or choose another DIR")
     directory.mkdir(parents=True, exist_ok=True)
-    target.write_text(pyproject_text(config))
-    (directory / f"{APP_MODULE}.py").write_text(_MODULE_TEXT)
+    for path, text in files.items():
+        runio.write_text(path, text)
     return target

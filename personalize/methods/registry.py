@@ -10,6 +10,7 @@ command line gives them) into each field's type, and names the valid keys when o
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -93,11 +94,21 @@ def _coerce(kind: Any, value: Any) -> Any:
         if isinstance(value, str):
             return int(value)
     elif kind is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            return float(value)
+            number = float(value)
+        elif isinstance(value, str):
+            number = float(value)
+        if number is not None and math.isfinite(number):  # nan and inf would surface rounds later as a "divergence"
+            return number
     raise ValueError(value)
+
+
+def _non_finite(value: Any) -> bool:
+    try:
+        return not math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
 
 
 def valid_keys(cls: type[Method]) -> str:
@@ -118,8 +129,9 @@ def resolve_options(cls: type[Method], given: Mapping[str, Any]) -> Any:
         try:
             values[key] = _coerce(kind, value)
         except ValueError:
+            wanted = "a finite number" if _non_finite(value) else type_name(kind)
             raise UserError(
-                f"option {key} of method {cls.name} must be {type_name(kind)} (got {value!r}); {valid_keys(cls)}"
+                f"option {key} of method {cls.name} must be {wanted} (got {value!r}); {valid_keys(cls)}"
             ) from None
     return cls.Options(**values)
 
