@@ -175,3 +175,14 @@ def test_a_sweep_runs_on_an_image_folder_with_or_without_a_domain_level(tmp_path
     assert sorted(sensitivity["local_part"]) == ["head", "none"] and (sensitivity["scheme"] == scheme).all()
     partition = next((tmp_path / "sweep" / "cells").glob("*head*")).joinpath("partition.json").read_text()
     assert ("sketch" in partition) == (scheme == "domain")
+
+
+def test_a_link_loop_is_one_line_and_a_folder_linked_twice_is_read_once(tmp_path):
+    root = _class_tree(tmp_path / "pets")
+    (root / "cat" / "again").symlink_to(root / "cat")  # a loop: cat/again/again/... for ever
+    with pytest.raises(UserError, match=r"symbolic link loop: .*again"):
+        data_lib.load("imagefolder", root, size=8)
+    (root / "cat" / "again").unlink()
+    (root / "dog" / "cats").symlink_to(root / "cat")  # cat's images seen twice: under cat/ and dog/cats/
+    data = data_lib.load("imagefolder", root, size=8)
+    assert data.labels.tolist() == [0, 0, 0, 1, 1, 1]

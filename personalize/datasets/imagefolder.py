@@ -24,7 +24,7 @@ from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from tqdm import tqdm
 
-from fedsens.personalize import runio
+from fedsens.personalize import runio, trees
 from fedsens.personalize.datasets.imageset import ImageSet
 from fedsens.personalize.datasets.registry import DatasetSpec, one_line, register
 from fedsens.personalize.errors import UserError
@@ -70,13 +70,15 @@ def _samples(root: Path, domains: dict[str, Path]) -> tuple[list[str], list[tupl
     """The class names (union over domains) and (path, class, domain index) of every image file."""
     found: list[tuple[str, str, int]] = []
     classes: set[str] = set()
+    read_once = trees.read_once()  # a folder linked twice is read once
     for domain_index, folder in enumerate(domains.values()):
         names, _ = find_classes(str(folder))
         for class_name in names:
             class_folder = folder / class_name
             if not any(p.name.lower().endswith(IMG_EXTENSIONS) for p in class_folder.rglob("*") if p.is_file()):
                 raise UserError(f"class folder {class_folder} has no images; add some or remove the folder")
-        for path, index in make_dataset(str(folder), {n: i for i, n in enumerate(names)}, IMG_EXTENSIONS):
+        class_index = {n: i for i, n in enumerate(names)}
+        for path, index in make_dataset(str(folder), class_index, is_valid_file=read_once):
             found.append((path, names[index], domain_index))
         classes.update(names)
     return sorted(classes), found
@@ -158,6 +160,7 @@ def load(
     if options.size < 1:
         raise UserError(f"imagefolder size {size} must be a positive number of pixels")
     root = SPEC.require_root(root)
+    trees.check_no_loops(root, "the image folder")  # rglob and ImageFolder would follow a loop ~40 levels deep
     domains = layout(root)
     classes, samples = _samples(root, domains)
     fingerprint = _fingerprint(root, samples, options.size, options.skip_bad_images)
