@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 pytest.importorskip("flwr")
@@ -93,3 +94,27 @@ def test_train_engine_flower_and_flower_app_from_the_cli(tmp_path):
     # fedsens itself never imports Flower: only its Flower engine and apps do
     probe = "import sys, fedsens.cli, fedsens.personalize.flower; assert 'flwr' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", probe], timeout=120).returncode == 0
+
+
+def test_a_diverging_run_on_flower_ends_diverged_exit_3_as_on_the_builtin_engine(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedsens.cli import app
+    from fedsens.personalize import runio
+
+    tiny = ["--dataset", "synthetic", "--model", "vit-nano", "--clients", "4", "--local-steps", "1", "--quiet"]
+    diverging = [*tiny, "--rounds", "3", "--lr", "1e6", "--optimizer", "sgd", "--device", "cpu"]
+    summaries = {}
+    for engine in ("builtin", "flower"):
+        out = tmp_path / engine
+        result = CliRunner().invoke(app, ["train", *diverging, "--engine", engine, "--out", str(out)])
+        assert result.exit_code == 3, result.output
+        assert "diverged" in result.output and "lower --lr" in result.output and "Traceback" not in result.output
+        summaries[engine] = runio.read_json(out / "summary.json")
+        rounds = runio.read_json(out / "summary.json")["rounds"]
+        assert len(pd.read_csv(out / "rounds.csv")) == rounds  # the tables hold the rounds before it
+    builtin, flower = summaries["builtin"], summaries["flower"]
+    assert builtin["status"] == flower["status"] == "diverged"
+    assert {k: flower["diverged"][k] for k in ("round", "client")} == {
+        k: builtin["diverged"][k] for k in ("round", "client")
+    }

@@ -20,7 +20,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedsens.personalize.client import ClientContext, NonFiniteLoss, RunContext
+from fedsens.personalize.client import ClientContext, RunContext
 from fedsens.personalize.errors import UserError
 from fedsens.personalize.federation import _build_context, assign, snapshot
 from fedsens.personalize.flower import records
@@ -107,8 +107,9 @@ def _enter(
 def train(message: Message, context: Context, run_config: Mapping[str, Any]) -> Message:
     rt, client, _ = _enter(message, context, run_config, 1)
     rt.method.train_client(client)
-    if client.nonfinite:
-        raise NonFiniteLoss(f"client {client.client} hit a non-finite loss in round {client.round}; lower --lr")
+    if client.nonfinite:  # a result, not a crash: the server stops the run as the built-in loop does
+        metrics = {"client": client.client, records.NONFINITE_KEY: client.nonfinite_loss}
+        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)
     _keep(context, snapshot(rt.run.named, rt.run.local_names), client.state)
     content = RecordDict(
         {

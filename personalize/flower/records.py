@@ -15,6 +15,8 @@ from fedsens.personalize.errors import UserError
 
 # Run-config keys that are not RunConfig fields: how the apps run rather than what they compute.
 ENGINE_KEYS = {"torch-threads": 1, "reply-timeout": 600.0, "quiet": True}
+# A train reply's metric when local training hit a non-finite loss (the reply then carries no tensors).
+NONFINITE_KEY = "nonfinite-loss"
 
 
 def to_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:

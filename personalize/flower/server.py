@@ -77,6 +77,10 @@ class FedsensStrategy(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, None]:
         contents = sorted(_contents(replies, "train"), key=lambda c: records.scalar(c, "metrics", "client"))
+        for content in contents:  # the first diverged client in client order, as the built-in loop stops at
+            metrics = content.metric_records["metrics"]
+            if records.NONFINITE_KEY in metrics:
+                raise NonFiniteLoss(int(metrics["client"]), server_round, float(metrics[records.NONFINITE_KEY]))
         if len(contents) != len(self._round["participants"]):
             raise RuntimeError(f"round {server_round}: {len(contents)} of {len(self._round['participants'])} replied")
         self._round["train_up_bytes"] = sum(c.array_records["arrays"].count_bytes() for c in contents)
@@ -146,10 +150,7 @@ def _contents(replies: Iterable[Message], what: str) -> list[RecordDict]:
     contents = []
     for reply in replies:
         if reply.has_error():
-            reason = reply.error.reason or ""
-            if "non-finite loss" in reason:  # Flower's reason: "<class '...'>:<'MESSAGE'>"
-                raise NonFiniteLoss(reason.rsplit(":<'", 1)[-1].rstrip("'>"))
-            raise RuntimeError(f"a client failed in {what}: {reason}")
+            raise RuntimeError(f"a client failed in {what}: {reply.error.reason or ''}")
         contents.append(reply.content)
     return contents
 
@@ -198,13 +199,20 @@ def serve(grid: Grid, run_config: Mapping[str, Any]) -> dict:
     )
     nodes = map_clients(grid, config.clients, timeout)
     strategy = FedsensStrategy(run, method, nodes, quiet=bool(records.engine_option(run_config, "quiet")))
-    strategy.start(grid, records.to_record(snapshot(run.named, run.shared_names)), config.rounds, timeout=timeout)
-    strategy.close()
+    diverged: dict | None = None
+    try:
+        strategy.start(grid, records.to_record(snapshot(run.named, run.shared_names)), config.rounds, timeout=timeout)
+    except NonFiniteLoss as err:  # a result, not a crash: the tables hold the rounds before it
+        diverged = {"round": err.round, "client": err.client, "loss": err.loss, "message": str(err)}
+    finally:
+        strategy.close()
     runio.write_table(out / "metrics.csv", strategy.metrics, runio.TABLE_COLUMNS["metrics"])
     rounds = runio.write_table(out / "rounds.csv", strategy.rounds, runio.TABLE_COLUMNS["rounds"])
     runio.write_table(out / "flower.csv", strategy.traffic, FLOWER_COLUMNS)
     progress = SimpleNamespace(round=len(strategy.rounds), seconds=strategy.seconds)  # what _summary reads of a state
     summary = _summary(run, method, progress, rounds)  # type: ignore[arg-type]
+    if diverged is not None:
+        summary.update(status="diverged", diverged=diverged)
     runio.write_json(out / "summary.json", {**summary, "engine": "flower"})
     return summary
 
