@@ -17,17 +17,15 @@ from typer.testing import CliRunner
 from fedsens.cli import app
 
 BASELINE = Path(__file__).parent / "data" / "baseline-7c344f0"
-SYNTHETIC = ["--dataset", "synthetic", "--model", "vit-nano"]
+SYNTHETIC = "--dataset synthetic --model vit-nano "
 RUNS = {
-    "tiny_default": ["--rounds", "3", "--clients", "6"],
-    "syn_fedperfix": [*SYNTHETIC, "--rounds", "2", "--clients", "4", "--method", "fedperfix", "--local-steps", "2"],
-    "syn_population": [
-        *SYNTHETIC, "--rounds", "2", "--clients", "8", "--synthetic-per-client", "12", "--synthetic-size", "8",
-        "--synthetic-classes", "4", "--scheme", "iid", "--local-steps", "2", "--personalize", "attn@0-0,head",
-    ],  # fmt: skip
-    "flower_fedper": [
-        *SYNTHETIC, "--rounds", "2", "--clients", "4", "--method", "fedper", "--local-steps", "1", "--engine", "flower",
-    ],  # fmt: skip
+    "tiny_default": "--rounds 3 --clients 6".split(),
+    "syn_fedperfix": (SYNTHETIC + "--rounds 2 --clients 4 --method fedperfix --local-steps 2").split(),
+    "syn_population": (
+        SYNTHETIC + "--rounds 2 --clients 8 --synthetic-per-client 12 --synthetic-size 8 --synthetic-classes 4 "
+        "--scheme iid --local-steps 2 --personalize attn@0-0,head"
+    ).split(),
+    "flower_fedper": (SYNTHETIC + "--rounds 2 --clients 4 --method fedper --local-steps 1 --engine flower").split(),
 }
 
 
