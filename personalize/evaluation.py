@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -186,7 +187,7 @@ def _finish(losses: list, correct: list, owner: np.ndarray, count: int) -> list[
 
 def _shared_body(ctx: RunContext, clients: Sequence[int], local: ClientStore, head: str) -> list[EvalResult]:
     """One pass through the shared body for every client; each client's head on its own features."""
-    model = ctx.model
+    model: Any = ctx.model  # a timm model: forward_features and forward_head (checked by _head_prefix)
     index, owner = _test_index(ctx, clients)
     owner_t = torch.from_numpy(owner)
     weight_name, bias_name = head + "weight", head + "bias"

@@ -535,8 +535,9 @@ def _run_locked(
         acc = accuracies[config.eval_protocol]
         for hook in hooks:
             hook_rows = list(hook.on_round_end(round_))
-            if table_of(hook):
-                rows[table_of(hook)] = hook_rows
+            hook_table = table_of(hook)
+            if hook_table:
+                rows[hook_table] = hook_rows
         seconds = time.perf_counter() - started
         rows["rounds"] = [
             {

@@ -93,6 +93,12 @@ def build(
         )
 
 
+def depth(model: nn.Module) -> int:
+    """How many transformer blocks the model has (0 without a `blocks` sequence)."""
+    blocks = getattr(model, "blocks", None)
+    return len(blocks) if isinstance(blocks, nn.Sequential | nn.ModuleList) else 0
+
+
 def _part_of_module(model: nn.Module, path: str, module: nn.Module) -> str | None:
     marked = getattr(type(module), "fedsens_part", None)
     if marked is not None:

@@ -181,7 +181,7 @@ def protocol(config: RunConfig, *, preset: str | None = None, method_overrides: 
         if config.augment_shift == 0 and config.augment_scale == 0
         else (f"shift {config.augment_shift:g}, scale {config.augment_scale:g}")
     )
-    record = {
+    record: dict[str, Any] = {
         "preset": preset,
         "dataset": config.dataset,
         "model": config.model,

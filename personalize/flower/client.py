@@ -108,8 +108,8 @@ def train(message: Message, context: Context, run_config: Mapping[str, Any]) -> 
     rt, client, _ = _enter(message, context, run_config, 1)
     rt.method.train_client(client)
     if client.nonfinite:  # a result, not a crash: the server stops the run as the built-in loop does
-        metrics = {"client": client.client, records.NONFINITE_KEY: client.nonfinite_loss}
-        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)
+        diverged = MetricRecord({"client": client.client, records.NONFINITE_KEY: client.nonfinite_loss})
+        return Message(RecordDict({"metrics": diverged}), reply_to=message)
     _keep(context, snapshot(rt.run.named, rt.run.local_names), client.state)
     content = RecordDict(
         {
@@ -124,8 +124,8 @@ def evaluate(message: Message, context: Context, run_config: Mapping[str, Any]) 
     rt, client, local = _enter(message, context, run_config, 2)
     result = rt.method.evaluate_client(client)
     _keep(context, local, client.state)  # the built-in loop keeps what evaluation does to the extra state
-    metrics = {"client": client.client, "loss": result.loss, "accuracy": result.accuracy, "n": result.n}
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)
+    metrics = MetricRecord({"client": client.client, "loss": result.loss, "accuracy": result.accuracy, "n": result.n})
+    return Message(RecordDict({"metrics": metrics}), reply_to=message)
 
 
 def query(message: Message, context: Context, run_config: Mapping[str, Any]) -> Message:

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 from fedsens.personalize.config import RunConfig
 from fedsens.personalize.errors import UserError
@@ -60,6 +60,14 @@ def config_of(run_config: Mapping[str, Any]) -> RunConfig:
 
 def engine_option(run_config: Mapping[str, Any], key: str) -> Any:
     return run_config.get(key, ENGINE_KEYS[key])
+
+
+def number(record: MetricRecord, key: str) -> float:
+    """One number of a metric record (a record also holds lists; fedsens sends none)."""
+    value = record[key]
+    if isinstance(value, list):
+        raise TypeError(f"metric {key!r} is a list, not a number")
+    return float(value)
 
 
 def scalar(content: RecordDict, record: str, key: str) -> Any:

@@ -80,7 +80,8 @@ class FedsensStrategy(Strategy):
         for content in contents:  # the first diverged client in client order, as the built-in loop stops at
             metrics = content.metric_records["metrics"]
             if records.NONFINITE_KEY in metrics:
-                raise NonFiniteLoss(int(metrics["client"]), server_round, float(metrics[records.NONFINITE_KEY]))
+                loss = records.number(metrics, records.NONFINITE_KEY)
+                raise NonFiniteLoss(int(records.number(metrics, "client")), server_round, loss)
         if len(contents) != len(self._round["participants"]):
             raise RuntimeError(f"round {server_round}: {len(contents)} of {len(self._round['participants'])} replied")
         self._round["train_up_bytes"] = sum(c.array_records["arrays"].count_bytes() for c in contents)
