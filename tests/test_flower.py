@@ -12,8 +12,10 @@ pytest.importorskip("flwr")
 
 from fedsens.personalize import federation  # noqa: E402
 from fedsens.personalize.config import RunConfig  # noqa: E402
+from fedsens.personalize.engine.context import build_context  # noqa: E402
 from fedsens.personalize.flower import records  # noqa: E402
 from fedsens.personalize.flower.engine import run_simulation  # noqa: E402
+from fedsens.personalize.methods import get_method  # noqa: E402
 
 TINY = dict(
     dataset="synthetic", model="vit-nano", clients=4, rounds=3, local_steps=1, join_ratio=0.5, device="cpu", seed=3
@@ -38,7 +40,7 @@ def test_flower_simulation_matches_builtin_engine(tmp_path, method):
     assert list(flower.rounds.columns) == list(builtin.rounds.columns)
     # bytes counted from Flower's ArrayRecords: each participant's shared tensors, each serialised as
     # .npy (a header of at most 128 bytes) and keyed by its name; the local tensors never travel
-    shared = federation._build_context(config, federation.get_method(config), tmp_path / "names").shared_names
+    shared = build_context(config, get_method(config), tmp_path / "names").shared_names
     traffic = flower.tables["flower"]
     participants = flower.metrics.groupby("round")["participated"].sum().to_numpy()
     overhead = (traffic["train_up_bytes"].to_numpy() - builtin.rounds["up_bytes"].to_numpy()) / participants

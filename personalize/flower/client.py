@@ -21,10 +21,11 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedsens.personalize.client import ClientContext, RunContext
+from fedsens.personalize.engine.context import build_context
+from fedsens.personalize.engine.rounds import EVAL_STREAM, TRAIN_STREAM, client_context
+from fedsens.personalize.engine.tensors import assign, snapshot
 from fedsens.personalize.errors import UserError
-from fedsens.personalize.federation import _build_context, assign, snapshot
 from fedsens.personalize.flower import records
-from fedsens.personalize.inputs import seeded_generator
 from fedsens.personalize.methods import Method, get_method
 
 LOCAL_KEY = "fedsens.local"  # Context.state keys: stay on the node
@@ -55,7 +56,7 @@ def runtime(run_config: Mapping[str, Any]) -> ClientRuntime:
         # named by the configuration, so nodes never touch the server's run folder.
         scratch = Path(tempfile.gettempdir()) / "fedsens-flower" / hashlib.sha256(key.encode()).hexdigest()[:16]
         scratch.mkdir(parents=True, exist_ok=True)
-        run = _build_context(config, method, scratch)
+        run = build_context(config, method, scratch)
         _RUNTIMES[key] = ClientRuntime(run, method, snapshot(run.named, [*run.local_names, *run.shared_names]))
     return _RUNTIMES[key]
 
@@ -100,12 +101,11 @@ def _enter(
     local, extra = _client_state(rt, context, cid)
     assign(rt.run.named, records.from_record(message.content.array_records["arrays"], rt.run.device))
     assign(rt.run.named, local)
-    generator = seeded_generator(rt.run.config.seed, round_, cid, stream)
-    return rt, ClientContext(rt.run, cid, round_, extra, generator), local
+    return rt, client_context(rt.run, cid, round_, extra, stream), local
 
 
 def train(message: Message, context: Context, run_config: Mapping[str, Any]) -> Message:
-    rt, client, _ = _enter(message, context, run_config, 1)
+    rt, client, _ = _enter(message, context, run_config, TRAIN_STREAM)
     rt.method.train_client(client)
     if client.nonfinite:  # a result, not a crash: the server stops the run as the built-in loop does
         diverged = MetricRecord({"client": client.client, records.NONFINITE_KEY: client.nonfinite_loss})
@@ -121,7 +121,7 @@ def train(message: Message, context: Context, run_config: Mapping[str, Any]) -> 
 
 
 def evaluate(message: Message, context: Context, run_config: Mapping[str, Any]) -> Message:
-    rt, client, local = _enter(message, context, run_config, 2)
+    rt, client, local = _enter(message, context, run_config, EVAL_STREAM)
     result = rt.method.evaluate_client(client)
     _keep(context, local, client.state)  # the built-in loop keeps what evaluation does to the extra state
     metrics = MetricRecord({"client": client.client, "loss": result.loss, "accuracy": result.accuracy, "n": result.n})
