@@ -17,6 +17,7 @@ import torch
 from timm.layers import Mlp
 from torch import nn
 
+from fedsens.personalize.blocks import resolve_blocks
 from fedsens.personalize.errors import UserError
 from fedsens.personalize.schema import PART_TYPES
 
@@ -158,25 +159,14 @@ def parts(model: nn.Module) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["param", "part", "block", "numel", "bytes"])
 
 
-def _parse_blocks(term: str, text: str) -> range:
-    match = re.fullmatch(r"(\d+)(?:-(\d+))?", text)
-    if not match:
-        raise UserError(f"bad block range in part spec {term!r}; write e.g. attn@9-11 or attn@3")
-    lo = int(match.group(1))
-    hi = int(match.group(2)) if match.group(2) else lo
-    if hi < lo:
-        raise UserError(f"block range in {term!r} runs backwards; write the low block first")
-    return range(lo, hi + 1)
-
-
-def _match_term(table: pd.DataFrame, term: str) -> pd.Series:
+def _match_term(table: pd.DataFrame, term: str, depth: int) -> pd.Series:
     if term == "all":
         return pd.Series(True, index=table.index)
     part, _, blocks = term.partition("@")
     if part in PART_TYPES:
         selected = table["part"] == part
         if blocks:
-            selected &= table["block"].isin(_parse_blocks(term, blocks))
+            selected &= table["block"].isin(resolve_blocks(blocks, depth, what=f"part spec term {term!r}"))
         return selected
     if blocks:
         raise UserError(f"part spec {term!r}: '@blocks' needs a part type ({', '.join(PART_TYPES)})")
@@ -196,7 +186,7 @@ def resolve(model: nn.Module, spec: str) -> list[str]:
     for term in terms:
         if term == "none":
             raise UserError(f"part spec {spec!r} mixes 'none' with other terms; use 'none' alone")
-        matched = _match_term(table, term)
+        matched = _match_term(table, term, depth(model))
         if not matched.any():
             blocks = table.loc[table["block"] >= 0, "block"]
             span = f"blocks 0-{blocks.max()}" if len(blocks) else "no blocks"

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 from torch import nn
 
 from fedsens.personalize import plugins
+from fedsens.personalize.blocks import parse_blocks
 from fedsens.personalize.errors import UserError
 from fedsens.personalize.methods.base import Method
 from fedsens.personalize.methods.registry import register_method
@@ -20,8 +20,7 @@ class PluginOptions:
     scale: float = field(default=1.5, metadata={"help": "scale of the key/value offsets"})
 
     def __post_init__(self):
-        if self.blocks.strip() != "all" and not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", self.blocks.replace(" ", "")):
-            raise UserError(f"option blocks {self.blocks!r}: write all, a list like 2,3 or a range like 9-11")
+        parse_blocks(self.blocks, what=f"option blocks {self.blocks!r}")  # the grammar; the depth at install
 
 
 @register_method
