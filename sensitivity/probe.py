@@ -38,8 +38,8 @@ from fedsens.personalize.engine.tensors import assign
 from fedsens.personalize.errors import UserError
 from fedsens.personalize.inputs import seeded_generator
 from fedsens.personalize.methods import get_method, only_trainable, train_steps
+from fedsens.personalize.ranks import spearman
 from fedsens.personalize.schema import GAIN, PROBE_COLUMNS, PROBE_METRIC, PROBE_RANKING_COLUMNS
-from fedsens.personalize.stats import spearman
 from fedsens.sensitivity import runs
 from fedsens.sensitivity import stats as stats_lib
 from fedsens.sensitivity.ranking import accuracy_order
