@@ -19,23 +19,6 @@ from typing import Any
 from fedsens.personalize.config import RunConfig
 from fedsens.personalize.errors import UserError
 
-# The paper's table rows -> our method that reproduces each. The public code's "FedRep" preset keeps the
-# head local with plain local training (our fedper); our fedrep (the FedRep paper's head-then-body
-# schedule) has no paper row and is reported beside it.
-PAPER_ROWS: Mapping[str, str] = {
-    "fedavg": "FedAvg",
-    "local": "Local",
-    "fedbn": "FedBN",
-    "fedper": "FedRep (public code)",
-    "fedrep": "- (FedRep paper's schedule; not in the paper's table)",
-    "fedbabu": "FedBABU",
-    "apfl": "APFL",
-    "perfedavg": "Per-FedAvg",
-    "vanilla-attention": "Vanilla attention",
-    "vanilla-prefix": "Vanilla prefix",
-    "fedperfix": "FedPerfix",
-}
-
 
 @dataclass(frozen=True)
 class Preset:
@@ -51,7 +34,6 @@ class Preset:
     method_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     sweep: Mapping[str, Any] = field(default_factory=dict)
     compare: Mapping[str, Any] = field(default_factory=dict)
-    paper_rows: Mapping[str, str] = field(default_factory=dict)
 
     def run_config(self, **changes: Any) -> RunConfig:
         return RunConfig(**{**self.run, **changes})
@@ -120,7 +102,6 @@ def _paper_preset(name: str, dataset: str, summary: str, *, fedperfix_local: str
         # Per-FedAvg: the public code's lr 0.001 (its beta defaults to the lr, as the code sets it).
         method_overrides=overrides,
         compare=dict(seeds=(1,), out=f"runs/compare-{dataset}"),
-        paper_rows=PAPER_ROWS,
     )
 
 

@@ -41,3 +41,11 @@ def test_aggregation_streams_a_weighted_mean_and_calls_any_other_methods_hook():
             aggregation.add(state)
         assert aggregation.result()["w"].item() == expected
     assert Aggregation(Median(config), [1]).running is None and Aggregation(Method(config), [1]).running is not None
+
+
+def test_the_paper_rows_come_from_the_method_classes():
+    from fedsens.personalize.methods import paper_labels
+
+    labels = paper_labels()
+    assert labels["fedper"] == "FedRep (public code)" and labels["fedperfix"] == "FedPerfix"
+    assert set(labels) == {name for name, cls in METHODS.items() if cls.paper_row is not None}

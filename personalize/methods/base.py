@@ -42,8 +42,9 @@ class Method:
     """FedAvg with `config.personalize` kept local: the base every method builds on.
 
     Class attributes a method sets: `name` (registry key), `summary` (one line), `paper` (where it
-    comes from), `paper_row` (its row in the paper's main table, or None), `parts` (the part spec it
-    keeps local; None = whatever `--personalize` says) and `Options` (a frozen dataclass).
+    comes from), `paper_row` (its row in the paper's main table, or None), `paper_label` (that row's
+    name), `parts` (the part spec it keeps local; None = whatever `--personalize` says) and `Options`
+    (a frozen dataclass).
 
     Two capabilities say what an engine may do in place of the hooks, for speed:
     `aggregates_by_weighted_mean` (the engine folds each participant's shared tensors into a running
@@ -57,6 +58,7 @@ class Method:
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     paper_row: ClassVar[int | None] = None
+    paper_label: ClassVar[str] = ""  # how compare's paper_rows names the paper's row this method reproduces
     parts: ClassVar[str | None] = None
     Options: ClassVar[type] = NoOptions
     aggregates_by_weighted_mean: ClassVar[bool] = True

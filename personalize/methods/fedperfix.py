@@ -42,6 +42,7 @@ class FedPerfix(Method):
                 raise UserError(f"fedperfix option mid_dim must be at least 1 (got {self.mid_dim})")
 
     name, paper_row, parts = "fedperfix", 11, "plugin,head"
+    paper_label = "FedPerfix"
     summary = "a local adapter per attention layer adds key/value offsets; plugin and head local"
     paper = "Sun et al., FedPerfix: Towards Partial Model Personalization of Vision Transformers in FL, ICCV 2023"
     plugin = "fedperfix"
@@ -79,6 +80,7 @@ class VanillaPrefix(FedPerfix):
                 raise UserError(f"vanilla-prefix option init must be zero or random (got {self.init!r})")
 
     name, paper_row = "vanilla-prefix", 10
+    paper_label = "Vanilla prefix"
     summary = "one linear map per attention layer adds key/value offsets; plugin and head local"
     paper = "Sun et al., FedPerfix, ICCV 2023 (its vanilla-prefix baseline)"
     plugin = "vanilla-prefix"

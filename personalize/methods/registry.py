@@ -53,6 +53,11 @@ def names() -> list[str]:
     return [*paper_methods(), *(name for name, cls in METHODS.items() if cls.paper_row is None)]
 
 
+def paper_labels() -> dict[str, str]:
+    """Each method -> the paper's table row it reproduces (its `paper_label`), for the methods that say."""
+    return {name: cls.paper_label for name, cls in METHODS.items() if cls.paper_label}
+
+
 def paper_methods() -> tuple[str, ...]:
     """The methods of the paper's main table, in its row order."""
     rows = sorted((cls.paper_row, name) for name, cls in METHODS.items() if cls.paper_row is not None)
