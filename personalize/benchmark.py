@@ -301,9 +301,9 @@ def measure_throughput(
 
     The engine's figure includes what a round does around the steps: loading the client's tensors, reading
     and resizing its batches on the device, aggregation. One warm-up round first (kernels, allocator)."""
-    from fedsens.personalize.model import get_preset
+    from fedsens.personalize.model import model_shape
 
-    size = get_preset(model).img_size or 32  # a CPU preset takes the data's own size; CIFAR-like 32 px here
+    size = model_shape(model).img_size or 32  # a CPU preset takes the data's own size; CIFAR-like 32 px here
     config = RunConfig(
         dataset="synthetic", scheme="iid", clients=1, synthetic_per_client=batch_size * 4, synthetic_size=32,
         join_ratio=1.0, rounds=2, local_steps=steps, batch_size=batch_size, model=model, personalize=personalize,

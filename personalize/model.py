@@ -25,8 +25,10 @@ EMBED_PARAMS = ("cls_token", "pos_embed", "reg_token")
 
 
 @dataclass(frozen=True)
-class Preset:
-    """A named ViT shape. `img_size=None` adapts the input size to the data (small CPU presets)."""
+class ModelShape:
+    """A named ViT shape (`--model`), as against a protocol preset (`presets.Preset`, `--preset`).
+
+    `img_size=None` adapts the input size to the data (small CPU shapes)."""
 
     timm_name: str
     embed_dim: int | None = None
@@ -37,13 +39,13 @@ class Preset:
     rgb: bool = True  # paper presets take 3 channels; grey images are repeated
 
 
-PRESETS: dict[str, Preset] = {
-    "vit_small_patch16_224": Preset("vit_small_patch16_224"),
-    "vit_tiny_patch16_224": Preset("vit_tiny_patch16_224"),
-    "vit-mini": Preset("vit_small_patch16_224", 192, 6, 3, img_size=None, rgb=False),
-    "vit-micro": Preset("vit_small_patch16_224", 96, 4, 3, img_size=None, rgb=False),
+MODEL_SHAPES: dict[str, ModelShape] = {
+    "vit_small_patch16_224": ModelShape("vit_small_patch16_224"),
+    "vit_tiny_patch16_224": ModelShape("vit_tiny_patch16_224"),
+    "vit-mini": ModelShape("vit_small_patch16_224", 192, 6, 3, img_size=None, rgb=False),
+    "vit-micro": ModelShape("vit_small_patch16_224", 96, 4, 3, img_size=None, rgb=False),
     # Smaller than anything useful: for tests and smoke runs only.
-    "vit-nano": Preset("vit_small_patch16_224", 48, 2, 3, img_size=None, rgb=False),
+    "vit-nano": ModelShape("vit_small_patch16_224", 48, 2, 3, img_size=None, rgb=False),
 }
 
 
@@ -64,24 +66,24 @@ def input_spec(preset: str, *, data_channels: int, data_size: int) -> InputSpec:
     2-core CPU (10 epochs, centralised, AdamW 3e-3), patch 4 reached 0.87 test accuracy against 0.44
     for patch 2 (16 tokens of 2x2 pixels, too little signal per token), in half the time.
     """
-    p = get_preset(preset)
+    p = model_shape(preset)
     if p.img_size is not None:
         return InputSpec(p.img_size, p.patch_size or 16, 3 if p.rgb else data_channels)
     size = data_size if data_size <= 32 and data_size % 4 == 0 else 32
     return InputSpec(size, 4, data_channels)
 
 
-def get_preset(name: str) -> Preset:
-    if name not in PRESETS:
-        raise UserError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return PRESETS[name]
+def model_shape(name: str) -> ModelShape:
+    if name not in MODEL_SHAPES:
+        raise UserError(f"unknown model preset {name!r}; choose one of {', '.join(MODEL_SHAPES)}")
+    return MODEL_SHAPES[name]
 
 
 def build(
     preset: str, num_classes: int, in_chans: int, img_size: int, *, patch_size: int | None = None, seed: int = 0
 ) -> nn.Module:
     """A timm ViT trained from scratch; the init is seeded without touching the global RNG."""
-    p = get_preset(preset)
+    p = model_shape(preset)
     overrides: dict[str, Any] = {
         k: v for k, v in (("embed_dim", p.embed_dim), ("depth", p.depth), ("num_heads", p.num_heads)) if v is not None
     }

@@ -145,6 +145,11 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+def names_help(default: str) -> str:
+    """Every preset's name for a `--preset` help text, the command's default first."""
+    return " | ".join([f"{default} (the default)", *(name for name in PRESETS if name != default)])
+
+
 def get(name: str, allowed: tuple[str, ...] | None = None) -> Preset:
     names = allowed or tuple(PRESETS)
     if name not in names:
@@ -156,7 +161,7 @@ def protocol(config: RunConfig, *, preset: str | None = None, method_overrides: 
     """The protocol a run (or every run of a grid) follows, as one flat, JSON-ready record."""
     from fedsens.personalize import model as model_lib  # torch: only when a protocol is written
 
-    spec = model_lib.get_preset(config.model)
+    spec = model_lib.model_shape(config.model)
     augment = (
         "off"
         if config.augment_shift == 0 and config.augment_scale == 0

@@ -94,7 +94,7 @@ def per_block_parts(model: str, kinds: tuple[str, ...]) -> tuple[str, ...]:
     unknown = [kind for kind in kinds if kind not in PER_BLOCK_KINDS]
     if unknown:
         raise UserError(f"--per-block takes {', '.join(PER_BLOCK_KINDS)} (got {', '.join(unknown)})")
-    depth = model_lib.get_preset(model).depth
+    depth = model_lib.model_shape(model).depth
     if depth is None:  # a timm-named model keeps timm's depth: build it once to count its blocks
         depth = model_lib.depth(model_lib.build(model, num_classes=2, in_chans=3, img_size=224))
     return tuple(f"{kind}@{block}" for kind in kinds for block in range(depth))

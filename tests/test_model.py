@@ -108,7 +108,7 @@ def test_input_spec_adapts_small_presets_to_the_data():
     assert M.input_spec("vit-micro", data_channels=3, data_size=30) == M.InputSpec(32, 4, 3)
     assert M.input_spec("vit_small_patch16_224", data_channels=1, data_size=28) == M.InputSpec(224, 16, 3)
     with pytest.raises(UserError):
-        M.get_preset("vit-huge")
+        M.model_shape("vit-huge")
 
 
 def test_a_block_range_past_the_models_depth_names_the_missing_blocks():

@@ -10,7 +10,9 @@ from fedsens.commands._common import clean_errors
 from fedsens.commands._options import training_options
 from fedsens.commands.data import NO_VERIFY_HELP, dataset_help
 from fedsens.commands.methods import method_option, options_option
+from fedsens.personalize import presets
 from fedsens.personalize.errors import UserError
+from fedsens.personalize.schema import SCHEMES
 
 
 def _resolve_auto(personalize: str | None, sweep_dir: Path | None, top: int) -> str | None:
@@ -69,7 +71,6 @@ def run_config(
 ):
     """The RunConfig train's options describe (and the sweep's FedPerfix placement, or None): the preset, its
     settings for the method, then every option given. `fedsens flower app` builds its config the same way."""
-    from fedsens.personalize import presets
     from fedsens.personalize.methods.registry import parse_assignments
 
     if sweep_dir is not None and personalize != "auto" and method != "fedperfix":
@@ -117,7 +118,7 @@ def train(
         None,
         "--partition",
         "--scheme",
-        help="iid | dirichlet | pathological | domain, or a partition.json (default: dirichlet; a preset sets its own)",
+        help=f"{' | '.join(SCHEMES)}, or a partition.json (default: dirichlet; a preset sets its own)",
     ),
     alpha: float | None = typer.Option(
         None, help="Dirichlet concentration, small = strong label skew (default: 0.3; a --preset sets its own)"
@@ -138,8 +139,8 @@ def train(
     preset_name: str = typer.Option(
         "embedded",
         "--preset",
-        help="embedded (the default: RunConfig's CPU settings) | quick | default | paper-cifar100 | "
-        "paper-organamnist | paper-officehome. Options you give override the preset.",
+        help=f"{presets.names_help('embedded')}; embedded is RunConfig's CPU settings. "
+        "Options you give override the preset.",
     ),
     method: str | None = method_option(help="the personalized-FL method (fedavg by default); `fedsens methods`"),
     option: list[str] | None = options_option(),
@@ -176,9 +177,9 @@ def train(
     Writes protocol.json, config.json, partition.json, parts.csv, metrics.csv, rounds.csv and summary.json
     into --out.
     """
-    from fedsens.personalize import presets, runio
+    from fedsens.personalize import runio
 
-    options = {k: v for k, v in locals().items() if k not in (*RUN_FLAGS, "presets", "runio")}
+    options = {k: v for k, v in locals().items() if k not in (*RUN_FLAGS, "runio")}
     config, placement = run_config(**options)
     record = presets.protocol(config, preset=preset_name)
     typer.echo(presets.protocol_text(record))
