@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedsens.personalize.config import RunConfig
-from fedsens.personalize.data import ImageSet
+from fedsens.personalize.datasets.imageset import ImageSet
 from fedsens.personalize.inputs import BatchPreparer, batches
 from fedsens.personalize.partition import Partition
 

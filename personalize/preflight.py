@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from fedsens.personalize import data as data_lib
 from fedsens.personalize import model as model_lib
 from fedsens.personalize import partition as partition_lib
 from fedsens.personalize.config import RunConfig
+from fedsens.personalize.datasets.imageset import ImageSet
 from fedsens.personalize.engine.context import load_dataset, partition_options, resolve_device
 from fedsens.personalize.errors import UserError
 from fedsens.personalize.methods import get_method
@@ -21,7 +21,7 @@ from fedsens.personalize.methods import get_method
 
 def check(configs: Iterable[RunConfig]) -> None:
     """Load each dataset once, draw each partition once, resolve each method's local parts once."""
-    datasets: dict[tuple, data_lib.ImageSet] = {}
+    datasets: dict[tuple, ImageSet] = {}
     partitions: set[tuple] = set()
     manifests: set[tuple] = set()
     for config in configs:
@@ -42,7 +42,7 @@ def check(configs: Iterable[RunConfig]) -> None:
         model_lib.manifest(model, spec)
 
 
-def _check_partition(config: RunConfig, dataset: data_lib.ImageSet, seen: set[tuple]) -> None:
+def _check_partition(config: RunConfig, dataset: ImageSet, seen: set[tuple]) -> None:
     if config.scheme.endswith(".json"):
         partition_lib.load(config.scheme)
         return
