@@ -64,7 +64,7 @@ class BenchCase:
             dataset="synthetic",
             scheme="iid",
             clients=self.clients,
-            synthetic_per_client=self.per_client,
+            data_options={"num_samples": self.clients * self.per_client} if self.per_client else {},
             join_ratio=self.join_ratio,
             rounds=self.rounds,
             local_epochs=1,
@@ -305,7 +305,7 @@ def measure_throughput(
 
     size = model_shape(model).img_size or 32  # a CPU preset takes the data's own size; CIFAR-like 32 px here
     config = RunConfig(
-        dataset="synthetic", scheme="iid", clients=1, synthetic_per_client=batch_size * 4, synthetic_size=32,
+        dataset="synthetic", scheme="iid", clients=1, data_options={"num_samples": batch_size * 4, "image_size": 32},
         join_ratio=1.0, rounds=2, local_steps=steps, batch_size=batch_size, model=model, personalize=personalize,
         augment_shift=0.0, augment_scale=0.0, test_fraction=0.25, device=device, out=str(out),
     )  # fmt: skip

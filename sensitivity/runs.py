@@ -60,7 +60,7 @@ def check_same_settings(folder: Path, wanted: RunConfig) -> None:
     """A folder that holds a run with other settings is an error, never silently reused."""
     if not (folder / "config.json").exists():
         return
-    saved = runio.read_json(folder / "config.json")["config"]
+    saved = RunConfig.upgrade_saved(runio.read_json(folder / "config.json")["config"])
     differ = sorted(k for k, v in dataclasses.asdict(wanted).items() if k not in FREE_SETTINGS and saved.get(k) != v)
     if differ:
         raise UserError(

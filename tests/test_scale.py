@@ -149,7 +149,7 @@ class Quiet(Killer):
 def test_synthetic_population_of_any_size_from_the_config(tmp_path):
     config = RunConfig(
         out=str(tmp_path), **{**TINY, "clients": 300, "rounds": 1, "join_ratio": 0.01, "scheme": "iid"},
-        synthetic_per_client=4, synthetic_size=8, synthetic_classes=3,
+        data_options={"num_samples": 300 * 4, "image_size": 8, "num_classes": 3},
     )  # fmt: skip
     result = federation.run(config, quiet=True)
     assert len(result.metrics) == 2 * 300 and set(result.metrics["n"]) == {1}  # both protocols; 3 train, 1 test each

@@ -22,7 +22,8 @@ RUNS = {
     "tiny_default": "--rounds 3 --clients 6".split(),
     "syn_fedperfix": (SYNTHETIC + "--rounds 2 --clients 4 --method fedperfix --local-steps 2").split(),
     "syn_population": (
-        SYNTHETIC + "--rounds 2 --clients 8 --synthetic-per-client 12 --synthetic-size 8 --synthetic-classes 4 "
+        # 7c344f0 spelled the population --synthetic-per-client 12 --synthetic-size 8 --synthetic-classes 4
+        SYNTHETIC + "--rounds 2 --clients 8 -d num_samples=96 -d image_size=8 --data-option num_classes=4 "
         "--scheme iid --local-steps 2 --personalize attn@0-0,head"
     ).split(),
     "flower_fedper": (SYNTHETIC + "--rounds 2 --clients 4 --method fedper --local-steps 1 --engine flower").split(),

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from fedsens.commands._common import clean_errors
+from fedsens.personalize import options as options_lib
 from fedsens.personalize.datasets import registry
 
 NO_VERIFY_HELP = "Skip the files' checksum check (CIFAR-100's md5): for dataset files you wrote yourself."
@@ -57,5 +58,8 @@ def list_datasets(
         if spec.domains:
             defaults += ", domains"
         typer.echo(f"{'':<22} defaults: {defaults}")
+        for key, (option, kind) in options_lib.fields_of(spec.Options).items():
+            help_text = option.metadata.get("help", "")
+            typer.echo(f"{'':<22} -d {key}={option.default}  ({options_lib.type_name(kind)}) {help_text}".rstrip())
         if present is not True and spec.needs_root:
             typer.echo(f"{'':<22} get it: {spec.instructions(data_root or 'DIR')}")

@@ -64,9 +64,7 @@ def run_config(
     top_blocks: int | None,
     client_store: str | None,
     checkpoint_every: int | None,
-    synthetic_per_client: int | None,
-    synthetic_size: int | None,
-    synthetic_classes: int | None,
+    data_option: list[str] | None,
     knobs: dict,
 ):
     """The RunConfig train's options describe (and the sweep's FedPerfix placement, or None): the preset, its
@@ -88,9 +86,8 @@ def run_config(
         "verify": False if no_verify else None,
         "client_store": client_store,
         "checkpoint_every": checkpoint_every,
-        "synthetic_per_client": synthetic_per_client,
-        "synthetic_size": synthetic_size,
-        "synthetic_classes": synthetic_classes,
+        "data_options": parse_assignments(data_option, flag="-d", example="num_samples=96", lister="fedsens data list")
+        or None,
     }
     chosen = presets.get(preset_name)
     # the preset's settings for the method (Per-FedAvg's lr, FedPerfix's adapter ...), then every option
@@ -159,11 +156,13 @@ def train(
     checkpoint_every: int | None = typer.Option(
         None, help="write the checkpoint every N rounds (default 1; 10 when the in-memory client state is > 256 MB)"
     ),
-    synthetic_per_client: int | None = typer.Option(
-        None, help="synthetic: samples per client (population = clients x this), e.g. 8 with --clients 10000"
+    data_option: list[str] | None = typer.Option(
+        None,
+        "--data-option",
+        "-d",
+        help="the dataset's own option KEY=VALUE (repeatable; `fedsens data list` lists each dataset's), "
+        "e.g. -d num_samples=80000 for a synthetic population of 10,000 x 8",
     ),
-    synthetic_size: int | None = typer.Option(None, help="synthetic: image side in pixels (default 16)"),
-    synthetic_classes: int | None = typer.Option(None, help="synthetic: number of classes (default 10)"),
     engine: str = typer.Option(
         "builtin",
         help="builtin (fedsens's round loop), flower (Flower's simulation engine, ClientApps in this process) "

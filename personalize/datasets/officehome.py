@@ -173,5 +173,6 @@ SPEC = register(
         guide=instructions,
         present=present,
         decodes_at="size",
+        reports_progress=True,
     )
 )

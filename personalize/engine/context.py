@@ -12,7 +12,6 @@ from fedsens.personalize import model as model_lib
 from fedsens.personalize import partition as partition_lib
 from fedsens.personalize.client import RunContext
 from fedsens.personalize.config import RunConfig
-from fedsens.personalize.datasets import synthetic
 from fedsens.personalize.datasets.imageset import ImageSet
 from fedsens.personalize.engine.tensors import named_tensors, split_names
 from fedsens.personalize.errors import UserError
@@ -81,13 +80,8 @@ def load_dataset(config: RunConfig) -> ImageSet:
         # Without a fixed native size the images count as large: a small preset then caps its input at 32 px.
         native = spec.image_size or 1024
         input_size = model_lib.input_spec(config.model, data_channels=spec.channels or 3, data_size=native).img_size
-    options = {}
-    if config.dataset == "synthetic":  # a population of any size from the command line
-        options = synthetic.population_options(
-            config.clients, config.synthetic_per_client, config.synthetic_size, config.synthetic_classes
-        )
     return dataset_lib.load_for_run(
-        config.dataset, config.data_root, input_size=input_size, verify=config.verify, **options
+        config.dataset, config.data_root, options=config.data_options, input_size=input_size, verify=config.verify
     )
 
 

@@ -75,7 +75,7 @@ def start_state(ctx: RunContext, method: Method, *, resume: bool, overwrite: boo
         return fresh_state(ctx, method)
     if not resume:
         raise UserError(f"{ctx.out} already holds a run; pass --resume to continue it or --overwrite to start over")
-    saved = runio.read_json(ctx.out / "config.json")["config"]
+    saved = RunConfig.upgrade_saved(runio.read_json(ctx.out / "config.json")["config"])
     wanted = comparable_settings(ctx.config)
     differ = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in wanted.items() if saved.get(k) != v]
     if differ:

@@ -15,6 +15,7 @@ from fedsens.personalize.errors import UserError
 
 # Run-config keys that are not RunConfig fields: how the apps run rather than what they compute.
 ENGINE_KEYS = {"torch-threads": 1, "reply-timeout": 600.0, "quiet": True}
+MAPPING_FIELDS = ("method_options", "data_options")  # RunConfig fields that travel as JSON strings
 # A train reply's metric when local training hit a non-finite loss (the reply then carries no tensors).
 NONFINITE_KEY = "nonfinite-loss"
 
@@ -35,7 +36,8 @@ def from_record(record: ArrayRecord, device: torch.device | str = "cpu") -> dict
 def run_config_of(config: RunConfig, **engine: Any) -> dict[str, bool | int | float | str]:
     """A RunConfig as Flower's run config: one key per field that is set (Flower has no None)."""
     values = {k: v for k, v in dataclasses.asdict(config).items() if v is not None}
-    values["method_options"] = json.dumps(dict(config.method_options))  # Flower's values are scalars
+    for mapping in MAPPING_FIELDS:  # Flower's values are scalars
+        values[mapping] = json.dumps(dict(getattr(config, mapping)))
     return {**values, **{k: v for k, v in ENGINE_KEYS.items() if k not in engine}, **engine}
 
 
@@ -49,7 +51,7 @@ def config_of(run_config: Mapping[str, Any]) -> RunConfig:
     for name, value in run_config.items():
         if name not in fields:
             continue
-        if name == "method_options" and isinstance(value, str):
+        if name in MAPPING_FIELDS and isinstance(value, str):
             values[name] = json.loads(value)
             continue
         default = fields[name].default
