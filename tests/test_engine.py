@@ -49,3 +49,16 @@ def test_the_paper_rows_come_from_the_method_classes():
     labels = paper_labels()
     assert labels["fedper"] == "FedRep (public code)" and labels["fedperfix"] == "FedPerfix"
     assert set(labels) == {name for name, cls in METHODS.items() if cls.paper_row is not None}
+
+
+def test_the_engine_page_runs_as_written(tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "engine.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", page, flags=re.S)
+    assert blocks
+    monkeypatch.chdir(tmp_path)
+    for block in blocks:
+        exec(compile(block, "docs/engine.md", "exec"), {})
+    assert (tmp_path / "runs" / "by-hand" / "partition.json").is_file()
