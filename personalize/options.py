@@ -80,3 +80,20 @@ def resolve(options: type, given: Mapping[str, Any], *, owner: str) -> Any:
                 f"option {key} of {owner} must be {type_name(kind)} (got {value!r}); {valid_keys(options)}"
             ) from None
     return options(**values)
+
+
+def parse_assignments(
+    items: list[str] | None, *, flag: str = "-o", example: str = "scale=0.5", lister: str = "fedsens methods"
+) -> dict[str, str]:
+    """['scale=0.5', 'local=blocks.11'] (a repeated -o or -d) -> {'scale': '0.5', 'local': 'blocks.11'}; `flag`,
+    `example` and `lister` say which option its errors are about."""
+    parsed: dict[str, str] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UserError(f"{flag} {item!r} is not KEY=VALUE; write e.g. {flag} {example} (`{lister}` lists options)")
+        if key in parsed:
+            raise UserError(f"{flag} {key} is given twice; give each option once")
+        parsed[key] = value.strip()
+    return parsed

@@ -325,7 +325,7 @@ def test_cli_download_cifar100_asks_torchvision_to_download(tmp_path, monkeypatc
 def test_cli_download_organamnist_asks_medmnist_for_the_size(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(organamnist, "OrganAMNIST", lambda **kwargs: calls.append(kwargs))
-    result = CliRunner().invoke(app, ["data", "download", "organamnist", "--root", str(tmp_path), "--size", "64"])
+    result = CliRunner().invoke(app, ["data", "download", "organamnist", "--root", str(tmp_path), "-d", "size=64"])
     assert result.exit_code == 0, result.output
     assert calls == [{"split": "train", "download": True, "root": str(tmp_path), "size": 64}]
     assert str(tmp_path / "organamnist_64.npz") in result.output

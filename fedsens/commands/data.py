@@ -25,13 +25,20 @@ def download(
     root: Path | None = typer.Option(
         None, "--root", help="Folder to download into (cifar100, organamnist) or to lay Office-Home out in."
     ),
-    size: int = typer.Option(28, "--size", help="OrganAMNIST image size: 28, 64, 128 or 224."),
+    data_option: list[str] | None = typer.Option(
+        None,
+        "--data-option",
+        "-d",
+        help="the dataset's own option KEY=VALUE (`fedsens data list`), e.g. -d size=64 for OrganAMNIST's 64 px",
+    ),
     no_verify: bool = typer.Option(False, "--no-verify", help=NO_VERIFY_HELP),
 ) -> None:
     """Download CIFAR-100 or OrganAMNIST; print where to get Office-Home and its layout."""
     from fedsens.personalize.download import download as fetch
+    from fedsens.personalize.options import parse_assignments
 
-    typer.echo(fetch(name, root, size=size, verify=not no_verify))
+    options = parse_assignments(data_option, flag="-d", example="size=64", lister="fedsens data list")
+    typer.echo(fetch(name, root, options=options, verify=not no_verify))
 
 
 @clean_errors

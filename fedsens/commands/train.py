@@ -69,7 +69,7 @@ def run_config(
 ):
     """The RunConfig train's options describe (and the sweep's FedPerfix placement, or None): the preset, its
     settings for the method, then every option given. `fedsens flower app` builds its config the same way."""
-    from fedsens.personalize.methods.registry import parse_assignments
+    from fedsens.personalize.options import parse_assignments
 
     if sweep_dir is not None and personalize != "auto" and method != "fedperfix":
         raise UserError("--from only makes sense with --personalize auto or --method fedperfix")

@@ -30,7 +30,7 @@ def check_size(size: int) -> None:
 
 
 def how_to_get(root: Path | str = "DIR", size: int = 28, **_) -> str:
-    size_flag = f" --size {size}" if size != 28 else ""
+    size_flag = f" -d size={size}" if size != 28 else ""
     return f"run `fedsens data download organamnist --root {root}{size_flag}`"
 
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from fedsens.personalize import options as options_lib
 from fedsens.personalize.errors import UserError
+from fedsens.personalize.options import parse_assignments as parse_assignments  # re-exported: -o's parser
 from fedsens.personalize.options import type_name as type_name  # re-exported: `fedsens methods` shows it
 
 if TYPE_CHECKING:
@@ -79,19 +80,3 @@ def resolve_options(cls: type[Method], given: Mapping[str, Any]) -> Any:
 def options_dict(options: Any) -> dict[str, Any]:
     """Options as the plain JSON-friendly mapping RunConfig keeps and config.json records."""
     return dataclasses.asdict(options)
-
-
-def parse_assignments(
-    items: list[str] | None, *, flag: str = "-o", example: str = "scale=0.5", lister: str = "fedsens methods"
-) -> dict[str, str]:
-    """['scale=0.5', 'local=blocks.11'] (repeated -o/--option) -> {'scale': '0.5', 'local': 'blocks.11'}."""
-    parsed: dict[str, str] = {}
-    for item in items or ():
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise UserError(f"{flag} {item!r} is not KEY=VALUE; write e.g. {flag} {example} (`{lister}` lists options)")
-        if key in parsed:
-            raise UserError(f"{flag} {key} is given twice; give each option once")
-        parsed[key] = value.strip()
-    return parsed
