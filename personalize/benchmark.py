@@ -25,9 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedsens.personalize import federation
 from fedsens.personalize.config import RunConfig
-from fedsens.personalize.inputs import batches
+from fedsens.personalize.engine.context import build_context
+from fedsens.personalize.engine.protocols import evaluate_after_aggregation
+from fedsens.personalize.engine.rounds import TRAIN_STREAM, sample_clients, train_round
+from fedsens.personalize.engine.state import checkpoint_every, save_checkpoint, start_state
+from fedsens.personalize.engine.tables import TableWriter
+from fedsens.personalize.inputs import batches, seeded_generator
 from fedsens.personalize.methods import get_method
 
 COLUMNS = [
@@ -60,7 +64,7 @@ class BenchCase:
             dataset="synthetic",
             scheme="iid",
             clients=self.clients,
-            synthetic_per_client=self.per_client,
+            data_options={"num_samples": self.clients * self.per_client} if self.per_client else {},
             join_ratio=self.join_ratio,
             rounds=self.rounds,
             local_epochs=1,
@@ -80,39 +84,38 @@ def measure(case: BenchCase, out: Path) -> dict:
     """One configuration, in this process: the loop (or the reference loop) and the bare compute."""
     config = case.run_config(out)
     method = get_method(config)
-    ctx = federation._build_context(config, method, out)
-    state = federation._start_state(ctx, method, resume=False, overwrite=True)
+    ctx = build_context(config, method, out)
+    state = start_state(ctx, method, resume=False, overwrite=True)
     train_s = eval_s = keep_s = save_s = bare_train = bare_eval = 0.0
     # `train` writes the checkpoint every `every` rounds (every 10th for a large memory store): its cost
     # per round is the write's time over `every`, though the benchmark writes one every round.
-    every = federation._checkpoint_every(ctx, state)
+    every = checkpoint_every(ctx, state)
     reference = _Reference(ctx) if case.loop == "pfllib" else None
-    columns: dict = {}
-    _bare_train(ctx, federation.sample_clients(config, 1)[:2], 0)  # warm-up: first calls allocate and pick kernels
+    writer = TableWriter(out)
+    _bare_train(ctx, sample_clients(config, 1)[:2], 0)  # warm-up: first calls allocate and pick kernels
     _bare_eval(ctx)
     for round_ in range(1, case.rounds + 1):
-        participants = federation.sample_clients(config, round_)
+        participants = sample_clients(config, round_)
         started = time.perf_counter()
         if reference is not None:
             reference.train(participants, round_)
         else:
-            federation._train_round(ctx, method, state, round_, hooks=())
+            train_round(ctx, method, state, round_)
         train_s += time.perf_counter() - started
         started = time.perf_counter()
         if reference is not None:
             reference.evaluate()
         else:
-            rows = {"metrics": federation._evaluate_all(ctx, method, state, round_, set(participants))}
+            rows = {"metrics": evaluate_after_aggregation(ctx, method, state, round_, set(participants))}
         eval_s += time.perf_counter() - started
         if reference is None:
             started = time.perf_counter()
             rows["rounds"] = [{"round": round_}]
-            federation._append_tables(ctx, state, rows, columns)
+            writer.append(state, rows)
             state.round = round_
             keep_s += time.perf_counter() - started
             started = time.perf_counter()
-            federation.runio.save_checkpoint(out / "checkpoint.pt", state.checkpoint())
-            state.local.commit()
+            save_checkpoint(ctx, state)
             save_s += time.perf_counter() - started
         bare_train += _bare_train(ctx, participants, round_)
         bare_eval += _bare_eval(ctx)
@@ -153,7 +156,7 @@ def _bare_train(ctx, participants: list[int], round_: int) -> float:
     for c in participants:
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=True)
         model.train()
-        generator = federation.seeded_generator(cfg.seed, round_, c, 1)
+        generator = seeded_generator(cfg.seed, round_, c, TRAIN_STREAM)
         for x, y in batches(
             ctx.images, ctx.labels, ctx.partition.train[c], ctx.prepare,
             batch_size=cfg.batch_size, generator=generator, epochs=cfg.local_epochs, augment=True,
@@ -298,21 +301,21 @@ def measure_throughput(
 
     The engine's figure includes what a round does around the steps: loading the client's tensors, reading
     and resizing its batches on the device, aggregation. One warm-up round first (kernels, allocator)."""
-    from fedsens.personalize.model import get_preset
+    from fedsens.personalize.model import model_shape
 
-    size = get_preset(model).img_size or 32  # a CPU preset takes the data's own size; CIFAR-like 32 px here
+    size = model_shape(model).img_size or 32  # a CPU preset takes the data's own size; CIFAR-like 32 px here
     config = RunConfig(
-        dataset="synthetic", scheme="iid", clients=1, synthetic_per_client=batch_size * 4, synthetic_size=32,
+        dataset="synthetic", scheme="iid", clients=1, data_options={"num_samples": batch_size * 4, "image_size": 32},
         join_ratio=1.0, rounds=2, local_steps=steps, batch_size=batch_size, model=model, personalize=personalize,
         augment_shift=0.0, augment_scale=0.0, test_fraction=0.25, device=device, out=str(out),
     )  # fmt: skip
     method = get_method(config)
-    ctx = federation._build_context(config, method, out)
-    state = federation._start_state(ctx, method, resume=False, overwrite=True)
-    federation._train_round(ctx, method, state, 1, hooks=())
+    ctx = build_context(config, method, out)
+    state = start_state(ctx, method, resume=False, overwrite=True)
+    train_round(ctx, method, state, 1)
     _synchronize(ctx.device)
     started = time.perf_counter()
-    federation._train_round(ctx, method, state, 2, hooks=())
+    train_round(ctx, method, state, 2)
     _synchronize(ctx.device)
     engine_s = time.perf_counter() - started
     engine_images = _images_in_steps(len(ctx.partition.train[0]), batch_size, steps)

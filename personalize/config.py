@@ -64,18 +64,14 @@ class RunConfig:
     # The method's own options (see `fedsens methods`): a plain mapping, completed with the method's
     # defaults and type-checked on construction, so config.json records every value the run used.
     method_options: Mapping[str, Any] = field(default_factory=dict)
-    # Dataset loading: the loader's own keyword options (e.g. the planted dataset's effect and strength).
+    # Dataset loading: the dataset's own options (`fedsens data list`; e.g. synthetic's num_samples, the planted
+    # dataset's effect and strength), a plain mapping checked against the dataset's Options on construction.
     data_options: Mapping[str, Any] = field(default_factory=dict)
     verify: bool = True  # check the dataset files' checksums (CIFAR-100's md5); off for files you wrote
     # Scale (personalize.federation / clientstore): where the clients' own tensors live, how often
     # the checkpoint is written (None: every round unless the in-memory client state is large).
     client_store: str = "memory"  # memory | disk (one file per local tensor under OUT/clients)
     checkpoint_every: int | None = None
-    # The synthetic population from the command line (personalize.data.synthetic_population):
-    # 0 samples per client = the fixed 512-sample set; otherwise clients x per-client samples.
-    synthetic_per_client: int = 0
-    synthetic_size: int = 16
-    synthetic_classes: int = 10
 
     def __post_init__(self):
         for setting in dataclasses.fields(self):  # nan passes every comparison below: refuse it first
@@ -131,6 +127,36 @@ class RunConfig:
             )
         options = registry.resolve_options(method, dict(self.method_options))
         object.__setattr__(self, "method_options", registry.options_dict(options))
+        if self.data_options:  # checked (and typed) by the dataset's Options; none given: the loader's defaults
+            from fedsens.personalize import datasets
+
+            given = datasets.get(self.dataset).resolve_options(dict(self.data_options))
+            chosen = {k: v for k, v in dataclasses.asdict(given).items() if k in self.data_options}
+            object.__setattr__(self, "data_options", chosen)
+
+    @staticmethod
+    def upgrade_saved(saved: Mapping[str, Any]) -> dict[str, Any]:
+        """A config.json's settings as this version names them: an older file's synthetic_* fields (the
+        synthetic population) become its data_options; one without model_args / pretrained / weights trained
+        a preset from scratch."""
+        upgraded = dict(saved)
+        per_client = upgraded.pop("synthetic_per_client", None)
+        size, classes = upgraded.pop("synthetic_size", None), upgraded.pop("synthetic_classes", None)
+        if "data_options" not in upgraded and upgraded.get("dataset") == "synthetic":
+            old: dict[str, Any] = {}
+            if per_client:
+                old["num_samples"] = per_client * upgraded.get("clients", 0)
+            if size not in (None, 16):
+                old["image_size"] = size
+            if classes not in (None, 10):
+                old["num_classes"] = classes
+            upgraded["data_options"] = old
+        upgraded.setdefault("data_options", {})
+        # an older file has no model source fields: it trained a preset from scratch
+        upgraded.setdefault("model_args", {})
+        upgraded.setdefault("pretrained", False)
+        upgraded.setdefault("weights", None)
+        return upgraded
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)

@@ -1,4 +1,4 @@
-"""Many clients evaluated in one forward, and the server's running weighted mean.
+"""Many clients evaluated in one forward.
 
 `evaluate_clients` evaluates a given list of clients under given shared and per-client tensors, at
 any moment of a round. Evaluating clients one at a time costs one small forward per client, with
@@ -10,14 +10,16 @@ Python's per-module overhead dominating at thousands of clients; here:
 - otherwise chunks of clients run together functionally (`torch.func.vmap` over `functional_call`,
   each client's local tensors stacked along a leading dimension, test batches padded and masked).
 
-Per-client loss and accuracy are what the one-at-a-time path gives, to float tolerance. Methods
-whose evaluation adapts per client (they override `Method.evaluate_client`) keep the per-client path.
+Per-client loss and accuracy are what the one-at-a-time path gives, to float tolerance. Methods whose
+evaluation adapts per client (they override `Method.evaluate_client`, so `Method.evaluates_plainly` is
+False) keep the per-client path.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,73 +28,14 @@ from torch.func import functional_call, vmap
 
 from fedsens.personalize.client import ClientContext, EvalResult, RunContext
 from fedsens.personalize.clientstore import ClientStore
+from fedsens.personalize.engine.tensors import assign
 from fedsens.personalize.inputs import seeded_generator
-from fedsens.personalize.methods import Method, weighted_mean
+from fedsens.personalize.methods import Method
 
 SAMPLES_PER_FORWARD = 512  # the one-at-a-time path's test batch
 # A chunk of clients evaluated together also holds its clients' local tensors (read from the disk store,
 # or gathered when the clients are not consecutive): bounded, so that memory does not grow with them.
 LOCAL_BYTES_PER_FORWARD = 32 * 2**20
-
-
-class RunningMean:
-    """`weighted_mean` one state at a time: memory does not grow with the number of participants.
-
-    The weights are known before training (each participant's train size), so each state is added
-    with its final share in float64, exactly as `weighted_mean` sums them.
-    """
-
-    def __init__(self, weights: Sequence[float]):
-        total = float(sum(weights))
-        if total <= 0:
-            raise ValueError("aggregation weights must sum to a positive number")
-        self.shares = [float(w) / total for w in weights]
-        self.sums: dict[str, torch.Tensor] = {}
-        self.dtypes: dict[str, torch.dtype] = {}
-        self.scratch: dict[str, torch.Tensor] = {}
-        self.added = 0
-
-    @torch.no_grad()
-    def add(self, state: Mapping[str, torch.Tensor]) -> None:
-        share = self.shares[self.added]
-        if not self.added:
-            for name, value in state.items():
-                self.dtypes[name] = value.dtype
-                if torch.is_floating_point(value):
-                    self.sums[name] = torch.zeros_like(value, dtype=torch.float64)
-                    self.scratch[name] = torch.empty_like(value, dtype=torch.float64)
-                else:  # non-float tensors take the first client's
-                    self.sums[name] = value.detach().clone()
-        names = list(self.scratch)
-        if not names:  # nothing shared (every part local): nothing to add
-            self.added += 1
-            return
-        # value.to(float64) * share, then added: what weighted_mean computes (the same bits), into buffers
-        # kept for the round and over all tensors at once (one call per step instead of one per tensor)
-        scratch = [self.scratch[name] for name in names]
-        torch._foreach_copy_(scratch, [state[name].detach() for name in names])
-        torch._foreach_mul_(scratch, share)
-        torch._foreach_add_([self.sums[name] for name in names], scratch)
-        self.added += 1
-
-    def result(self) -> dict[str, torch.Tensor]:
-        if not self.added:
-            raise ValueError("nothing to aggregate")
-        return {name: total.to(self.dtypes[name]) for name, total in self.sums.items()}
-
-
-def uses_weighted_mean(method: Method) -> bool:
-    return type(method).aggregate is Method.aggregate or getattr(type(method), "aggregate", None) is weighted_mean
-
-
-def _plain_evaluation(method: Method) -> bool:
-    return type(method).evaluate_client is Method.evaluate_client
-
-
-@torch.no_grad()
-def _assign(named: Mapping[str, torch.Tensor], values: Mapping[str, torch.Tensor]) -> None:
-    for name, value in values.items():
-        named[name].copy_(value)
 
 
 def evaluate_clients(
@@ -107,9 +50,9 @@ def evaluate_clients(
     batched: bool = True,
 ) -> list[EvalResult]:
     """Each listed client's test loss and accuracy with the shared tensors `shared` and its own from `local`."""
-    _assign(ctx.named, shared)
+    assign(ctx.named, shared)
     ctx.model.eval()
-    if batched and _plain_evaluation(method):
+    if batched and method.evaluates_plainly:
         with torch.no_grad():  # methods that adapt (per-client path below) need gradients
             if not ctx.local_names:
                 return _together(ctx, clients)
@@ -119,7 +62,7 @@ def evaluate_clients(
             return _functional(ctx, clients, local)
     results = []
     for c in clients:
-        _assign(ctx.named, local.client(c))
+        assign(ctx.named, local.client(c))
         client = ClientContext(ctx, c, round_, extra.client(c), seeded_generator(ctx.config.seed, round_, c, 2))
         results.append(method.evaluate_client(client))
         if ctx.model.training:
@@ -186,7 +129,7 @@ def _finish(losses: list, correct: list, owner: np.ndarray, count: int) -> list[
 
 def _shared_body(ctx: RunContext, clients: Sequence[int], local: ClientStore, head: str) -> list[EvalResult]:
     """One pass through the shared body for every client; each client's head on its own features."""
-    model = ctx.model
+    model: Any = ctx.model  # a timm model: forward_features and forward_head (checked by _head_prefix)
     index, owner = _test_index(ctx, clients)
     owner_t = torch.from_numpy(owner)
     weight_name, bias_name = head + "weight", head + "bias"

@@ -25,6 +25,7 @@ from torch import nn
 from fedsens.personalize import families as family_lib
 from fedsens.personalize import model_args as model_args_lib
 from fedsens.personalize import weights as weights_lib
+from fedsens.personalize.blocks import resolve_blocks
 from fedsens.personalize.errors import UserError
 from fedsens.personalize.schema import PART_TYPES
 
@@ -32,8 +33,10 @@ EMBED_PARAMS = ("cls_token", "pos_embed", "reg_token", "dist_token")
 
 
 @dataclass(frozen=True)
-class Preset:
-    """A named ViT shape. `img_size=None` adapts the input size to the data (small CPU presets)."""
+class ModelShape:
+    """A named ViT shape (`--model`), as against a protocol preset (`presets.Preset`, `--preset`).
+
+    `img_size=None` adapts the input size to the data (small CPU shapes)."""
 
     timm_name: str
     embed_dim: int | None = None
@@ -44,13 +47,13 @@ class Preset:
     rgb: bool = True  # paper presets take 3 channels; grey images are repeated
 
 
-PRESETS: dict[str, Preset] = {
-    "vit_small_patch16_224": Preset("vit_small_patch16_224"),
-    "vit_tiny_patch16_224": Preset("vit_tiny_patch16_224"),
-    "vit-mini": Preset("vit_small_patch16_224", 192, 6, 3, img_size=None, rgb=False),
-    "vit-micro": Preset("vit_small_patch16_224", 96, 4, 3, img_size=None, rgb=False),
+MODEL_SHAPES: dict[str, ModelShape] = {
+    "vit_small_patch16_224": ModelShape("vit_small_patch16_224"),
+    "vit_tiny_patch16_224": ModelShape("vit_tiny_patch16_224"),
+    "vit-mini": ModelShape("vit_small_patch16_224", 192, 6, 3, img_size=None, rgb=False),
+    "vit-micro": ModelShape("vit_small_patch16_224", 96, 4, 3, img_size=None, rgb=False),
     # Smaller than anything useful: for tests and smoke runs only.
-    "vit-nano": Preset("vit_small_patch16_224", 48, 2, 3, img_size=None, rgb=False),
+    "vit-nano": ModelShape("vit_small_patch16_224", 48, 2, 3, img_size=None, rgb=False),
 }
 
 
@@ -69,7 +72,7 @@ class InputSpec:
 
 
 def is_preset(name: str) -> bool:
-    return name in PRESETS
+    return name in MODEL_SHAPES
 
 
 def _square(size: Any, key: str = "img_size") -> int:
@@ -96,7 +99,7 @@ def input_spec(
     args = dict(model_args or {})
     if not is_preset(preset):
         return timm_input_spec(preset, args)
-    p = get_preset(preset)
+    p = model_shape(preset)
     if "img_size" in args:
         channels = args.get("in_chans", 3 if p.rgb else data_channels)
         return InputSpec(_square(args["img_size"]), args.get("patch_size", p.patch_size or 16), channels)
@@ -143,10 +146,10 @@ def timm_input_spec(name: str, model_args: Mapping[str, Any] | None = None) -> I
     )
 
 
-def get_preset(name: str) -> Preset:
-    if name not in PRESETS:
-        raise UserError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return PRESETS[name]
+def model_shape(name: str) -> ModelShape:
+    if name not in MODEL_SHAPES:
+        raise UserError(f"unknown model preset {name!r}; choose one of {', '.join(MODEL_SHAPES)}")
+    return MODEL_SHAPES[name]
 
 
 def build(
@@ -166,7 +169,7 @@ def build(
     the global RNG. `patch_size` applies to presets (timm names take --model-arg patch_size)."""
     args = model_args_lib.as_timm_kwargs(model_args)
     if is_preset(preset):
-        p = get_preset(preset)
+        p = model_shape(preset)
         timm_name = p.timm_name
         shape = (("embed_dim", p.embed_dim), ("depth", p.depth), ("num_heads", p.num_heads))
         options: dict[str, Any] = {k: v for k, v in shape if v is not None}
@@ -191,8 +194,8 @@ def build(
 
 def block_count(name: str, model_args: Mapping[str, Any] | None = None) -> int:
     """How many blocks (the block column's span) a model has: a preset's depth, or the built model's count."""
-    if is_preset(name) and not model_args and get_preset(name).depth is not None:
-        return int(get_preset(name).depth)  # type: ignore[arg-type]
+    if is_preset(name) and not model_args and model_shape(name).depth is not None:
+        return int(model_shape(name).depth)  # type: ignore[arg-type]
     spec = input_spec(name, data_channels=3, data_size=32, model_args=model_args)
     model = build(name, 2, spec.in_chans, spec.img_size, patch_size=spec.patch_size or None, model_args=model_args)
     return len(family_lib.of(model).blocks(model))
@@ -238,7 +241,7 @@ def source_record(
             std=", ".join(f"{s:.4g}" for s in config["std"]),
         )
     if pretrained:
-        path = weights_lib.cached_file(get_preset(name).timm_name if is_preset(name) else name)
+        path = weights_lib.cached_file(model_shape(name).timm_name if is_preset(name) else name)
         record.update(weights=f"pretrained ({path})", weights_sha256=weights_lib.sha256(path))
     elif weights is not None:
         path = Path(weights).expanduser()
@@ -362,25 +365,19 @@ def parts(model: nn.Module) -> pd.DataFrame:
     return _table(model).drop(columns="alias")
 
 
-def _parse_blocks(term: str, text: str) -> range:
-    match = re.fullmatch(r"(\d+)(?:-(\d+))?", text)
-    if not match:
-        raise UserError(f"bad block range in part spec {term!r}; write e.g. attn@9-11 or attn@3")
-    lo = int(match.group(1))
-    hi = int(match.group(2)) if match.group(2) else lo
-    if hi < lo:
-        raise UserError(f"block range in {term!r} runs backwards; write the low block first")
-    return range(lo, hi + 1)
+def depth(model: nn.Module) -> int:
+    """How many blocks the model has, counted in depth order over its family's blocks (all stages)."""
+    return len(family_lib.of(model).blocks(model))
 
 
-def _match_term(table: pd.DataFrame, term: str) -> pd.Series:
+def _match_term(table: pd.DataFrame, term: str, depth: int) -> pd.Series:
     if term == "all":
         return pd.Series(True, index=table.index)
     part, _, blocks = term.partition("@")
     if part in PART_TYPES:
         selected = table["part"] == part
         if blocks:
-            selected &= table["block"].isin(_parse_blocks(term, blocks))
+            selected &= table["block"].isin(resolve_blocks(blocks, depth, what=f"part spec term {term!r}"))
         return selected
     if blocks:
         raise UserError(f"part spec {term!r}: '@blocks' needs a part type ({', '.join(PART_TYPES)})")
@@ -404,7 +401,7 @@ def resolve(model: nn.Module, spec: str) -> list[str]:
     for term in terms:
         if term == "none":
             raise UserError(f"part spec {spec!r} mixes 'none' with other terms; use 'none' alone")
-        matched = _match_term(table, term)
+        matched = _match_term(table, term, depth(model))
         if not matched.any():
             blocks = table.loc[table["block"] >= 0, "block"]
             span = f"blocks 0-{blocks.max()}" if len(blocks) else "no blocks"

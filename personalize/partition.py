@@ -30,8 +30,8 @@ import pandas as pd
 
 from fedsens.personalize import runio
 from fedsens.personalize.errors import UserError
+from fedsens.personalize.schema import SCHEMES
 
-SCHEMES = ("iid", "dirichlet", "pathological", "domain")
 RULES = ("plain", "capped")
 
 

@@ -35,13 +35,13 @@ Initialisation draws from a `torch.Generator` seeded by `seed`, never from the g
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from fedsens.personalize import families
+from fedsens.personalize.blocks import resolve_blocks
 from fedsens.personalize.errors import UserError
 
 KINDS = ("fedperfix", "vanilla-prefix")
@@ -156,22 +156,6 @@ class LinearPrefix(KeyValueOffsets):
         return self.proj(x)
 
 
-def parse_blocks(text: str, available: int) -> list[int]:
-    """'all' -> every attention layer; '2,3' or '9-11' or '0,9-11' -> those (0-based, as in blocks.K)."""
-    if text.strip() == "all":
-        return list(range(available))
-    chosen: set[int] = set()
-    for term in (t.strip() for t in text.split(",")):
-        match = re.fullmatch(r"(\d+)(?:-(\d+))?", term)
-        if not match:
-            raise UserError(f"plugin blocks {text!r}: write 'all', a list like 2,3 or a range like 9-11")
-        low, high = int(match.group(1)), int(match.group(2) or match.group(1))
-        if high < low or high >= available:
-            raise UserError(f"plugin blocks {text!r} are out of range; the model has blocks 0-{available - 1}")
-        chosen.update(range(low, high + 1))
-    return sorted(chosen)
-
-
 def _check_options(kind: str, *, mid_dim: int, init: str, available: int) -> None:
     if kind not in KINDS:
         raise UserError(f"unknown plugin {kind!r}; choose one of {', '.join(KINDS)}")
@@ -215,7 +199,7 @@ def install(
     _check_options(kind, mid_dim=mid_dim, init=init, available=len(attentions))
     generator = torch.Generator().manual_seed(seed)
     before = {name for name, _ in model.named_parameters()}
-    for index in parse_blocks(blocks, len(attentions)):
+    for index in resolve_blocks(blocks, len(attentions), what=f"plugin blocks {blocks!r}"):
         attn = attentions[index][1]
         where = projections(attn)
         assert where is not None

@@ -10,25 +10,25 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from fedsens.personalize import data as data_lib
-from fedsens.personalize import federation
 from fedsens.personalize import model as model_lib
 from fedsens.personalize import partition as partition_lib
 from fedsens.personalize.config import RunConfig
+from fedsens.personalize.datasets.imageset import ImageSet
+from fedsens.personalize.engine.context import load_dataset, partition_options, resolve_device
 from fedsens.personalize.errors import UserError
 from fedsens.personalize.methods import get_method
 
 
 def check(configs: Iterable[RunConfig]) -> None:
     """Load each dataset once, draw each partition once, resolve each method's local parts once."""
-    datasets: dict[tuple, data_lib.ImageSet] = {}
+    datasets: dict[tuple, ImageSet] = {}
     partitions: set[tuple] = set()
     manifests: set[tuple] = set()
     for config in configs:
-        federation.resolve_device(config.device)  # --device tpu is bad input, not a failed cell
+        resolve_device(config.device)  # --device tpu is bad input, not a failed cell
         key = (config.dataset, config.data_root, config.model, str(config.model_args), config.verify)
         if key not in datasets:
-            datasets[key] = federation.load_dataset(config)  # as the run will load it (size, --no-verify)
+            datasets[key] = load_dataset(config)  # as the run will load it (size, --no-verify)
         dataset = datasets[key]
         _check_partition(config, dataset, partitions)
         method = get_method(config)
@@ -52,7 +52,7 @@ def check(configs: Iterable[RunConfig]) -> None:
         model_lib.manifest(model, spec)
 
 
-def _check_partition(config: RunConfig, dataset: data_lib.ImageSet, seen: set[tuple]) -> None:
+def _check_partition(config: RunConfig, dataset: ImageSet, seen: set[tuple]) -> None:
     if config.scheme.endswith(".json"):
         partition_lib.load(config.scheme)
         return
@@ -63,6 +63,6 @@ def _check_partition(config: RunConfig, dataset: data_lib.ImageSet, seen: set[tu
     if key in seen:
         return
     seen.add(key)
-    part = partition_lib.make(dataset.labels, dataset.domains, **federation.partition_options(config))
+    part = partition_lib.make(dataset.labels, dataset.domains, **partition_options(config))
     if part.num_clients != config.clients:  # pragma: no cover - make always gives num_clients
         raise UserError(f"the partition has {part.num_clients} clients but --clients is {config.clients}")

@@ -19,23 +19,6 @@ from typing import Any
 from fedsens.personalize.config import RunConfig
 from fedsens.personalize.errors import UserError
 
-# The paper's table rows -> our method that reproduces each. The public code's "FedRep" preset keeps the
-# head local with plain local training (our fedper); our fedrep (the FedRep paper's head-then-body
-# schedule) has no paper row and is reported beside it.
-PAPER_ROWS: Mapping[str, str] = {
-    "fedavg": "FedAvg",
-    "local": "Local",
-    "fedbn": "FedBN",
-    "fedper": "FedRep (public code)",
-    "fedrep": "- (FedRep paper's schedule; not in the paper's table)",
-    "fedbabu": "FedBABU",
-    "apfl": "APFL",
-    "perfedavg": "Per-FedAvg",
-    "vanilla-attention": "Vanilla attention",
-    "vanilla-prefix": "Vanilla prefix",
-    "fedperfix": "FedPerfix",
-}
-
 
 @dataclass(frozen=True)
 class Preset:
@@ -51,7 +34,6 @@ class Preset:
     method_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     sweep: Mapping[str, Any] = field(default_factory=dict)
     compare: Mapping[str, Any] = field(default_factory=dict)
-    paper_rows: Mapping[str, str] = field(default_factory=dict)
 
     def run_config(self, **changes: Any) -> RunConfig:
         return RunConfig(**{**self.run, **changes})
@@ -120,7 +102,6 @@ def _paper_preset(name: str, dataset: str, summary: str, *, fedperfix_local: str
         # Per-FedAvg: the public code's lr 0.001 (its beta defaults to the lr, as the code sets it).
         method_overrides=overrides,
         compare=dict(seeds=(1,), out=f"runs/compare-{dataset}"),
-        paper_rows=PAPER_ROWS,
     )
 
 
@@ -164,6 +145,11 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+def names_help(default: str) -> str:
+    """Every preset's name for a `--preset` help text, the command's default first."""
+    return " | ".join([f"{default} (the default)", *(name for name in PRESETS if name != default)])
+
+
 def get(name: str, allowed: tuple[str, ...] | None = None) -> Preset:
     names = allowed or tuple(PRESETS)
     if name not in names:
@@ -177,7 +163,7 @@ def protocol(config: RunConfig, *, preset: str | None = None, method_overrides: 
 
     source = model_lib.source_record(config.model, config.model_args, config.weights, config.pretrained)
     if model_lib.is_preset(config.model) and "img_size" not in config.model_args:
-        image_size: Any = model_lib.get_preset(config.model).img_size or "the data's own (<= 32)"
+        image_size: Any = model_lib.model_shape(config.model).img_size or "the data's own (<= 32)"
     else:
         image_size = model_lib.input_spec(
             config.model, data_channels=3, data_size=32, model_args=config.model_args
@@ -187,7 +173,7 @@ def protocol(config: RunConfig, *, preset: str | None = None, method_overrides: 
         if config.augment_shift == 0 and config.augment_scale == 0
         else (f"shift {config.augment_shift:g}, scale {config.augment_scale:g}")
     )
-    record = {
+    record: dict[str, Any] = {
         "preset": preset,
         "dataset": config.dataset,
         "model": config.model,

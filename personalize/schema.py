@@ -20,6 +20,8 @@ TAIL_GAIN = "gain_tail_vs_fedavg"
 # row belongs to; rounds.csv's acc_* columns are the run's headline protocol (its `protocol` column) and
 # acc_mean_<protocol> the mean under each. "paper" = the public FedPerfix code's timing.
 EVAL_PROTOCOLS = ("after-aggregation", "paper")
+# How clients get their samples (personalize.partition); config.json and partition.json name one.
+SCHEMES = ("iid", "dirichlet", "pathological", "domain")
 METRICS_COLUMNS = ["round", "client", "split", "loss", "accuracy", "n", "participated", "protocol"]
 ROUNDS_COLUMNS = [
     "round",

@@ -17,8 +17,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import EngFormatter, MaxNLocator
 
+from fedsens.personalize.ranks import spearman
 from fedsens.personalize.schema import GAIN, PART_TYPES
-from fedsens.personalize.stats import spearman
 from fedsens.reports.tables import MIB, bench_setups, group_column
 
 STYLE = "whitegrid"

@@ -82,7 +82,7 @@ def build_report(folder: str | Path, *, open_browser: bool = False, quiet: bool 
     ):  # a figure whose table has gone must not linger
         for stale in [*out.glob(f"{name}*.png"), *out.glob(f"{name}*.svg")]:
             stale.unlink()
-    figure_blocks = [_save(plan, out) for plan in tqdm(planned, desc="report figures", disable=quiet)]
+    figure_blocks: list[Block] = [_save(plan, out) for plan in tqdm(planned, desc="report figures", disable=quiet)]
     blocks: list[Block] = [
         *headline(tables),
         *[Note(f"warning: {problem}") for problem in tables.problems],
@@ -270,15 +270,16 @@ def _accuracy_figures(tables: FolderTables, need) -> list[PlannedFigure]:
 
 
 def _partition_figure(tables: FolderTables, need) -> list[PlannedFigure]:
-    if not need(tables.partition is not None, "partition.json", "the partition heat map"):
+    partition = tables.partition
+    if not need(partition is not None, "partition.json", "the partition heat map") or partition is None:
         return []
-    counts = partition_counts(tables.partition)
+    counts = partition_counts(partition)
     domains = " and domain" if (counts["axis"] == "domain").any() else ""
     return [
         PlannedFigure(
             "partition",
             f"Samples each client holds per class{domains} (train + test), from {tables.partition_source}"
-            f"{_partition_params(tables.partition)}.",
+            f"{_partition_params(partition)}.",
             partial(figures.plot_partition, counts),
         )
     ]

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from fedsens.personalize import preflight, presets, runio, runlock
 from fedsens.personalize.errors import UserError
 from fedsens.personalize.federation import RunConfig
-from fedsens.personalize.methods import METHODS, method_class, paper_methods, registry
+from fedsens.personalize.methods import METHODS, method_class, paper_labels, paper_methods, registry
 from fedsens.personalize.schema import COMPARISON_COLUMNS, RUN_KEY_COLUMNS, SUMMARY_COLUMNS
 from fedsens.sensitivity import executors, runs, sanity
 
@@ -155,7 +155,8 @@ def paper_rows(config: CompareConfig) -> dict[str, str]:
     """Our method -> the paper's table row it reproduces, under a paper preset (else empty)."""
     if not (config.preset or "").startswith("paper-"):
         return {}
-    return {m: presets.PAPER_ROWS.get(m, "-") for m in config.methods}
+    labels = paper_labels()  # the public code's "FedRep" preset keeps the head local as our fedper does
+    return {m: labels.get(m, "-") for m in config.methods}
 
 
 def _preset_note(config: CompareConfig, message: str) -> str:

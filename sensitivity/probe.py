@@ -28,17 +28,18 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm import tqdm
 
-from fedsens.personalize import federation, runio
+from fedsens.personalize import runio
 from fedsens.personalize.client import ClientContext
 from fedsens.personalize.config import FREE_SETTINGS, RunConfig
+from fedsens.personalize.engine.context import build_context
+from fedsens.personalize.engine.tensors import assign
 from fedsens.personalize.errors import UserError
 from fedsens.personalize.inputs import seeded_generator
 from fedsens.personalize.methods import get_method, only_trainable, train_steps
+from fedsens.personalize.ranks import spearman
 from fedsens.personalize.schema import GAIN, PROBE_COLUMNS, PROBE_METRIC, PROBE_RANKING_COLUMNS
-from fedsens.personalize.stats import spearman
 from fedsens.sensitivity import runs
 from fedsens.sensitivity import stats as stats_lib
 from fedsens.sensitivity.ranking import accuracy_order
@@ -136,7 +137,7 @@ def probe_seed(config: ProbeConfig, seed: int, folder: Path, bar: tqdm | None = 
     shutil.copyfile(folder / "partition.json", clients_dir / "partition.json")
     run = config.run.replace(seed=seed, scheme=str(clients_dir / "partition.json"), out=str(clients_dir))
     method = get_method(run)
-    ctx = federation._build_context(run, method, clients_dir)  # the loop's own context: same model, data, device
+    ctx = build_context(run, method, clients_dir)  # the loop's own context: same model, data, device
     state = runio.load_checkpoint(folder / "checkpoint.pt")
     if state["round"] < run.rounds:
         raise UserError(f"{folder} stopped at round {state['round']} of {run.rounds}; finish it before probing")
@@ -145,11 +146,11 @@ def probe_seed(config: ProbeConfig, seed: int, folder: Path, bar: tqdm | None = 
     after_round = run.rounds + 1
     rows = []
     for c in range(run.clients):
-        _load(ctx.model, shared)
+        assign(ctx.named, shared)
         client = ClientContext(ctx, c, after_round, {}, seeded_generator(seed, after_round, c, 2))
         before = method.evaluate_client(client).accuracy
         for part in config.parts:
-            _load(ctx.model, shared)
+            assign(ctx.named, shared)
             client = ClientContext(ctx, c, after_round, {}, seeded_generator(seed, after_round, c, PROBE_STREAM))
             after = math.nan
             if names[part]:
@@ -173,14 +174,6 @@ def probe_seed(config: ProbeConfig, seed: int, folder: Path, bar: tqdm | None = 
         if bar is not None:
             bar.update(1)
     return rows
-
-
-@torch.no_grad()
-def _load(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy the federated model's tensors (parameters and buffers, by name) into `model`."""
-    named = {**dict(model.named_buffers()), **dict(model.named_parameters())}
-    for name, value in tensors.items():
-        named[name].copy_(value)
 
 
 def client_bootstrap(

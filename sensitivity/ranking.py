@@ -26,8 +26,8 @@ from scipy import stats
 
 from fedsens.personalize import runio
 from fedsens.personalize.errors import CorruptFileError, UserError
+from fedsens.personalize.ranks import kendall_tau, spearman
 from fedsens.personalize.schema import DIVERGENCE_METRICS, GAIN, RANKING_COLUMNS, TAIL_GAIN
-from fedsens.personalize.stats import spearman
 from fedsens.sensitivity import sanity
 from fedsens.sensitivity import stats as stats_lib
 
@@ -189,7 +189,7 @@ def seed_half_agreement(sensitivity: pd.DataFrame) -> pd.DataFrame:
                 seeds_b=",".join(map(str, second)),
                 order_a=orders[0],
                 order_b=orders[1],
-                kendall_tau=stats_lib.kendall_tau(scores[0], scores[1]),
+                kendall_tau=kendall_tau(scores[0], scores[1]),
             )
         )
     return pd.DataFrame(rows, columns=SPLIT_COLUMNS)

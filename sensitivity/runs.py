@@ -65,7 +65,7 @@ def check_same_settings(folder: Path, wanted: RunConfig) -> None:
     if not (folder / "config.json").exists():
         return
     try:
-        saved = runio.read_json(folder / "config.json")["config"]
+        saved = RunConfig.upgrade_saved(runio.read_json(folder / "config.json")["config"])
     except CorruptFileError:
         if (folder / "checkpoint.pt").exists():
             return  # the checkpoint keeps the run's settings: resuming compares with those and rewrites config.json

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from fedsens.personalize import data as data_lib
+from fedsens.personalize import datasets as dataset_lib
 from fedsens.personalize import partition as partition_lib
 from fedsens.personalize import runio
 from fedsens.personalize.config import RunConfig
@@ -198,7 +198,7 @@ def client_test_labels(folder: Path, cache: dict | None = None) -> tuple[list[np
     key = (saved["dataset"], saved.get("data_root"))
     cache = {} if cache is None else cache
     if key not in cache:
-        dataset = data_lib.load(*key)
+        dataset = dataset_lib.load(*key)
         cache[key] = (dataset.labels.numpy(), dataset.num_classes)
     labels, num_classes = cache[key]
     partition = partition_lib.load(folder / "partition.json")

@@ -214,11 +214,3 @@ def seed_halves(seeds: list[int]) -> tuple[list[int], list[int]]:
     ordered = sorted(seeds)
     middle = (len(ordered) + 1) // 2
     return ordered[:middle], ordered[middle:]
-
-
-def kendall_tau(a: pd.Series, b: pd.Series) -> float:
-    """Kendall's tau between two scores over the parts both know; NaN below 2 parts or for a constant."""
-    both = pd.concat([a, b], axis=1).dropna()
-    if len(both) < 2 or both.iloc[:, 0].nunique() < 2 or both.iloc[:, 1].nunique() < 2:
-        return math.nan
-    return float(stats.kendalltau(both.iloc[:, 0], both.iloc[:, 1]).statistic)

@@ -12,8 +12,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from fedsens.cli import app
-from fedsens.personalize import data
+from fedsens.personalize import datasets as data
 from fedsens.personalize.datasets import cifar100, officehome, organamnist
+from fedsens.personalize.datasets.imageset import ImageSet
 from fedsens.personalize.errors import UserError
 
 # --- writers of the real formats ----------------------------------------------------------------
@@ -284,7 +285,7 @@ def test_dataset_defaults_follow_the_paper():
 
 def test_image_set_rejects_labels_beyond_its_classes():
     with pytest.raises(UserError, match="labels span 0..3"):
-        data.ImageSet("bad", torch.zeros(2, 1, 4, 4, dtype=torch.uint8), torch.tensor([0, 3]), ("a", "b"))
+        ImageSet("bad", torch.zeros(2, 1, 4, 4, dtype=torch.uint8), torch.tensor([0, 3]), ("a", "b"))
 
 
 # --- `fedsens data download` ----------------------------------------------------------------------
@@ -324,7 +325,7 @@ def test_cli_download_cifar100_asks_torchvision_to_download(tmp_path, monkeypatc
 def test_cli_download_organamnist_asks_medmnist_for_the_size(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(organamnist, "OrganAMNIST", lambda **kwargs: calls.append(kwargs))
-    result = CliRunner().invoke(app, ["data", "download", "organamnist", "--root", str(tmp_path), "--size", "64"])
+    result = CliRunner().invoke(app, ["data", "download", "organamnist", "--root", str(tmp_path), "-d", "size=64"])
     assert result.exit_code == 0, result.output
     assert calls == [{"split": "train", "download": True, "root": str(tmp_path), "size": 64}]
     assert str(tmp_path / "organamnist_64.npz") in result.output

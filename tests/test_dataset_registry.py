@@ -143,3 +143,56 @@ def test_a_module_dropped_into_the_package_is_a_dataset(tmp_path, monkeypatch):
     finally:
         datasets.unregister("dropin")
         sys.modules.pop("fedsens.personalize.datasets.dropin", None)
+
+
+def test_each_datasets_options_are_its_loaders_keywords_with_the_same_defaults():
+    import dataclasses
+    import inspect
+
+    for spec in datasets.registry.specs():
+        loader = inspect.signature(spec.load).parameters
+        for option in dataclasses.fields(spec.Options):
+            assert loader[option.name].default == option.default, (spec.name, option.name)
+        run_keywords = {"verify", "quiet", spec.decodes_at}
+        assert {p for p in loader if p != "root"} - run_keywords == {f.name for f in dataclasses.fields(spec.Options)}
+
+
+def test_data_options_are_checked_against_the_datasets_options_naming_the_valid_keys(tmp_path):
+    with pytest.raises(
+        UserError, match=r"dataset synthetic has no option 'per_client'; its options: num_samples \(int\)"
+    ):
+        RunConfig(dataset="synthetic", data_options={"per_client": 8})
+    with pytest.raises(UserError, match="option num_samples of dataset synthetic must be int"):
+        RunConfig(dataset="synthetic", data_options={"num_samples": "many"})
+    with pytest.raises(UserError, match="dataset digits has no option 'size'; it takes no options"):
+        RunConfig(dataset="digits", data_options={"size": 64})
+    config = RunConfig(dataset="synthetic", data_options={"num_samples": "40", "image_size": "8"})
+    assert config.data_options == {"num_samples": 40, "image_size": 8}  # typed, as config.json records them
+    assert federation.load_dataset(config).images.shape == (40, 3, 8, 8)
+
+
+def test_data_list_shows_each_datasets_options_and_train_takes_them(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedsens.cli import app
+
+    listed = CliRunner().invoke(app, ["data", "list"])
+    assert (
+        listed.exit_code == 0 and "-d num_samples=512  (int)" in listed.output and "-d size=28  (int)" in listed.output
+    )
+    bad = CliRunner().invoke(app, ["train", "--dataset", "synthetic", "-d", "nope=1", "--out", str(tmp_path)])
+    assert bad.exit_code != 0 and "dataset synthetic has no option 'nope'; its options: num_samples" in bad.output
+
+
+def test_an_older_config_json_with_synthetic_fields_reads_as_data_options():
+    old = {
+        "dataset": "synthetic",
+        "clients": 10,
+        "synthetic_per_client": 8,
+        "synthetic_size": 8,
+        "synthetic_classes": 10,
+    }
+    upgraded = RunConfig.upgrade_saved(old)
+    assert upgraded["data_options"] == {"num_samples": 80, "image_size": 8}
+    assert not any(k.startswith("synthetic_") for k in upgraded)
+    assert RunConfig.upgrade_saved({"dataset": "digits", "synthetic_per_client": 0})["data_options"] == {}

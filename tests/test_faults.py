@@ -292,9 +292,7 @@ def test_the_users_options_win_over_a_preset_in_train_sweep_and_compare():
         top_blocks=None,
         client_store=None,
         checkpoint_every=None,
-        synthetic_per_client=None,
-        synthetic_size=None,
-        synthetic_classes=None,
+        data_option=None,
     )
     trained, _ = train.run_config(
         **given, preset_name="paper-cifar100", method="perfedavg", option=None, knobs={"lr": 0.05}

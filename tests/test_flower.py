@@ -5,14 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 pytest.importorskip("flwr")
 
 from fedsens.personalize import federation  # noqa: E402
 from fedsens.personalize.config import RunConfig  # noqa: E402
+from fedsens.personalize.engine.context import build_context  # noqa: E402
 from fedsens.personalize.flower import records  # noqa: E402
 from fedsens.personalize.flower.engine import run_simulation  # noqa: E402
+from fedsens.personalize.methods import get_method  # noqa: E402
 
 TINY = dict(
     dataset="synthetic", model="vit-nano", clients=4, rounds=3, local_steps=1, join_ratio=0.5, device="cpu", seed=3
@@ -37,7 +40,7 @@ def test_flower_simulation_matches_builtin_engine(tmp_path, method):
     assert list(flower.rounds.columns) == list(builtin.rounds.columns)
     # bytes counted from Flower's ArrayRecords: each participant's shared tensors, each serialised as
     # .npy (a header of at most 128 bytes) and keyed by its name; the local tensors never travel
-    shared = federation._build_context(config, federation.get_method(config), tmp_path / "names").shared_names
+    shared = build_context(config, get_method(config), tmp_path / "names").shared_names
     traffic = flower.tables["flower"]
     participants = flower.metrics.groupby("round")["participated"].sum().to_numpy()
     overhead = (traffic["train_up_bytes"].to_numpy() - builtin.rounds["up_bytes"].to_numpy()) / participants
@@ -93,3 +96,27 @@ def test_train_engine_flower_and_flower_app_from_the_cli(tmp_path):
     # fedsens itself never imports Flower: only its Flower engine and apps do
     probe = "import sys, fedsens.cli, fedsens.personalize.flower; assert 'flwr' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", probe], timeout=120).returncode == 0
+
+
+def test_a_diverging_run_on_flower_ends_diverged_exit_3_as_on_the_builtin_engine(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedsens.cli import app
+    from fedsens.personalize import runio
+
+    tiny = ["--dataset", "synthetic", "--model", "vit-nano", "--clients", "4", "--local-steps", "1", "--quiet"]
+    diverging = [*tiny, "--rounds", "3", "--lr", "1e6", "--optimizer", "sgd", "--device", "cpu"]
+    summaries = {}
+    for engine in ("builtin", "flower"):
+        out = tmp_path / engine
+        result = CliRunner().invoke(app, ["train", *diverging, "--engine", engine, "--out", str(out)])
+        assert result.exit_code == 3, result.output
+        assert "diverged" in result.output and "lower --lr" in result.output and "Traceback" not in result.output
+        summaries[engine] = runio.read_json(out / "summary.json")
+        rounds = runio.read_json(out / "summary.json")["rounds"]
+        assert len(pd.read_csv(out / "rounds.csv")) == rounds  # the tables hold the rounds before it
+    builtin, flower = summaries["builtin"], summaries["flower"]
+    assert builtin["status"] == flower["status"] == "diverged"
+    assert {k: flower["diverged"][k] for k in ("round", "client")} == {
+        k: builtin["diverged"][k] for k in ("round", "client")
+    }

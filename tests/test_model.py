@@ -108,4 +108,36 @@ def test_input_spec_adapts_small_presets_to_the_data():
     assert M.input_spec("vit-micro", data_channels=3, data_size=30) == M.InputSpec(32, 4, 3)
     assert M.input_spec("vit_small_patch16_224", data_channels=1, data_size=28) == M.InputSpec(224, 16, 3)
     with pytest.raises(UserError):
-        M.get_preset("vit-huge")
+        M.model_shape("vit-huge")
+
+
+def test_a_block_range_past_the_models_depth_names_the_missing_blocks():
+    vit = M.build("vit-nano", 10, 3, 16, patch_size=4)  # 2 blocks
+    with pytest.raises(
+        UserError, match=r"^part spec term 'attn@0-99': blocks 2-99 do not exist; the model has blocks 0-1$"
+    ):
+        M.resolve(vit, "attn@0-99")
+    assert M.resolve(vit, "attn@0-1") == M.resolve(vit, "attn")
+
+
+def test_one_grammar_for_part_specs_and_plugin_blocks():
+    from fedsens.personalize.blocks import parse_blocks, spans
+
+    assert parse_blocks("0, 9-11,3", what="x") == (0, 3, 9, 10, 11) and parse_blocks("all", what="x") is None
+    assert spans([5, 2, 3, 7, 8, 9]) == "2-3, 5, 7-9"
+    for bad in ("x", "1-", "3-1", ""):
+        with pytest.raises(UserError, match="^x: "):
+            parse_blocks(bad, what="x")
+
+
+def test_train_says_in_one_line_which_blocks_do_not_exist(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedsens.cli import app
+
+    args = ["train", "--dataset", "synthetic", "--model", "vit-nano", "--clients", "4", "--rounds", "1", "--quiet"]
+    result = CliRunner().invoke(app, [*args, "--personalize", "attn@0-99", "--out", str(tmp_path)])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1] == (
+        "error: part spec term 'attn@0-99': blocks 2-99 do not exist; the model has blocks 0-1"
+    )

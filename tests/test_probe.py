@@ -14,8 +14,8 @@ from fedsens.cli import app
 from fedsens.personalize import runio
 from fedsens.personalize.errors import UserError
 from fedsens.personalize.federation import RunConfig
+from fedsens.personalize.ranks import spearman
 from fedsens.personalize.schema import PROBE_COLUMNS, PROBE_METRIC, PROBE_RANKING_COLUMNS
-from fedsens.personalize.stats import spearman
 from fedsens.reports.tables import read_folder
 from fedsens.sensitivity.probe import ProbeConfig, fedavg_run, run_probe
 from fedsens.sensitivity.ranking import accuracy_order

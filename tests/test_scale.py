@@ -9,8 +9,12 @@ import pytest
 import torch
 
 from fedsens.personalize import federation, runio
+from fedsens.personalize.aggregation import RunningMean
 from fedsens.personalize.config import RunConfig
-from fedsens.personalize.evaluation import RunningMean, evaluate_clients
+from fedsens.personalize.engine.context import build_context
+from fedsens.personalize.engine.rounds import train_round
+from fedsens.personalize.engine.state import start_state
+from fedsens.personalize.evaluation import evaluate_clients
 from fedsens.personalize.methods import METHODS, get_method, weighted_mean
 
 TINY = dict(
@@ -25,8 +29,11 @@ def test_running_mean_matches_weighted_mean():
     running = RunningMean(weights)
     for state in states:
         running.add(state)
-    expected = weighted_mean(states, weights)
-    assert torch.equal(running.result()["w"], expected["w"]) and running.result()["n"].item() == 0
+    # the textbook sum, in float64 with each state's share, is what both give bit for bit
+    total = sum(weights)
+    expected = sum(s["w"].to(torch.float64) * (w / total) for s, w in zip(states, weights)).to(torch.float32)
+    assert torch.equal(running.result()["w"], expected) and running.result()["n"].item() == 0
+    assert torch.equal(weighted_mean(states, weights)["w"], expected)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -34,9 +41,9 @@ def test_batched_evaluation_equals_one_client_at_a_time(tmp_path, method):
     extra = {"personalize": "attn,head"} if method == "fedavg" else {}
     config = RunConfig(out=str(tmp_path), method=method, **{**TINY, **extra})
     algorithm = get_method(config)
-    ctx = federation._build_context(config, algorithm, tmp_path)
-    state = federation._start_state(ctx, algorithm, resume=False, overwrite=True)
-    federation._train_round(ctx, algorithm, state, 1, hooks=())
+    ctx = build_context(config, algorithm, tmp_path)
+    state = start_state(ctx, algorithm, resume=False, overwrite=True)
+    train_round(ctx, algorithm, state, 1)
     clients = list(range(config.clients))
     args = (ctx, algorithm, 1, clients, state.shared, state.local, state.extra)
     batched = evaluate_clients(*args)
@@ -51,9 +58,9 @@ def test_batched_evaluation_equals_one_client_at_a_time(tmp_path, method):
 def test_fedavg_and_head_local_take_the_batched_paths_and_agree(tmp_path, personalize):
     config = RunConfig(out=str(tmp_path), personalize=personalize, **TINY)
     algorithm = get_method(config)
-    ctx = federation._build_context(config, algorithm, tmp_path)
-    state = federation._start_state(ctx, algorithm, resume=False, overwrite=True)
-    federation._train_round(ctx, algorithm, state, 1, hooks=())
+    ctx = build_context(config, algorithm, tmp_path)
+    state = start_state(ctx, algorithm, resume=False, overwrite=True)
+    train_round(ctx, algorithm, state, 1)
     args = (ctx, algorithm, 1, [4, 0, 2], state.shared, state.local, state.extra)
     batched, alone = evaluate_clients(*args), evaluate_clients(*args, batched=False)
     assert [r.loss for r in batched] == pytest.approx([r.loss for r in alone], rel=1e-4)
@@ -142,7 +149,7 @@ class Quiet(Killer):
 def test_synthetic_population_of_any_size_from_the_config(tmp_path):
     config = RunConfig(
         out=str(tmp_path), **{**TINY, "clients": 300, "rounds": 1, "join_ratio": 0.01, "scheme": "iid"},
-        synthetic_per_client=4, synthetic_size=8, synthetic_classes=3,
+        data_options={"num_samples": 300 * 4, "image_size": 8, "num_classes": 3},
     )  # fmt: skip
     result = federation.run(config, quiet=True)
     assert len(result.metrics) == 2 * 300 and set(result.metrics["n"]) == {1}  # both protocols; 3 train, 1 test each
@@ -168,8 +175,8 @@ def test_bench_smoke_writes_the_table(tmp_path):
 def test_batched_evaluation_keeps_no_autograd_graph(tmp_path):
     config = RunConfig(out=str(tmp_path), personalize="head", **TINY)
     algorithm = get_method(config)
-    ctx = federation._build_context(config, algorithm, tmp_path)
-    state = federation._start_state(ctx, algorithm, resume=False, overwrite=True)
+    ctx = build_context(config, algorithm, tmp_path)
+    state = start_state(ctx, algorithm, resume=False, overwrite=True)
     seen = []
     handle = ctx.model.blocks[0].register_forward_hook(lambda module, args, output: seen.append(output.requires_grad))
     evaluate_clients(ctx, algorithm, 1, [0, 1], state.shared, state.local, state.extra)

@@ -10,7 +10,7 @@ import pytest
 
 from fedsens.personalize import config, federation, model, partition, runio, schema
 from fedsens.personalize.federation import RunConfig, run
-from fedsens.personalize.stats import spearman
+from fedsens.personalize.ranks import spearman
 from fedsens.reports import figures
 from fedsens.sensitivity import compare, divergence, ranking, runs, sweep
 

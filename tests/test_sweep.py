@@ -55,7 +55,7 @@ class CountingRun:
         name = config.out.rsplit("/", 1)[-1]
         self.cells.append(name)
         if config.personalize == self.fail_part:
-            raise federation.NonFiniteLoss("client 1 hit a non-finite loss in round 1; lower --lr")
+            raise federation.NonFiniteLoss(1, 1, float("nan"))
         counter = _RoundCounter(self.rounds.setdefault(name, []), kill=name == self.kill_cell)
         return self.real(config, (*hooks, counter), **kwargs)
 

@@ -11,6 +11,7 @@ from fedsens.commands._common import clean_errors, comma_list, overlay
 from fedsens.commands._options import Execution, executor_options, training_options
 from fedsens.commands.data import NO_VERIFY_HELP, dataset_help
 from fedsens.commands.methods import options_option
+from fedsens.personalize import presets
 from fedsens.personalize.errors import UserError
 
 if TYPE_CHECKING:  # the library is imported when the command runs, so `fedsens --help` stays quick
@@ -77,8 +78,7 @@ def compare(
     preset_name: str = typer.Option(
         "default",
         "--preset",
-        help="default (digits on the CPU) | paper-cifar100 | "
-        "paper-organamnist | paper-officehome. Options you give override the preset.",
+        help=f"{presets.names_help('default')}; default is digits on the CPU. Options you give override the preset.",
     ),
     methods: str | None = typer.Option(
         None, help="Comma-separated methods (default: all eleven), e.g. fedavg,fedper,fedperfix."

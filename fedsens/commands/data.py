@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from fedsens.commands._common import clean_errors
+from fedsens.personalize import options as options_lib
 from fedsens.personalize.datasets import registry
 
 NO_VERIFY_HELP = "Skip the files' checksum check (CIFAR-100's md5): for dataset files you wrote yourself."
@@ -24,13 +25,20 @@ def download(
     root: Path | None = typer.Option(
         None, "--root", help="Folder to download into (cifar100, organamnist) or to lay Office-Home out in."
     ),
-    size: int = typer.Option(28, "--size", help="OrganAMNIST image size: 28, 64, 128 or 224."),
+    data_option: list[str] | None = typer.Option(
+        None,
+        "--data-option",
+        "-d",
+        help="the dataset's own option KEY=VALUE (`fedsens data list`), e.g. -d size=64 for OrganAMNIST's 64 px",
+    ),
     no_verify: bool = typer.Option(False, "--no-verify", help=NO_VERIFY_HELP),
 ) -> None:
     """Download CIFAR-100 or OrganAMNIST; print where to get Office-Home and its layout."""
     from fedsens.personalize.download import download as fetch
+    from fedsens.personalize.options import parse_assignments
 
-    typer.echo(fetch(name, root, size=size, verify=not no_verify))
+    options = parse_assignments(data_option, flag="-d", example="size=64", lister="fedsens data list")
+    typer.echo(fetch(name, root, options=options, verify=not no_verify))
 
 
 @clean_errors
@@ -57,5 +65,8 @@ def list_datasets(
         if spec.domains:
             defaults += ", domains"
         typer.echo(f"{'':<22} defaults: {defaults}")
+        for key, (option, kind) in options_lib.fields_of(spec.Options).items():
+            help_text = option.metadata.get("help", "")
+            typer.echo(f"{'':<22} -d {key}={option.default}  ({options_lib.type_name(kind)}) {help_text}".rstrip())
         if present is not True and spec.needs_root:
             typer.echo(f"{'':<22} get it: {spec.instructions(data_root or 'DIR')}")

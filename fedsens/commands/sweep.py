@@ -11,6 +11,7 @@ from fedsens.commands._common import clean_errors, comma_list, overlay
 from fedsens.commands._options import Execution, executor_options, training_options
 from fedsens.commands.data import NO_VERIFY_HELP, dataset_help
 from fedsens.commands.methods import method_option, options_option
+from fedsens.personalize import presets
 from fedsens.personalize.errors import UserError
 
 if TYPE_CHECKING:  # the library is imported when the command runs, so `fedsens --help` stays quick
@@ -99,9 +100,7 @@ def _print_validation(config: SweepConfig) -> None:
 @training_options("quick")
 @executor_options("cell", "quick preset: the number of cores, else 1")
 def sweep(
-    preset_name: str = typer.Option(
-        "quick", "--preset", help=f"quick | paper-cifar100 | paper-organamnist | paper-officehome. {PRESET_NOTE}"
-    ),
+    preset_name: str = typer.Option("quick", "--preset", help=f"{presets.names_help('quick')}. {PRESET_NOTE}"),
     dataset: str | None = typer.Option(None, help=dataset_help("Dataset (comma-separate several)")),
     data_root: str | None = typer.Option(None, help="Folder holding the dataset's files."),
     parts: list[str] | None = typer.Option(

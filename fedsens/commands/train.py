@@ -10,7 +10,9 @@ from fedsens.commands._common import clean_errors
 from fedsens.commands._options import training_options
 from fedsens.commands.data import NO_VERIFY_HELP, dataset_help
 from fedsens.commands.methods import method_option, options_option
+from fedsens.personalize import presets
 from fedsens.personalize.errors import UserError
+from fedsens.personalize.schema import SCHEMES
 
 
 def _resolve_auto(personalize: str | None, sweep_dir: Path | None, top: int) -> str | None:
@@ -62,15 +64,12 @@ def run_config(
     top_blocks: int | None,
     client_store: str | None,
     checkpoint_every: int | None,
-    synthetic_per_client: int | None,
-    synthetic_size: int | None,
-    synthetic_classes: int | None,
+    data_option: list[str] | None,
     knobs: dict,
 ):
     """The RunConfig train's options describe (and the sweep's FedPerfix placement, or None): the preset, its
     settings for the method, then every option given. `fedsens flower app` builds its config the same way."""
-    from fedsens.personalize import presets
-    from fedsens.personalize.methods.registry import parse_assignments
+    from fedsens.personalize.options import parse_assignments
 
     if sweep_dir is not None and personalize != "auto" and method != "fedperfix":
         raise UserError("--from only makes sense with --personalize auto or --method fedperfix")
@@ -87,9 +86,8 @@ def run_config(
         "verify": False if no_verify else None,
         "client_store": client_store,
         "checkpoint_every": checkpoint_every,
-        "synthetic_per_client": synthetic_per_client,
-        "synthetic_size": synthetic_size,
-        "synthetic_classes": synthetic_classes,
+        "data_options": parse_assignments(data_option, flag="-d", example="num_samples=96", lister="fedsens data list")
+        or None,
     }
     chosen = presets.get(preset_name)
     # the preset's settings for the method (Per-FedAvg's lr, FedPerfix's adapter ...), then every option
@@ -117,7 +115,7 @@ def train(
         None,
         "--partition",
         "--scheme",
-        help="iid | dirichlet | pathological | domain, or a partition.json (default: dirichlet; a preset sets its own)",
+        help=f"{' | '.join(SCHEMES)}, or a partition.json (default: dirichlet; a preset sets its own)",
     ),
     alpha: float | None = typer.Option(
         None, help="Dirichlet concentration, small = strong label skew (default: 0.3; a --preset sets its own)"
@@ -138,8 +136,8 @@ def train(
     preset_name: str = typer.Option(
         "embedded",
         "--preset",
-        help="embedded (the default: RunConfig's CPU settings) | quick | default | paper-cifar100 | "
-        "paper-organamnist | paper-officehome. Options you give override the preset.",
+        help=f"{presets.names_help('embedded')}; embedded is RunConfig's CPU settings. "
+        "Options you give override the preset.",
     ),
     method: str | None = method_option(help="the personalized-FL method (fedavg by default); `fedsens methods`"),
     option: list[str] | None = options_option(),
@@ -158,11 +156,13 @@ def train(
     checkpoint_every: int | None = typer.Option(
         None, help="write the checkpoint every N rounds (default 1; 10 when the in-memory client state is > 256 MB)"
     ),
-    synthetic_per_client: int | None = typer.Option(
-        None, help="synthetic: samples per client (population = clients x this), e.g. 8 with --clients 10000"
+    data_option: list[str] | None = typer.Option(
+        None,
+        "--data-option",
+        "-d",
+        help="the dataset's own option KEY=VALUE (repeatable; `fedsens data list` lists each dataset's), "
+        "e.g. -d num_samples=80000 for a synthetic population of 10,000 x 8",
     ),
-    synthetic_size: int | None = typer.Option(None, help="synthetic: image side in pixels (default 16)"),
-    synthetic_classes: int | None = typer.Option(None, help="synthetic: number of classes (default 10)"),
     engine: str = typer.Option(
         "builtin",
         help="builtin (fedsens's round loop), flower (Flower's simulation engine, ClientApps in this process) "
@@ -176,9 +176,9 @@ def train(
     Writes protocol.json, config.json, partition.json, parts.csv, metrics.csv, rounds.csv and summary.json
     into --out.
     """
-    from fedsens.personalize import presets, runio
+    from fedsens.personalize import runio
 
-    options = {k: v for k, v in locals().items() if k not in (*RUN_FLAGS, "presets", "runio")}
+    options = {k: v for k, v in locals().items() if k not in (*RUN_FLAGS, "runio")}
     config, placement = run_config(**options)
     record = presets.protocol(config, preset=preset_name)
     typer.echo(presets.protocol_text(record))

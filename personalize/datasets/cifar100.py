@@ -81,5 +81,6 @@ SPEC = register(
         classes=100,
         download=download,
         present=present,
+        verifies=True,
     )
 )

@@ -15,7 +15,7 @@ import hashlib
 import os
 import pickle
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +36,12 @@ DEFAULT_SIZE = 64  # outside a run (`fedsens data split`); a run decodes at the 
 class Options:
     """The loader's options (`--data-option KEY=VALUE`)."""
 
-    size: int = DEFAULT_SIZE
-    skip_bad_images: bool = False  # leave undecodable images out (counted) instead of stopping
+    size: int = field(
+        default=DEFAULT_SIZE, metadata={"help": "decoded side outside a run (a run decodes at the model's)"}
+    )
+    skip_bad_images: bool = field(
+        default=False, metadata={"help": "leave undecodable images out (counted) instead of stopping"}
+    )
 
 
 def how_to_get(root: Path | str = "DIR", **_) -> str:
@@ -206,5 +210,7 @@ SPEC = register(
         how_to_get=how_to_get,
         present=present,
         decodes_at="size",
+        Options=Options,
+        reports_progress=True,
     )
 )

@@ -5,6 +5,7 @@ merged, as OrganAMNIST is."""
 from __future__ import annotations
 
 import zipfile
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -21,6 +22,13 @@ from fedsens.personalize.errors import UserError
 SIZES = (28, 64, 128, 224)
 
 
+@dataclass(frozen=True)
+class Options:
+    """`--data-option` keys of every MedMNIST 2D set."""
+
+    size: int = field(default=28, metadata={"help": "MedMNIST's image side: 28, 64, 128 or 224 (its own file each)"})
+
+
 def npz_file(flag: str, root: Path, size: int) -> Path:
     """Where medmnist keeps a dataset at `size` pixels: pathmnist.npz, pathmnist_64.npz, ..."""
     return root / f"{flag}{'' if size == 28 else f'_{size}'}.npz"
@@ -32,7 +40,7 @@ def _check_size(flag: str, size: int) -> None:
 
 
 def how_to_get(flag: str, root: Path | str = "DIR", size: int = 28, **_) -> str:
-    size_flag = f" --size {size}" if size != 28 else ""
+    size_flag = f" -d size={size}" if size != 28 else ""
     return f"run `fedsens data download {flag} --root {root}{size_flag}`"
 
 
@@ -117,6 +125,7 @@ SPECS = {
             how_to_get=partial(how_to_get, flag),
             download=_downloader(flag),
             present=partial(present, flag),
+            Options=Options,
         )
     )
     for flag in NAMES

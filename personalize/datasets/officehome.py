@@ -190,5 +190,6 @@ SPEC = register(
         guide=instructions,
         present=present,
         decodes_at="size",
+        reports_progress=True,
     )
 )

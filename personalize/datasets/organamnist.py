@@ -4,6 +4,7 @@ its three official splits merged."""
 from __future__ import annotations
 
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +30,15 @@ def check_size(size: int) -> None:
 
 
 def how_to_get(root: Path | str = "DIR", size: int = 28, **_) -> str:
-    size_flag = f" --size {size}" if size != 28 else ""
+    size_flag = f" -d size={size}" if size != 28 else ""
     return f"run `fedsens data download organamnist --root {root}{size_flag}`"
+
+
+@dataclass(frozen=True)
+class Options:
+    """`--data-option` keys of OrganAMNIST."""
+
+    size: int = field(default=28, metadata={"help": "MedMNIST's image side: 28, 64, 128 or 224 (its own file each)"})
 
 
 def load(root: Path | None, *, size: int = 28) -> ImageSet:
@@ -89,5 +97,6 @@ SPEC = register(
         how_to_get=how_to_get,
         download=download,
         present=present,
+        Options=Options,
     )
 )

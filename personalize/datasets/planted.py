@@ -162,5 +162,6 @@ SPEC = registry.register(
         domains=True,
         scheme="domain",
         how_to_get=lambda root="DIR", **_: "nothing to download for the digits base; another base needs its files",
+        Options=Options,
     )
 )

@@ -8,14 +8,16 @@ plugin, a test) registers its own datasets the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import pkgutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedsens.personalize import options as options_lib
 from fedsens.personalize import trees
 from fedsens.personalize.errors import UserError
 
@@ -37,6 +39,11 @@ _registry: dict[str, DatasetSpec] = {}
 
 
 @dataclass(frozen=True)
+class NoOptions:
+    """The options of a dataset that takes none."""
+
+
+@dataclass(frozen=True)
 class DatasetSpec:
     """One dataset: how to load it, the defaults the paper uses for it, and how to get its files.
 
@@ -45,6 +52,11 @@ class DatasetSpec:
     `fedsens data download` prints `guide(root)` (or the one-line `how_to_get(root, **options)`). `present(root)` says
     whether the files are under root. `decodes_at` names the loader keyword that sets the decoded
     image size (the run passes the model's input size to it); None keeps the native size.
+
+    `Options` (a frozen dataclass, one line of help per field in `field(metadata={"help": ...})`) holds
+    the loader's own keywords, set with `--data-option KEY=VALUE` and listed by `fedsens data list`.
+    The run's own settings reach the loader where the spec says it takes them: `verify` (checksums,
+    `verifies`), `quiet` (progress, `reports_progress`) and the decoded size (`decodes_at`).
     """
 
     name: str
@@ -62,12 +74,18 @@ class DatasetSpec:
     guide: Callable[[Path | None], str] | None = None  # what `data download` prints when nothing is fetched
     present: Callable[[Path], bool] | None = None
     decodes_at: str | None = None
+    Options: type = NoOptions
+    verifies: bool = False
+    reports_progress: bool = False
 
-    def options(self) -> list[str]:
-        """The loader's keyword options (everything after `root`)."""
-        import inspect  # here: the registry module stays cheap to import for `fedsens --help`
+    def loader_keywords(self) -> list[str]:
+        """Every keyword the loader takes: its options, then the run's settings the spec says it takes."""
+        run = [k for k, takes in (("verify", self.verifies), ("quiet", self.reports_progress)) if takes]
+        return [*options_lib.fields_of(self.Options), *run, *([self.decodes_at] if self.decodes_at else [])]
 
-        return [param for param in inspect.signature(self.load).parameters if param != "root"]
+    def resolve_options(self, given: Mapping[str, Any]) -> Any:
+        """The dataset's Options from a mapping (`-d KEY=VALUE`): one UserError line naming the valid keys."""
+        return options_lib.resolve(self.Options, given, owner=f"dataset {self.name}")
 
     def instructions(self, root: Path | str = "DIR", **options: Any) -> str:
         """One line: how to get this dataset's files into root."""
@@ -147,7 +165,7 @@ def dataset_defaults(name: str) -> dict:
 def load(name: str, root: str | Path | None = None, **options: Any):
     """Load dataset `name` (from `root` for datasets with files); `options` are its loader's keywords."""
     spec = get(name)
-    known = spec.options()
+    known = spec.loader_keywords()
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise UserError(
@@ -160,24 +178,23 @@ def load_for_run(
     name: str,
     root: str | Path | None = None,
     *,
+    options: Mapping[str, Any] | None = None,
     input_size: int | None = None,
     verify: bool = True,
     quiet: bool = False,
-    **extra: Any,
 ):
-    """Load a dataset for training: decoded at the model's input size where the dataset decodes images
-    (Office-Home), with the md5 check on unless `verify` is False, quiet where the loader reports progress;
-    `extra` are the loader's own keywords (e.g. the synthetic population's size)."""
+    """Load a dataset for training: with its `options` (`--data-option`, checked against its Options),
+    decoded at the model's input size where the dataset decodes images (Office-Home), with the md5 check on
+    unless `verify` is False, quiet where the loader reports progress."""
     spec = get(name)
-    known = spec.options()
-    options: dict[str, Any] = dict(extra)
+    keywords: dict[str, Any] = dataclasses.asdict(spec.resolve_options(options or {}))
     if spec.decodes_at is not None and input_size is not None:
-        options[spec.decodes_at] = input_size
-    if "verify" in known:
-        options["verify"] = verify
-    if "quiet" in known:
-        options["quiet"] = quiet
-    return load(name, root, **options)
+        keywords[spec.decodes_at] = input_size
+    if spec.verifies:
+        keywords["verify"] = verify
+    if spec.reports_progress:
+        keywords["quiet"] = quiet
+    return load(name, root, **keywords)
 
 
 def is_present(name: str, root: str | Path | None) -> bool | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -14,13 +15,19 @@ from fedsens.personalize.errors import UserError
 SAMPLES_PER_DRAW = 4096  # a multiple of 16: block-wise draws give the same numbers as one draw of all
 
 
-def population_options(clients: int, per_client: int, image_size: int, classes: int) -> dict:
-    """The loader's options for a population of `clients` x `per_client` samples (per_client 0: the loader's
-    fixed default set), so scale can be tested from the command line (--synthetic-per-client ...)."""
-    if per_client < 0:
-        raise UserError(f"--synthetic-per-client must be >= 0 (got {per_client})")
-    options = {"image_size": image_size, "num_classes": classes}
-    return {**options, "num_samples": clients * per_client} if per_client else options
+@dataclass(frozen=True)
+class Options:
+    """`--data-option` keys of the synthetic set (the loader's keywords, with its defaults)."""
+
+    num_samples: int = field(
+        default=512, metadata={"help": "images in the set, e.g. clients x 8 for a large population"}
+    )
+    num_classes: int = field(default=10, metadata={"help": "classes"})
+    image_size: int = field(default=16, metadata={"help": "image side in pixels"})
+    channels: int = field(default=3, metadata={"help": "colour channels"})
+    seed: int = field(default=0, metadata={"help": "seed of the templates and the noise"})
+    noise: float = field(default=0.25, metadata={"help": "standard deviation of the Gaussian noise"})
+    num_domains: int = field(default=0, metadata={"help": "domains, each with its own shift (0: none)"})
 
 
 def load(
@@ -85,5 +92,6 @@ SPEC = register(
         channels=3,
         classes=10,
         how_to_get=lambda root="DIR", **_: "nothing to download; it is generated on load",
+        Options=Options,
     )
 )

@@ -20,11 +20,12 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedsens.personalize.client import ClientContext, NonFiniteLoss, RunContext
+from fedsens.personalize.client import ClientContext, RunContext
+from fedsens.personalize.engine.context import build_context
+from fedsens.personalize.engine.rounds import EVAL_STREAM, TRAIN_STREAM, client_context
+from fedsens.personalize.engine.tensors import assign, snapshot
 from fedsens.personalize.errors import UserError
-from fedsens.personalize.federation import _build_context, assign, snapshot
 from fedsens.personalize.flower import records
-from fedsens.personalize.inputs import seeded_generator
 from fedsens.personalize.methods import Method, get_method
 
 LOCAL_KEY = "fedsens.local"  # Context.state keys: stay on the node
@@ -55,7 +56,7 @@ def runtime(run_config: Mapping[str, Any]) -> ClientRuntime:
         # named by the configuration, so nodes never touch the server's run folder.
         scratch = Path(tempfile.gettempdir()) / "fedsens-flower" / hashlib.sha256(key.encode()).hexdigest()[:16]
         scratch.mkdir(parents=True, exist_ok=True)
-        run = _build_context(config, method, scratch)
+        run = build_context(config, method, scratch)
         _RUNTIMES[key] = ClientRuntime(run, method, snapshot(run.named, [*run.local_names, *run.shared_names]))
     return _RUNTIMES[key]
 
@@ -100,15 +101,15 @@ def _enter(
     local, extra = _client_state(rt, context, cid)
     assign(rt.run.named, records.from_record(message.content.array_records["arrays"], rt.run.device))
     assign(rt.run.named, local)
-    generator = seeded_generator(rt.run.config.seed, round_, cid, stream)
-    return rt, ClientContext(rt.run, cid, round_, extra, generator), local
+    return rt, client_context(rt.run, cid, round_, extra, stream), local
 
 
 def train(message: Message, context: Context, run_config: Mapping[str, Any]) -> Message:
-    rt, client, _ = _enter(message, context, run_config, 1)
+    rt, client, _ = _enter(message, context, run_config, TRAIN_STREAM)
     rt.method.train_client(client)
-    if client.nonfinite:
-        raise NonFiniteLoss(f"client {client.client} hit a non-finite loss in round {client.round}; lower --lr")
+    if client.nonfinite:  # a result, not a crash: the server stops the run as the built-in loop does
+        diverged = MetricRecord({"client": client.client, records.NONFINITE_KEY: client.nonfinite_loss})
+        return Message(RecordDict({"metrics": diverged}), reply_to=message)
     _keep(context, snapshot(rt.run.named, rt.run.local_names), client.state)
     content = RecordDict(
         {
@@ -120,11 +121,11 @@ def train(message: Message, context: Context, run_config: Mapping[str, Any]) -> 
 
 
 def evaluate(message: Message, context: Context, run_config: Mapping[str, Any]) -> Message:
-    rt, client, local = _enter(message, context, run_config, 2)
+    rt, client, local = _enter(message, context, run_config, EVAL_STREAM)
     result = rt.method.evaluate_client(client)
     _keep(context, local, client.state)  # the built-in loop keeps what evaluation does to the extra state
-    metrics = {"client": client.client, "loss": result.loss, "accuracy": result.accuracy, "n": result.n}
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)
+    metrics = MetricRecord({"client": client.client, "loss": result.loss, "accuracy": result.accuracy, "n": result.n})
+    return Message(RecordDict({"metrics": metrics}), reply_to=message)
 
 
 def query(message: Message, context: Context, run_config: Mapping[str, Any]) -> Message:

@@ -8,13 +8,16 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 from fedsens.personalize.config import RunConfig
 from fedsens.personalize.errors import UserError
 
 # Run-config keys that are not RunConfig fields: how the apps run rather than what they compute.
 ENGINE_KEYS = {"torch-threads": 1, "reply-timeout": 600.0, "quiet": True}
+MAPPING_FIELDS = ("method_options", "data_options")  # RunConfig fields that travel as JSON strings
+# A train reply's metric when local training hit a non-finite loss (the reply then carries no tensors).
+NONFINITE_KEY = "nonfinite-loss"
 
 
 def to_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
@@ -63,6 +66,14 @@ def config_of(run_config: Mapping[str, Any]) -> RunConfig:
 
 def engine_option(run_config: Mapping[str, Any], key: str) -> Any:
     return run_config.get(key, ENGINE_KEYS[key])
+
+
+def number(record: MetricRecord, key: str) -> float:
+    """One number of a metric record (a record also holds lists; fedsens sends none)."""
+    value = record[key]
+    if isinstance(value, list):
+        raise TypeError(f"metric {key!r} is a list, not a number")
+    return float(value)
 
 
 def scalar(content: RecordDict, record: str, key: str) -> Any:

@@ -13,7 +13,6 @@ import dataclasses
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -23,10 +22,13 @@ from flwr.serverapp.strategy import Strategy
 from tqdm import tqdm
 
 from fedsens.personalize import runio, schema
-from fedsens.personalize.client import NonFiniteLoss, RunContext
+from fedsens.personalize.client import EvalResult, NonFiniteLoss, RunContext
 from fedsens.personalize.config import RunConfig
+from fedsens.personalize.engine.context import build_context
+from fedsens.personalize.engine.rounds import Aggregation, sample_clients
+from fedsens.personalize.engine.tables import metric_rows, protocol_accuracies, round_row, summary
+from fedsens.personalize.engine.tensors import snapshot
 from fedsens.personalize.errors import UserError
-from fedsens.personalize.federation import _build_context, _summary, accuracy_stats, sample_clients, snapshot
 from fedsens.personalize.flower import records
 from fedsens.personalize.methods import Method, get_method
 
@@ -77,15 +79,21 @@ class FedsensStrategy(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, None]:
         contents = sorted(_contents(replies, "train"), key=lambda c: records.scalar(c, "metrics", "client"))
+        for content in contents:  # the first diverged client in client order, as the built-in loop stops at
+            metrics = content.metric_records["metrics"]
+            if records.NONFINITE_KEY in metrics:
+                loss = records.number(metrics, records.NONFINITE_KEY)
+                raise NonFiniteLoss(int(records.number(metrics, "client")), server_round, loss)
         if len(contents) != len(self._round["participants"]):
             raise RuntimeError(f"round {server_round}: {len(contents)} of {len(self._round['participants'])} replied")
         self._round["train_up_bytes"] = sum(c.array_records["arrays"].count_bytes() for c in contents)
         self._round["messages"] += len(contents)
         if not self.run.shared_names:
             return None, None
-        states = [records.from_record(c.array_records["arrays"]) for c in contents]
-        weights = [int(records.scalar(c, "metrics", "num-examples")) for c in contents]
-        return records.to_record(self.method.aggregate(states, weights)), None
+        aggregation = Aggregation(self.method, [int(records.scalar(c, "metrics", "num-examples")) for c in contents])
+        for content in contents:  # in client order, as the built-in loop adds them
+            aggregation.add(records.from_record(content.array_records["arrays"]))
+        return records.to_record(aggregation.result()), None
 
     def _evaluates(self, round_: int) -> bool:
         return round_ % self.config.eval_every == 0 or round_ == self.config.rounds
@@ -100,41 +108,27 @@ class FedsensStrategy(Strategy):
         return self._messages(grid, server_round, arrays, clients, MessageType.EVALUATE)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        rows: list[dict[str, Any]] = []
+        results: dict[int, EvalResult] = {}
         for content in _contents(replies, "evaluate"):
-            m: Mapping[str, Any] = content.metric_records["metrics"]
-            c = int(m["client"])
-            rows.append(
-                {
-                    "round": server_round,
-                    "client": c,
-                    "split": "test",
-                    "loss": float(m["loss"]),
-                    "accuracy": float(m["accuracy"]),
-                    "n": int(m["n"]),
-                    "participated": c in self._round["participants"],
-                    "protocol": "after-aggregation",  # Flower evaluates every client after aggregation only
-                }
-            )
-        if self._evaluates(server_round) and len(rows) != self.config.clients:
-            raise RuntimeError(f"round {server_round}: {len(rows)} of {self.config.clients} clients evaluated")
-        rows.sort(key=lambda r: r["client"])
+            m = content.metric_records["metrics"]
+            loss, accuracy, n = (records.number(m, key) for key in ("loss", "accuracy", "n"))
+            results[int(records.number(m, "client"))] = EvalResult(loss, accuracy, int(n))
+        if self._evaluates(server_round) and len(results) != self.config.clients:
+            raise RuntimeError(f"round {server_round}: {len(results)} of {self.config.clients} clients evaluated")
+        clients = sorted(results)
+        # Flower evaluates every client after aggregation only (check_protocol refuses the paper's timing)
+        rows = metric_rows(
+            server_round, clients, [results[c] for c in clients], self._round["participants"], "after-aggregation"
+        )
         self.metrics.extend(rows)
-        acc = np.array([r["accuracy"] for r in rows], dtype=float)
+        accuracies = protocol_accuracies(rows)
         seconds = time.perf_counter() - self._round["started"]
         self.seconds += seconds
+        up, down = self._round["train_up_bytes"], self._round["train_down_bytes"]
         self.rounds.append(
-            {
-                "round": server_round,
-                **accuracy_stats(acc),
-                "protocol": "after-aggregation",
-                "acc_mean_after_aggregation": accuracy_stats(acc)["acc_mean"],
-                "acc_mean_paper": float("nan"),
-                "up_bytes": self._round["train_up_bytes"],
-                "down_bytes": self._round["train_down_bytes"],
-                "seconds": round(seconds, 4),
-            }
+            round_row(server_round, accuracies, self.config.eval_protocol, up=up, down=down, seconds=seconds)
         )
+        acc = accuracies["after-aggregation"]
         self.traffic.append({"round": server_round, **{k: self._round[k] for k in FLOWER_COLUMNS[1:]}})
         self._bar.update(1)
         if len(acc):
@@ -146,10 +140,7 @@ def _contents(replies: Iterable[Message], what: str) -> list[RecordDict]:
     contents = []
     for reply in replies:
         if reply.has_error():
-            reason = reply.error.reason or ""
-            if "non-finite loss" in reason:  # Flower's reason: "<class '...'>:<'MESSAGE'>"
-                raise NonFiniteLoss(reason.rsplit(":<'", 1)[-1].rstrip("'>"))
-            raise RuntimeError(f"a client failed in {what}: {reason}")
+            raise RuntimeError(f"a client failed in {what}: {reply.error.reason or ''}")
         contents.append(reply.content)
     return contents
 
@@ -183,7 +174,7 @@ def serve(grid: Grid, run_config: Mapping[str, Any]) -> dict:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     method = get_method(config)
-    run = _build_context(config, method, out)
+    run = build_context(config, method, out)
     runio.write_json(
         out / "config.json",
         {
@@ -197,15 +188,19 @@ def serve(grid: Grid, run_config: Mapping[str, Any]) -> dict:
     runio.write_table(out / "parts.csv", run.parts.to_dict("records"), columns)
     nodes = map_clients(grid, config.clients, timeout)
     strategy = FedsensStrategy(run, method, nodes, quiet=bool(records.engine_option(run_config, "quiet")))
-    strategy.start(grid, records.to_record(snapshot(run.named, run.shared_names)), config.rounds, timeout=timeout)
-    strategy.close()
+    diverged: dict | None = None
+    try:
+        strategy.start(grid, records.to_record(snapshot(run.named, run.shared_names)), config.rounds, timeout=timeout)
+    except NonFiniteLoss as err:  # a result, not a crash: the tables hold the rounds before it
+        diverged = {"round": err.round, "client": err.client, "loss": err.loss, "message": str(err)}
+    finally:
+        strategy.close()
     runio.write_table(out / "metrics.csv", strategy.metrics, runio.TABLE_COLUMNS["metrics"])
     rounds = runio.write_table(out / "rounds.csv", strategy.rounds, runio.TABLE_COLUMNS["rounds"])
     runio.write_table(out / "flower.csv", strategy.traffic, FLOWER_COLUMNS)
-    progress = SimpleNamespace(round=len(strategy.rounds), seconds=strategy.seconds)  # what _summary reads of a state
-    summary = _summary(run, method, progress, rounds)  # type: ignore[arg-type]
-    runio.write_json(out / "summary.json", {**summary, "engine": "flower"})
-    return summary
+    record = summary(run, method, rounds, rounds_done=len(strategy.rounds), seconds=strategy.seconds, diverged=diverged)
+    runio.write_json(out / "summary.json", {**record, "engine": "flower"})
+    return record
 
 
 def _flwr_version() -> str:

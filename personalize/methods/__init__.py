@@ -14,8 +14,9 @@ import importlib
 import pkgutil
 from typing import TYPE_CHECKING
 
+from fedsens.personalize.aggregation import weighted_mean
 from fedsens.personalize.methods.apfl import APFL, alpha_step
-from fedsens.personalize.methods.base import Method, NoOptions, only_trainable, train_steps, weighted_mean
+from fedsens.personalize.methods.base import Method, NoOptions, only_trainable, train_steps
 from fedsens.personalize.methods.fedperfix import FedPerfix, VanillaPrefix
 from fedsens.personalize.methods.fixed import FedAvg, FedBN, FedPer, Local, VanillaAttention
 from fedsens.personalize.methods.head import FedBABU, FedRep
@@ -24,6 +25,7 @@ from fedsens.personalize.methods.registry import (
     METHODS,
     method_class,
     names,
+    paper_labels,
     paper_methods,
     register_method,
     resolve_options,
@@ -56,6 +58,7 @@ __all__ = [
     "method_class",
     "names",
     "only_trainable",
+    "paper_labels",
     "paper_methods",
     "register_method",
     "resolve_options",

@@ -41,6 +41,7 @@ class APFL(Method):
                 raise UserError(f"apfl option alpha must be in [0, 1] (got {self.alpha})")
 
     name, paper_row, parts = "apfl", 7, "none"
+    paper_label = "APFL"
     summary = "a personal model mixed with the global one by a learned alpha"
     paper = "Deng et al., Adaptive Personalized Federated Learning, arXiv:2003.13461, 2020"
     PERSONAL = "personal."

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from fedsens.personalize.aggregation import weighted_mean
 from fedsens.personalize.methods.registry import resolve_options
 
 if TYPE_CHECKING:
@@ -37,39 +38,40 @@ def train_mode(model: nn.Module) -> None:
         model.train()
 
 
-def weighted_mean(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
-    """Sample-weighted average of name-keyed tensors (FedAvg); non-float tensors take the first client's."""
-    if not states:
-        raise ValueError("nothing to aggregate")
-    total = float(sum(weights))
-    if total <= 0:
-        raise ValueError("aggregation weights must sum to a positive number")
-    out: dict[str, torch.Tensor] = {}
-    for name, first in states[0].items():
-        if not torch.is_floating_point(first):
-            out[name] = first.clone()
-            continue
-        acc = torch.zeros_like(first, dtype=torch.float64)
-        for state, w in zip(states, weights):
-            acc += state[name].to(torch.float64) * (float(w) / total)
-        out[name] = acc.to(first.dtype)
-    return out
-
-
 class Method:
     """FedAvg with `config.personalize` kept local: the base every method builds on.
 
     Class attributes a method sets: `name` (registry key), `summary` (one line), `paper` (where it
-    comes from), `paper_row` (its row in the paper's main table, or None), `parts` (the part spec it
-    keeps local; None = whatever `--personalize` says) and `Options` (a frozen dataclass).
+    comes from), `paper_row` (its row in the paper's main table, or None), `paper_label` (that row's
+    name), `parts` (the part spec it keeps local; None = whatever `--personalize` says) and `Options`
+    (a frozen dataclass).
+
+    Two capabilities say what an engine may do in place of the hooks, for speed:
+    `aggregates_by_weighted_mean` (the engine folds each participant's shared tensors into a running
+    weighted mean as it arrives instead of calling `aggregate` on them all) and `evaluates_plainly` (the
+    engine evaluates many clients in one batched forward instead of calling `evaluate_client` on each).
+    Both hold for the base hooks; a subclass that overrides `aggregate` or `evaluate_client` without
+    declaring the capability in its own body loses it, so an engine never skips a hook it should call.
     """
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     paper_row: ClassVar[int | None] = None
+    paper_label: ClassVar[str] = ""  # how compare's paper_rows names the paper's row this method reproduces
     parts: ClassVar[str | None] = None
     Options: ClassVar[type] = NoOptions
+    aggregates_by_weighted_mean: ClassVar[bool] = True
+    evaluates_plainly: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for capability, hook in (
+            ("aggregates_by_weighted_mean", "aggregate"),
+            ("evaluates_plainly", "evaluate_client"),
+        ):
+            if hook in vars(cls) and capability not in vars(cls):
+                setattr(cls, capability, False)
 
     def __init__(self, config: RunConfig):
         self.config = config

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 from torch import nn
 
 from fedsens.personalize import plugins
+from fedsens.personalize.blocks import parse_blocks
 from fedsens.personalize.errors import UserError
 from fedsens.personalize.methods.base import Method
 from fedsens.personalize.methods.registry import register_method
@@ -20,8 +20,7 @@ class PluginOptions:
     scale: float = field(default=1.5, metadata={"help": "scale of the key/value offsets"})
 
     def __post_init__(self):
-        if self.blocks.strip() != "all" and not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", self.blocks.replace(" ", "")):
-            raise UserError(f"option blocks {self.blocks!r}: write all, a list like 2,3 or a range like 9-11")
+        parse_blocks(self.blocks, what=f"option blocks {self.blocks!r}")  # the grammar; the depth at install
 
 
 @register_method
@@ -43,6 +42,7 @@ class FedPerfix(Method):
                 raise UserError(f"fedperfix option mid_dim must be at least 1 (got {self.mid_dim})")
 
     name, paper_row, parts = "fedperfix", 11, "plugin,head"
+    paper_label = "FedPerfix"
     summary = "a local adapter per attention layer adds key/value offsets; plugin and head local"
     paper = "Sun et al., FedPerfix: Towards Partial Model Personalization of Vision Transformers in FL, ICCV 2023"
     plugin = "fedperfix"
@@ -80,6 +80,7 @@ class VanillaPrefix(FedPerfix):
                 raise UserError(f"vanilla-prefix option init must be zero or random (got {self.init!r})")
 
     name, paper_row = "vanilla-prefix", 10
+    paper_label = "Vanilla prefix"
     summary = "one linear map per attention layer adds key/value offsets; plugin and head local"
     paper = "Sun et al., FedPerfix, ICCV 2023 (its vanilla-prefix baseline)"
     plugin = "vanilla-prefix"

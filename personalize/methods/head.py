@@ -33,6 +33,7 @@ class FedRep(Method):
                 raise UserError(f"fedrep option head_epochs must be at least 1 (got {self.head_epochs})")
 
     name, paper_row, parts = "fedrep", 5, "head"
+    paper_label = "- (FedRep paper's schedule; not in the paper's table)"
     summary = "head local; head epochs then body epochs each round"
     paper = "Collins et al., Exploiting Shared Representations for Personalized Federated Learning, ICML 2021"
 
@@ -68,6 +69,7 @@ class FedBABU(Method):
                 raise UserError(f"fedbabu option finetune_steps must be >= 0 (got {self.finetune_steps})")
 
     name, paper_row, parts = "fedbabu", 6, "head"
+    paper_label = "FedBABU"
     summary = "head frozen at its init; fine-tuned before evaluation"
     paper = "Oh et al., FedBABU: Towards Enhanced Representation for Federated Image Classification, ICLR 2022"
 

@@ -32,6 +32,7 @@ class PerFedAvg(Method):
         beta: float | None = field(default=None, metadata={"help": "outer step size; none = the run's lr"})
 
     name, paper_row, parts = "perfedavg", 8, "none"
+    paper_label = "Per-FedAvg"
     summary = "first-order Per-FedAvg (meta-learned initialisation, one adaptation step)"
     paper = (
         "Fallah et al., Personalized Federated Learning with Theoretical Guarantees: "
