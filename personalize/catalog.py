@@ -39,7 +39,9 @@ def families_text() -> str:
             f"      tiny CPU variant: --model {row.examples.split(', ')[0]} "
             + " ".join(f"--model-arg {item}" for item in row.tiny.split()),
         ]
-    lines.append(f"Presets: {', '.join(model_lib.PRESETS)}. One model's parts: fedsens models NAME [--model-arg ...]")
+    lines.append(
+        f"Presets: {', '.join(model_lib.MODEL_SHAPES)}. One model's parts: fedsens models NAME [--model-arg ...]"
+    )
     return "\n".join(lines)
 
 

@@ -208,7 +208,7 @@ def install(
         attn.add_module("prefix", prefix.to(device=weight.device, dtype=weight.dtype))
         if where.fused is not None:
             if getattr(attn, "q_bias", None) is not None and hasattr(attn, "qkv_bias_separate"):
-                attn.qkv_bias_separate = True  # the projection through the qkv module, the biases added after
+                attn.qkv_bias_separate = True  # type: ignore[assignment]  # the projection through the qkv module, the biases added after
             where.fused.register_forward_hook(prefix.qkv_hook)
         else:
             assert where.key is not None and where.value is not None

@@ -15,7 +15,7 @@ from fedsens.personalize.errors import UserError
 
 # Run-config keys that are not RunConfig fields: how the apps run rather than what they compute.
 ENGINE_KEYS = {"torch-threads": 1, "reply-timeout": 600.0, "quiet": True}
-MAPPING_FIELDS = ("method_options", "data_options")  # RunConfig fields that travel as JSON strings
+MAPPING_FIELDS = ("method_options", "data_options", "model_args")  # RunConfig fields that travel as JSON strings
 # A train reply's metric when local training hit a non-finite loss (the reply then carries no tensors).
 NONFINITE_KEY = "nonfinite-loss"
 
@@ -31,10 +31,6 @@ def to_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
 def from_record(record: ArrayRecord, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     # clone: np.load's buffer is not ours to keep, and methods update their state in place
     return {name: torch.from_numpy(array.numpy()).to(device).clone() for name, array in record.items()}
-
-
-# RunConfig's mapping fields, carried as JSON text in Flower's run config.
-MAPPING_FIELDS = ("method_options", "data_options", "model_args")
 
 
 def run_config_of(config: RunConfig, **engine: Any) -> dict[str, bool | int | float | str]:
