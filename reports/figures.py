@@ -32,7 +32,7 @@ def _new_axes(ncols: int, *, width: float, height: float, nrows: int = 1, width_
     return fig, list(axes.ravel())
 
 
-def _one_axes(ax: Axes | None, *, width: float, height: float) -> tuple[Figure, Axes]:
+def one_axes(ax: Axes | None, *, width: float, height: float) -> tuple[Figure, Axes]:
     if ax is not None:
         return ax.figure, ax  # type: ignore[return-value]
     fig, axes = _new_axes(1, width=width, height=height)
@@ -53,19 +53,19 @@ def _panel_axes(axes: Sequence[Axes] | None, count: int, *, width: float, height
     return axes[0].figure, list(axes)
 
 
-def _ordered(values: pd.Series) -> list:
+def distinct_in_order(values: pd.Series) -> list:
     """Distinct values in order of first appearance."""
     return list(dict.fromkeys(values.tolist()))
 
 
 def _part_order(parts: pd.Series) -> list[str]:
     """Part types in the order the model is built (input to output); unknown parts go last."""
-    present = _ordered(parts)
+    present = distinct_in_order(parts)
     known = [part for part in PART_TYPES if part in present]
     return known + [part for part in present if part not in PART_TYPES]
 
 
-def _colors(count: int) -> list:
+def palette_colors(count: int) -> list:
     return sns.color_palette(PALETTE, n_colors=max(count, 1))
 
 
@@ -77,12 +77,12 @@ def plot_sensitivity(ranking: pd.DataFrame, *, ax: Axes | None = None) -> Figure
     """
     rows = ranking[ranking["metric"] == GAIN] if "metric" in ranking.columns else ranking
     rows = rows.sort_values("rank", na_position="last", kind="stable").reset_index(drop=True)
-    fig, ax = _one_axes(ax, width=6.4, height=0.45 * len(rows) + 1.4)
+    fig, ax = one_axes(ax, width=6.4, height=0.45 * len(rows) + 1.4)
     score = rows["score"].to_numpy(float)
     below = score - rows["ci_low"].to_numpy(float)  # NaN (one seed: no interval) draws no error bar
     above = rows["ci_high"].to_numpy(float) - score
     ranked = rows["rank"].notna().to_numpy()
-    gain, loss = _colors(4)[0], _colors(4)[3]
+    gain, loss = palette_colors(4)[0], palette_colors(4)[3]
     colors = [(gain if value >= 0 else loss) if is_ranked else "0.7" for value, is_ranked in zip(score, ranked)]
     positions = np.arange(len(rows))
     ax.barh(positions, np.nan_to_num(score), xerr=np.vstack([below, above]), color=colors, capsize=3)
@@ -120,7 +120,7 @@ def plot_critical_difference(ranking: pd.DataFrame, *, ax: Axes | None = None) -
     """
     rows = ranking[ranking["metric"] == "gain_vs_fedavg"] if "metric" in ranking.columns else ranking
     rows = rows.dropna(subset=["rank", "mean_rank"]).sort_values("rank", kind="stable").reset_index(drop=True)
-    fig, ax = _one_axes(ax, width=6.4, height=2.0 + 0.25 * len(rows))
+    fig, ax = one_axes(ax, width=6.4, height=2.0 + 0.25 * len(rows))
     count = len(rows)
     ax.set_xlim(count + 0.5, 0.5)  # rank 1 on the right, as in Demšar's diagrams
     ax.set_ylim(-(count + 1), 1.5)
@@ -139,7 +139,7 @@ def plot_critical_difference(ranking: pd.DataFrame, *, ax: Axes | None = None) -
             fontsize="small",
         )
     unresolved = rows["resolved_vs_next"].map(lambda v: str(v).lower() in ("false", "0", "0.0"))
-    color = _colors(1)[0]
+    color = palette_colors(1)[0]
     for index in map(int, np.flatnonzero(unresolved.to_numpy())):
         if index + 1 < count:  # the bar joins this part to the next one in the ranking
             ends = rows["mean_rank"].iloc[[index, index + 1]].to_numpy(float)
@@ -159,9 +159,9 @@ def plot_block_gains(ranking: pd.DataFrame, *, ax: Axes | None = None) -> Figure
     rows = ranking[ranking["metric"] == "gain_vs_fedavg"] if "metric" in ranking.columns else ranking
     found = rows["part"].astype(str).str.extract(r"^([a-z]+)@(\d+)$")
     rows = rows.assign(kind=found[0], block=pd.to_numeric(found[1])).dropna(subset=["kind"])
-    fig, ax = _one_axes(ax, width=6.4, height=4.0)
+    fig, ax = one_axes(ax, width=6.4, height=4.0)
     kinds = _part_order(rows["kind"])
-    colors = dict(zip(kinds, _colors(len(kinds))))
+    colors = dict(zip(kinds, palette_colors(len(kinds))))
     for kind in kinds:
         line = rows[rows["kind"] == kind].sort_values("block")
         ax.plot(line["block"], line["score"], marker="o", color=colors[kind], label=kind)
@@ -195,7 +195,7 @@ def plot_divergence_heatmap(
     if rounds not in ("mean", "last"):
         raise ValueError(f"rounds must be 'mean' or 'last', got {rounds!r}")
     divergence = _without_part_summaries(divergence)
-    metrics = _ordered(divergence["metric"])
+    metrics = distinct_in_order(divergence["metric"])
     blocks = divergence["block"].nunique()
     fig, axes = _panel_axes(axes, len(metrics), width=3.8, height=0.35 * blocks + 1.8)
     for ax, metric in zip(axes, metrics):
@@ -213,10 +213,10 @@ def plot_divergence_heatmap(
 def plot_divergence_rounds(divergence: pd.DataFrame, *, axes: Sequence[Axes] | None = None) -> Figure:
     """Each part's divergence metric over rounds (mean over its groups), one panel per metric."""
     divergence = _without_part_summaries(divergence)
-    metrics = _ordered(divergence["metric"])
+    metrics = distinct_in_order(divergence["metric"])
     fig, axes = _panel_axes(axes, len(metrics), width=4.0, height=3.2)
     parts = _part_order(divergence["part"])
-    colors = dict(zip(parts, _colors(len(parts))))
+    colors = dict(zip(parts, palette_colors(len(parts))))
     for ax, metric in zip(axes, metrics):
         rows = divergence[divergence["metric"] == metric]
         curves = rows.groupby(["part", "round"])["value"].mean()
@@ -245,9 +245,9 @@ def plot_rank_agreement(
     """
     gain = ranking[ranking["metric"] == GAIN][["part", "rank"]].dropna()
     others = ranking[ranking["metric"] != GAIN].dropna(subset=["rank"])
-    metrics = _ordered(others["metric"])
-    fig, ax = _one_axes(ax, width=6.0, height=4.6)
-    colors = _colors(len(metrics))
+    metrics = distinct_in_order(others["metric"])
+    fig, ax = one_axes(ax, width=6.0, height=4.6)
+    colors = palette_colors(len(metrics))
     markers = "osD^vP*X"
     for index, metric in enumerate(metrics):
         rows = others[others["metric"] == metric].merge(gain, on="part", suffixes=("", "_gain"))
@@ -297,9 +297,9 @@ def plot_training_curves(rounds: pd.DataFrame, *, hue: str | None = None, ax: Ax
     """
     hue = hue or group_column(rounds)
     rows = rounds.dropna(subset=["acc_mean"])
-    fig, ax = _one_axes(ax, width=6.4, height=4.0)
-    groups = _ordered(rows[hue]) if hue else [None]
-    for color, group in zip(_colors(len(groups)), groups):
+    fig, ax = one_axes(ax, width=6.4, height=4.0)
+    groups = distinct_in_order(rows[hue]) if hue else [None]
+    for color, group in zip(palette_colors(len(groups)), groups):
         subset = rows if group is None else rows[rows[hue] == group]
         curve = subset.groupby("round")[["acc_mean", "acc_std"]].mean()
         mean, spread = curve["acc_mean"].to_numpy(), curve["acc_std"].fillna(0).to_numpy()
@@ -323,8 +323,8 @@ def plot_fairness(final: pd.DataFrame, *, hue: str | None = None, ax: Axes | Non
     """
     hue = hue or group_column(final)
     data = final.assign(group=final[hue].astype(str) if hue else "run")
-    order = _ordered(data["group"])
-    fig, ax = _one_axes(ax, width=max(4.0, 1.1 * len(order) + 2.0), height=4.0)
+    order = distinct_in_order(data["group"])
+    fig, ax = one_axes(ax, width=max(4.0, 1.1 * len(order) + 2.0), height=4.0)
     values = [data.loc[data["group"] == group, "accuracy"].to_numpy(float) for group in order]
     boxes = ax.boxplot(
         values,
@@ -334,7 +334,7 @@ def plot_fairness(final: pd.DataFrame, *, hue: str | None = None, ax: Axes | Non
         showfliers=False,
         medianprops={"color": "0.15"},
     )
-    for patch, color in zip(boxes["boxes"], _colors(len(order))):
+    for patch, color in zip(boxes["boxes"], palette_colors(len(order))):
         patch.set(facecolor=color, alpha=0.6)
     sns.stripplot(
         data=data,
@@ -376,12 +376,12 @@ def plot_cost(table: pd.DataFrame, *, hue: str | None = None, axes: Sequence[Axe
     hue = hue or group_column(table)
     rows = table.dropna(subset=["acc_mean"])
     fig, axes = _panel_axes(axes, 2, width=4.4, height=3.8)
-    groups = _ordered(rows[hue]) if hue else [None]
+    groups = distinct_in_order(rows[hue]) if hue else [None]
     columns = (
         ("comm_bytes_per_round", "communication per round", "B"),
         ("local_params", "local parameters per client", ""),
     )
-    for color, group in zip(_colors(len(groups)), groups):
+    for color, group in zip(palette_colors(len(groups)), groups):
         subset = rows if group is None else rows[rows[hue] == group]
         accuracy = subset["acc_mean"].to_numpy(float)
         spread = accuracy.std() if len(accuracy) > 1 else 0.0
@@ -431,7 +431,7 @@ def plot_partition(counts: pd.DataFrame, *, axes: Sequence[Axes] | None = None) 
 
 def _count_table(rows: pd.DataFrame) -> pd.DataFrame:
     table = rows.pivot_table(index="client", columns="name", values="count", aggfunc="sum", sort=False)
-    return table[_ordered(rows["name"])].fillna(0).astype(int)
+    return table[distinct_in_order(rows["name"])].fillna(0).astype(int)
 
 
 BENCH_RATIOS = (("train_ratio", "training"), ("eval_ratio", "evaluation"), ("round_ratio", "whole round"))
@@ -441,7 +441,7 @@ LOOP_HATCHES = {"fedsens": "", "pfllib": "//"}
 
 def _bench_loops(rows: pd.DataFrame) -> list[str]:
     """The loops in the table, fedsens first (the reference loop is what it is compared with)."""
-    return sorted(_ordered(rows["loop"]), key=lambda loop: loop != "fedsens")
+    return sorted(distinct_in_order(rows["loop"]), key=lambda loop: loop != "fedsens")
 
 
 def plot_bench_ratios(measured: pd.DataFrame, *, ax: Axes | None = None) -> Figure:
@@ -452,10 +452,10 @@ def plot_bench_ratios(measured: pd.DataFrame, *, ax: Axes | None = None) -> Figu
     configuration and loop are averaged.
     """
     rows = measured.assign(setup=bench_setups(measured))
-    setups, loops = _ordered(rows["setup"]), _bench_loops(rows)
+    setups, loops = distinct_in_order(rows["setup"]), _bench_loops(rows)
     ratios = rows.groupby(["setup", "loop"])[[column for column, _ in BENCH_RATIOS]].mean()
-    fig, ax = _one_axes(ax, width=max(6.4, 1.4 * len(setups) * len(loops) + 2.0), height=4.4)
-    colors = _colors(len(BENCH_RATIOS))
+    fig, ax = one_axes(ax, width=max(6.4, 1.4 * len(setups) * len(loops) + 2.0), height=4.4)
+    colors = palette_colors(len(BENCH_RATIOS))
     slots = len(loops) * len(BENCH_RATIOS)
     width = 0.8 / slots
     for j, loop in enumerate(loops):
@@ -495,9 +495,9 @@ def plot_bench_memory(measured: pd.DataFrame, *, ax: Axes | None = None) -> Figu
     `measured`: bench.csv rows that have their measures (see `reports.tables.bench_rows`).
     """
     rows = measured.assign(local_mb=measured["local_bytes"] / MIB)
-    fig, ax = _one_axes(ax, width=6.4, height=4.4)
+    fig, ax = one_axes(ax, width=6.4, height=4.4)
     loops = _bench_loops(rows)
-    for color, loop in zip(_colors(len(loops)), loops):
+    for color, loop in zip(palette_colors(len(loops)), loops):
         points = rows[rows["loop"] == loop]
         marker = "o" if loop == "fedsens" else "s"
         ax.scatter(

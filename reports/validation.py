@@ -30,9 +30,9 @@ def plot_validation(validation: pd.DataFrame, *, ax: Axes | None = None) -> Figu
     first, resolved from the next and above zero), hollow where not; each point names the top part.
 
     `validation`: validation.csv (`effect, strength, top_part, score, boot_low, boot_high, found`)."""
-    fig, ax = figures._one_axes(ax, width=6.4, height=4.2)
-    effects = figures._ordered(validation["effect"])
-    colors = figures._colors(len(effects))
+    fig, ax = figures.one_axes(ax, width=6.4, height=4.2)
+    effects = figures.distinct_in_order(validation["effect"])
+    colors = figures.palette_colors(len(effects))
     for color, effect in zip(colors, effects):
         rows = validation[validation["effect"] == effect].sort_values("strength")
         found = _flag(rows["found"]).to_numpy()
@@ -72,8 +72,8 @@ def plot_metric_validation(metrics: pd.DataFrame, *, ax: Axes | None = None) -> 
     rows, which have no planted part, are left out."""
     rows = metrics[metrics["expected"].fillna("") != ""].copy()
     rows["case"] = [f"{e} {s:g}" for e, s in zip(rows["effect"], rows["strength"])]
-    cases, names = figures._ordered(rows["case"]), figures._ordered(rows["metric"])
-    fig, ax = figures._one_axes(ax, width=1.3 * max(len(names), 2) + 2.0, height=0.45 * max(len(cases), 2) + 1.6)
+    cases, names = figures.distinct_in_order(rows["case"]), figures.distinct_in_order(rows["metric"])
+    fig, ax = figures.one_axes(ax, width=1.3 * max(len(names), 2) + 2.0, height=0.45 * max(len(cases), 2) + 1.6)
     grid = np.full((len(cases), len(names)), np.nan)  # NaN (grey): the metric was not recorded
     for row in rows.itertuples():
         if pd.notna(row.top_part):

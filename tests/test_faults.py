@@ -219,7 +219,7 @@ def _office_tree(root: Path) -> None:
 
 
 def test_a_symlink_loop_inside_office_home_is_one_line_naming_the_link(tmp_path):
-    from fedsens.personalize import data
+    from fedsens.personalize import datasets as data
 
     _office_tree(tmp_path)
     (tmp_path / "Art" / "apple" / "loop").symlink_to("..")
@@ -228,7 +228,7 @@ def test_a_symlink_loop_inside_office_home_is_one_line_naming_the_link(tmp_path)
 
 
 def test_a_folder_linked_twice_is_read_once(tmp_path):
-    from fedsens.personalize import data
+    from fedsens.personalize import datasets as data
 
     _office_tree(tmp_path)
     (tmp_path / "Art" / "bike" / "again").symlink_to(tmp_path / "Art" / "apple")  # not a loop, a second path
@@ -237,7 +237,7 @@ def test_a_folder_linked_twice_is_read_once(tmp_path):
 
 
 def test_a_data_root_that_is_a_symlink_loop_says_so(tmp_path):
-    from fedsens.personalize import data
+    from fedsens.personalize import datasets as data
 
     (tmp_path / "a").symlink_to(tmp_path / "b")
     (tmp_path / "b").symlink_to(tmp_path / "a")

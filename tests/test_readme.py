@@ -21,6 +21,7 @@ EXECUTED = {
     ("docs/api.md", "The Python API"),
     ("docs/extending.md", "Add a dataset"),
     ("docs/extending.md", "Add a method"),
+    ("docs/engine.md", None),  # the whole page: tests/test_engine.py runs it
     ("docs/validate.md", "The planted datasets (`personalize/datasets/planted.py`, dataset name `planted`)"),
 }
 
@@ -48,8 +49,9 @@ def section(page: str, heading: str) -> str:
     return "".join(lines[start:end])
 
 
-def python_blocks(page: str, heading: str) -> list[str]:
-    return PYTHON_BLOCK.findall(section(page, heading))
+def python_blocks(page: str, heading: str | None) -> list[str]:
+    """The ```python blocks under `heading` of `page` (None: of the whole page)."""
+    return PYTHON_BLOCK.findall((REPO / page).read_text() if heading is None else section(page, heading))
 
 
 def anchor(title: str) -> str:

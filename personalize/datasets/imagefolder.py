@@ -34,11 +34,9 @@ DEFAULT_SIZE = 64  # outside a run (`fedsens data split`); a run decodes at the 
 
 @dataclass(frozen=True)
 class Options:
-    """The loader's options (`--data-option KEY=VALUE`)."""
+    """The loader's options (`--data-option KEY=VALUE`); the decoded size is the run's (the model's input), as
+    for Office-Home."""
 
-    size: int = field(
-        default=DEFAULT_SIZE, metadata={"help": "decoded side outside a run (a run decodes at the model's)"}
-    )
     skip_bad_images: bool = field(
         default=False, metadata={"help": "leave undecodable images out (counted) instead of stopping"}
     )
@@ -160,18 +158,18 @@ def _read_cache(path: Path, fingerprint: str) -> dict | None:
 def load(
     root: Path | None, *, size: int = DEFAULT_SIZE, skip_bad_images: bool = False, quiet: bool = False
 ) -> ImageSet:
-    options = Options(size=size, skip_bad_images=skip_bad_images)
-    if options.size < 1:
+    options = Options(skip_bad_images=skip_bad_images)
+    if size < 1:
         raise UserError(f"imagefolder size {size} must be a positive number of pixels")
     root = SPEC.require_root(root)
     trees.check_no_loops(root, "the image folder")  # rglob and ImageFolder would follow a loop ~40 levels deep
     domains = layout(root)
     classes, samples = _samples(root, domains)
-    fingerprint = _fingerprint(root, samples, options.size, options.skip_bad_images)
-    cache = root / f".fedsens_cache_imagefolder_{options.size}.pt"
+    fingerprint = _fingerprint(root, samples, size, options.skip_bad_images)
+    cache = root / f".fedsens_cache_imagefolder_{size}.pt"
     payload = _read_cache(cache, fingerprint)
     if payload is None:
-        payload = _decode(samples, classes, options.size, options.skip_bad_images, quiet)
+        payload = _decode(samples, classes, size, options.skip_bad_images, quiet)
         payload["fingerprint"] = fingerprint
         try:
             runio.replace_atomically(cache, lambda tmp: torch.save(payload, tmp))
