@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 from tqdm import tqdm
 
 from fedsens.personalize import runio, trees
-from fedsens.personalize.datasets.imageset import ImageSet
+from fedsens.personalize.datasets.imageset import ImageSet, read_decoded_cache
 from fedsens.personalize.datasets.registry import DatasetSpec, one_line, register
 from fedsens.personalize.errors import UserError
 
@@ -145,16 +144,6 @@ def _decode(samples, classes, size: int, skip: bool, quiet: bool) -> dict:
     }
 
 
-def _read_cache(path: Path, fingerprint: str) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        payload = torch.load(path, weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError):
-        return None  # an unreadable cache is rebuilt
-    return payload if isinstance(payload, dict) and payload.get("fingerprint") == fingerprint else None
-
-
 def load(
     root: Path | None, *, size: int = DEFAULT_SIZE, skip_bad_images: bool = False, quiet: bool = False
 ) -> ImageSet:
@@ -167,7 +156,7 @@ def load(
     classes, samples = _samples(root, domains)
     fingerprint = _fingerprint(root, samples, size, options.skip_bad_images)
     cache = root / f".fedsens_cache_imagefolder_{size}.pt"
-    payload = _read_cache(cache, fingerprint)
+    payload = read_decoded_cache(cache, fingerprint)
     if payload is None:
         payload = _decode(samples, classes, size, options.skip_bad_images, quiet)
         payload["fingerprint"] = fingerprint

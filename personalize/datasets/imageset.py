@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -54,3 +56,15 @@ def _image_set_problem(data: ImageSet) -> str | None:
         if ids is not None and len(ids) and not 0 <= int(ids.min()) <= int(ids.max()) < count:
             return f"{field} span {int(ids.min())}..{int(ids.max())} but there are {count} names for them"
     return None
+
+
+def read_decoded_cache(path: Path, fingerprint: str) -> dict | None:
+    """A loader's cache of decoded images (a torch file holding a dict with its `fingerprint`), or None when
+    it is missing, unreadable or made from other files (the loader then decodes again and rewrites it)."""
+    if not path.is_file():
+        return None
+    try:
+        payload = torch.load(path, weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError):
+        return None
+    return payload if isinstance(payload, dict) and payload.get("fingerprint") == fingerprint else None

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import warnings
 from functools import partial
 from pathlib import Path
@@ -17,7 +16,7 @@ from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
 from fedsens.personalize import runio, trees
-from fedsens.personalize.datasets.imageset import ImageSet
+from fedsens.personalize.datasets.imageset import ImageSet, read_decoded_cache
 from fedsens.personalize.datasets.registry import DatasetSpec, one_line, register
 from fedsens.personalize.errors import UserError
 
@@ -58,7 +57,7 @@ def load(root: Path | None, *, size: int = DEFAULT_SIZE, quiet: bool = False) ->
     folders = _folders(root, size)
     fingerprint = _file_fingerprint(root, folders, size)
     cache = root / f".fedsens_cache_officehome_{size}.pt"
-    payload = _read_cache(cache, fingerprint)
+    payload = read_decoded_cache(cache, fingerprint)
     if payload is None:
         payload = _decode(folders, size, quiet)
         payload["fingerprint"] = fingerprint
@@ -151,18 +150,6 @@ def _decode(folders: dict[str, ImageFolder], size: int, quiet: bool) -> dict:
                 row += 1
                 bar.update()
     return {"images": images, "labels": labels, "domains": domains, "classes": classes, "domain_names": list(folders)}
-
-
-def _read_cache(path: Path, fingerprint: str) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        payload = torch.load(path, weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError):
-        return None  # an unreadable cache is simply rebuilt
-    if not isinstance(payload, dict) or payload.get("fingerprint") != fingerprint:
-        return None
-    return payload
 
 
 def _write_cache(path: Path, payload: dict) -> None:
