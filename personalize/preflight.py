@@ -14,7 +14,7 @@ from fedsens.personalize import model as model_lib
 from fedsens.personalize import partition as partition_lib
 from fedsens.personalize.config import RunConfig
 from fedsens.personalize.datasets.imageset import ImageSet
-from fedsens.personalize.engine.context import load_dataset, partition_options, resolve_device
+from fedsens.personalize.engine.context import build_model, load_dataset, partition_options, resolve_device
 from fedsens.personalize.errors import UserError
 from fedsens.personalize.methods import get_method
 
@@ -37,17 +37,7 @@ def check(configs: Iterable[RunConfig]) -> None:
         if (*built, config.dataset, config.method, spec) in manifests:
             continue
         manifests.add((*built, config.dataset, config.method, spec))
-        shape = model_lib.input_spec(
-            config.model, data_channels=dataset.channels, data_size=dataset.image_size, model_args=config.model_args
-        )
-        model = model_lib.build(
-            config.model,
-            dataset.num_classes,
-            shape.in_chans,
-            shape.img_size,
-            seed=config.seed,
-            **model_lib.source_options(config),
-        )
+        model, _ = build_model(config, dataset)  # the run's own model, patch size included
         method.prepare_model(model)
         model_lib.manifest(model, spec)
 

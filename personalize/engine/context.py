@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from fedsens.personalize import datasets as dataset_lib
 from fedsens.personalize import model as model_lib
@@ -88,12 +89,9 @@ def load_dataset(config: RunConfig) -> ImageSet:
     )
 
 
-def build_context(config: RunConfig, method: Method, out: Path) -> RunContext:
-    """Everything a run builds once: device, data (on the device), partition, the model with the method's
-    changes, the parts manifest and the local/shared split of the tensors."""
-    device = resolve_device(config.device)
-    dataset = load_dataset(config)
-    part = load_partition(config, dataset, out)
+def build_model(config: RunConfig, dataset: ImageSet) -> tuple[nn.Module, model_lib.InputSpec]:
+    """The run's model for this dataset (seeded, from its weights where given) and its input spec, before
+    the method changes it: what the run trains and what the preflight checks."""
     spec = model_lib.input_spec(
         config.model, data_channels=dataset.channels, data_size=dataset.image_size, model_args=config.model_args
     )
@@ -106,6 +104,16 @@ def build_context(config: RunConfig, method: Method, out: Path) -> RunContext:
         seed=config.seed,
         **model_lib.source_options(config),
     )
+    return model, spec
+
+
+def build_context(config: RunConfig, method: Method, out: Path) -> RunContext:
+    """Everything a run builds once: device, data (on the device), partition, the model with the method's
+    changes, the parts manifest and the local/shared split of the tensors."""
+    device = resolve_device(config.device)
+    dataset = load_dataset(config)
+    part = load_partition(config, dataset, out)
+    model, spec = build_model(config, dataset)
     with torch.random.fork_rng(devices=[]):  # plugins are initialised from the run's seed too
         torch.manual_seed(config.seed + 1)
         method.prepare_model(model)
