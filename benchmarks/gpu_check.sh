@@ -16,10 +16,12 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(dirname "$HERE")"
 PYTHON="${PYTHON:-python3}"
 INSTALL=1
+SMOKE=0
 ARGS=()
 for arg in "$@"; do
     case "$arg" in
         --no-install) INSTALL=0 ;;
+        --smoke) SMOKE=1; ARGS+=("$arg") ;;
         *) ARGS+=("$arg") ;;
     esac
 done
@@ -27,14 +29,9 @@ cd "$REPO" || exit 1
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
 # module name -> the wheel's project name, for what fedsens imports that such a machine may lack
-declare -A PROJECT=([typer]=typer [click]=click [rich]=rich [tqdm]=tqdm [yaml]=pyyaml [pytest]=pytest)
-absent() {
-    local module found=()
-    for module in "$@"; do
-        "$PYTHON" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$module') is None)" \
-            2>/dev/null || found+=("$module")
-    done
-    echo "${found[@]:-}"
+declare -A PROJECT=([typer]=typer [click]=click [rich]=rich [tqdm]=tqdm [pytest]=pytest)
+absent() {  # the modules named that this python cannot import, in one interpreter start
+    "$PYTHON" -c 'import importlib.util, sys; print(*(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))' "$@"
 }
 
 "$PYTHON" -c "import torch, timm, pandas" || { echo "gpu_check: needs python with torch, timm and pandas" >&2; exit 2; }
@@ -48,12 +45,13 @@ if [ -n "$MISSING" ] && [ "$INSTALL" = 1 ]; then
     MISSING="$(absent "${!PROJECT[@]}")"
 fi
 [ -n "$MISSING" ] && echo "gpu_check: still missing: $MISSING (the parts that need them are skipped)"
-OTHERS="$(absent sklearn matplotlib seaborn medmnist scipy)"
+OTHERS="$(absent sklearn matplotlib seaborn medmnist scipy yaml)"
 [ -n "$OTHERS" ] && echo "gpu_check: not installed (not carried: compiled or large): $OTHERS"
 
-if [ "$INSTALL" = 1 ] && ! (cd / && PYTHONPATH= "$PYTHON" -c "import fedsens" 2>/dev/null); then
+# fedsens itself: not with --smoke (the test suite's environment is not to be changed by a test)
+if [ "$INSTALL" = 1 ] && [ "$SMOKE" = 0 ] && ! (cd / && PYTHONPATH= "$PYTHON" -c "import fedsens" 2>/dev/null); then
     "$PYTHON" -m pip install --quiet --no-deps --no-build-isolation -e "$REPO" \
         || echo "gpu_check: the editable install failed; fedsens is imported from $REPO"
 fi
 
-exec "$PYTHON" "$HERE/gpu_check.py" "${ARGS[@]}"
+exec "$PYTHON" "$HERE/gpu_check.py" ${ARGS[@]+"${ARGS[@]}"}

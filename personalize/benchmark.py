@@ -224,8 +224,8 @@ def _flop_counter():
 
 
 # The side of the square matrices `measure_peak_flops` multiplies: large enough to run at the matmul peak,
-# small enough to take about a second (CPU: 2048, ~17 GFLOP a product; CUDA: 8192, ~1.1 TFLOP).
-PEAK_SIDE = {"cpu": 2048, "cuda": 8192}
+# small enough to take about a second (CPU: 1024, ~2.1 GFLOP a product; CUDA: 8192, ~1.1 TFLOP).
+PEAK_SIDE = {"cpu": 1024, "cuda": 8192}
 
 
 def measure_peak_flops(device: torch.device | str, *, side: int | None = None, repeats: int = 5) -> float:
