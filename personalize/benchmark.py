@@ -103,14 +103,14 @@ def measure(case: BenchCase, out: Path) -> dict:
     method = get_method(config)
     ctx = build_context(config, method, out)
     state = start_state(ctx, method, resume=False, overwrite=True)
-    train_s = eval_s = keep_s = save_s = bare_train = bare_eval = 0.0
+    train_s = eval_s = keep_s = save_s = bare_train_total = bare_eval_total = 0.0
     train_samples = test_samples = 0
     # `train` writes the checkpoint every `every` rounds (every 10th for a large memory store): its cost
     # per round is the write's time over `every`, though the benchmark writes one every round.
     every = checkpoint_every(ctx, state)
     reference = _Reference(ctx) if case.loop == "pfllib" else None
     writer = TableWriter(out)
-    _bare_train(ctx, sample_clients(config, 1)[:2], 0)  # warm-up: first calls allocate and pick kernels
+    bare_train(ctx, sample_clients(config, 1)[:2], 0)  # warm-up: first calls allocate and pick kernels
     _bare_eval(ctx)
     for round_ in range(1, case.rounds + 1):
         participants = sample_clients(config, round_)
@@ -135,10 +135,10 @@ def measure(case: BenchCase, out: Path) -> dict:
             started = time.perf_counter()
             save_checkpoint(ctx, state)
             save_s += time.perf_counter() - started
-        seconds, samples = _bare_train(ctx, participants, round_)
-        bare_train, train_samples = bare_train + seconds, train_samples + samples
+        seconds, samples = bare_train(ctx, participants, round_)
+        bare_train_total, train_samples = bare_train_total + seconds, train_samples + samples
         seconds, samples = _bare_eval(ctx)
-        bare_eval, test_samples = bare_eval + seconds, test_samples + samples
+        bare_eval_total, test_samples = bare_eval_total + seconds, test_samples + samples
     rounds = case.rounds
     loop_s = train_s + eval_s + keep_s + save_s / every
     local_bytes = state.local.nbytes if reference is None else reference.local_bytes
@@ -160,11 +160,11 @@ def measure(case: BenchCase, out: Path) -> dict:
         "bookkeeping_s": keep_s / rounds,
         "checkpoint_s": save_s / rounds,
         "checkpoint_every": every if reference is None else None,
-        "bare_train_s": bare_train / rounds,
-        "bare_eval_s": bare_eval / rounds,
-        "train_ratio": train_s / bare_train,
-        "eval_ratio": eval_s / bare_eval,
-        "round_ratio": loop_s / (bare_train + bare_eval),
+        "bare_train_s": bare_train_total / rounds,
+        "bare_eval_s": bare_eval_total / rounds,
+        "train_ratio": train_s / bare_train_total,
+        "eval_ratio": eval_s / bare_eval_total,
+        "round_ratio": loop_s / (bare_train_total + bare_eval_total),
         "peak_rss_mb": peak,
         "local_bytes": local_bytes,
         "rss_per_client_kb": peak * 1024 / config.clients,
@@ -180,7 +180,7 @@ def measure(case: BenchCase, out: Path) -> dict:
         "peak_gflop_s": peak_flops / 1e9,
         "achieved_gflop_s": round_flops / (loop_s / rounds) / 1e9,
         "achieved_over_peak": round_flops / (loop_s / rounds) / peak_flops,
-        "bare_over_peak": round_flops / ((bare_train + bare_eval) / rounds) / peak_flops,
+        "bare_over_peak": round_flops / ((bare_train_total + bare_eval_total) / rounds) / peak_flops,
         "limit_s": round_flops / peak_flops,  # the round at the machine's matmul peak
     }
 
@@ -248,10 +248,10 @@ def measure_peak_flops(device: torch.device | str, *, side: int | None = None, r
     return 2 * side**3 / best
 
 
-def _bare_train(ctx, participants: list[int], round_: int) -> tuple[float, int]:
-    """The same steps as local training (same batches, fresh fused AdamW per client) on one model: seconds
-    and samples trained."""
-    model, cfg = ctx.model, ctx.config
+def bare_train(ctx, participants: list[int], round_: int, model: torch.nn.Module | None = None) -> tuple[float, int]:
+    """The same steps as local training (same batches, fresh fused AdamW per client) on one model (the run's,
+    or `model`: e.g. a compiled one, benchmarks/compile_step.py): seconds and samples trained."""
+    model, cfg = model if model is not None else ctx.model, ctx.config
     samples = 0
     started = time.perf_counter()
     for c in participants:
