@@ -35,6 +35,9 @@ def main() -> None:
     parser.add_argument("--preset", default="embedded", help="the run measured (default: the embedded default)")
     parser.add_argument("--rounds", type=int, default=4, help="rounds of local training timed (default 4)")
     parser.add_argument("--mode", default="default", help="torch.compile's mode (default, reduce-overhead, ...)")
+    parser.add_argument(
+        "--dynamic", action="store_true", help="compile for any batch size at once (torch.compile(dynamic=True))"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as the bench and the sweep)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -45,10 +48,11 @@ def main() -> None:
         eager = rounds_of(ctx, ctx.model, args.rounds)
         ctx.model.load_state_dict(start)
         started = time.perf_counter()
-        compiled_model = torch.compile(ctx.model, mode=args.mode)
+        compiled_model = torch.compile(ctx.model, mode=args.mode, dynamic=True if args.dynamic else None)
         compiled = rounds_of(ctx, compiled_model, args.rounds)
         compiled[0] += time.perf_counter() - started - sum(compiled)  # torch.compile's own call, if any
-    print(f"{args.preset}, {config.model}, {torch.get_num_threads()} thread(s), torch {torch.__version__}")
+    shapes = "dynamic shapes" if args.dynamic else "shapes specialised (recompiled as batch sizes change)"
+    print(f"{args.preset}, {config.model}, {torch.get_num_threads()} thread(s), torch {torch.__version__}, {shapes}")
     for index, (e, c) in enumerate(zip(eager, compiled), start=1):
         print(f"round {index}: eager {e:.2f} s, compiled {c:.2f} s{' (with the compile)' if index == 1 else ''}")
     print(f"total: eager {sum(eager):.1f} s, compiled {sum(compiled):.1f} s, ratio {sum(compiled) / sum(eager):.2f}")
