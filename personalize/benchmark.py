@@ -7,6 +7,12 @@ forward/backward/optimizer steps on one model, and one forward over every client
 (the least evaluation can cost); and, side by side, a reference loop written the way PFLlib runs
 (a deep copy of the model per client, per-client DataLoaders, every client evaluated on its own).
 The ratios are what to compare: absolute seconds depend on how busy the machine is.
+
+Beside them, the arithmetic limit: the model's FLOPs per training sample (forward + backward) and per test
+sample, counted by `torch.utils.flop_counter.FlopCounterMode` on the run's own model at its input shape
+(matrix products and attention; norms and activations are not counted), the FLOPs of a round (the samples
+the bare loop trains and evaluates, which are the round's, times those), the machine's matmul peak measured
+in the same process (`measure_peak_flops`), and the achieved share of it: round FLOPs / round seconds / peak.
 """
 
 from __future__ import annotations
@@ -38,10 +44,12 @@ COLUMNS = [
     "config", "loop", "clients", "join_ratio", "personalize", "client_store", "rounds", "s_per_round", "train_s",
     "eval_s", "bookkeeping_s", "checkpoint_s", "checkpoint_every", "bare_train_s", "bare_eval_s", "train_ratio",
     "eval_ratio", "round_ratio", "peak_rss_mb", "local_bytes", "rss_per_client_kb", "local_kb_per_client",
+    "dataset", "model", "threads", "train_mflop_per_sample", "test_mflop_per_sample", "train_samples", "test_samples",
+    "round_gflop", "peak_gflop_s", "achieved_gflop_s", "achieved_over_peak", "bare_over_peak", "limit_s",
 ]  # fmt: skip
 
 
-TIMING_COLUMNS = COLUMNS[: COLUMNS.index("round_ratio") + 1]  # what each finished case prints
+TIMING_COLUMNS = (*COLUMNS[: COLUMNS.index("round_ratio") + 1], "achieved_over_peak")  # what a finished case prints
 
 
 @dataclass(frozen=True)
@@ -54,12 +62,21 @@ class BenchCase:
     per_client: int = 8
     client_store: str = "memory"
     loop: str = "fedsens"  # fedsens | pfllib (the reference loop)
+    preset: str | None = None  # a preset's own run (its dataset, clients, join ratio ...) instead of synthetic
 
     @property
     def name(self) -> str:
-        return f"synthetic-{self.clients}-{self.personalize.replace(',', '+')}-{self.loop}"
+        population = self.preset or f"synthetic-{self.clients}"
+        return f"{population}-{self.personalize.replace(',', '+')}-{self.loop}"
 
     def run_config(self, out: Path) -> RunConfig:
+        if self.preset is not None:
+            from fedsens.personalize import presets
+
+            return presets.get(self.preset).run_config(
+                rounds=self.rounds, personalize=self.personalize, client_store=self.client_store, device="cpu",
+                out=str(out),
+            )  # fmt: skip
         return RunConfig(
             dataset="synthetic",
             scheme="iid",
@@ -86,13 +103,14 @@ def measure(case: BenchCase, out: Path) -> dict:
     method = get_method(config)
     ctx = build_context(config, method, out)
     state = start_state(ctx, method, resume=False, overwrite=True)
-    train_s = eval_s = keep_s = save_s = bare_train = bare_eval = 0.0
+    train_s = eval_s = keep_s = save_s = bare_train_total = bare_eval_total = 0.0
+    train_samples = test_samples = 0
     # `train` writes the checkpoint every `every` rounds (every 10th for a large memory store): its cost
     # per round is the write's time over `every`, though the benchmark writes one every round.
     every = checkpoint_every(ctx, state)
     reference = _Reference(ctx) if case.loop == "pfllib" else None
     writer = TableWriter(out)
-    _bare_train(ctx, sample_clients(config, 1)[:2], 0)  # warm-up: first calls allocate and pick kernels
+    bare_train(ctx, sample_clients(config, 1)[:2], 0)  # warm-up: first calls allocate and pick kernels
     _bare_eval(ctx)
     for round_ in range(1, case.rounds + 1):
         participants = sample_clients(config, round_)
@@ -117,17 +135,22 @@ def measure(case: BenchCase, out: Path) -> dict:
             started = time.perf_counter()
             save_checkpoint(ctx, state)
             save_s += time.perf_counter() - started
-        bare_train += _bare_train(ctx, participants, round_)
-        bare_eval += _bare_eval(ctx)
+        seconds, samples = bare_train(ctx, participants, round_)
+        bare_train_total, train_samples = bare_train_total + seconds, train_samples + samples
+        seconds, samples = _bare_eval(ctx)
+        bare_eval_total, test_samples = bare_eval_total + seconds, test_samples + samples
     rounds = case.rounds
     loop_s = train_s + eval_s + keep_s + save_s / every
     local_bytes = state.local.nbytes if reference is None else reference.local_bytes
     peak = _peak_rss_mb()
+    train_flops, test_flops = count_flops(ctx)
+    round_flops = (train_samples * train_flops + test_samples * test_flops) / rounds
+    peak_flops = measure_peak_flops(ctx.device)
     return {
         "config": case.name,
         "loop": case.loop,
-        "clients": case.clients,
-        "join_ratio": case.join_ratio,
+        "clients": config.clients,
+        "join_ratio": config.join_ratio,
         "personalize": case.personalize,
         "client_store": case.client_store,
         "rounds": rounds,
@@ -137,21 +160,99 @@ def measure(case: BenchCase, out: Path) -> dict:
         "bookkeeping_s": keep_s / rounds,
         "checkpoint_s": save_s / rounds,
         "checkpoint_every": every if reference is None else None,
-        "bare_train_s": bare_train / rounds,
-        "bare_eval_s": bare_eval / rounds,
-        "train_ratio": train_s / bare_train,
-        "eval_ratio": eval_s / bare_eval,
-        "round_ratio": loop_s / (bare_train + bare_eval),
+        "bare_train_s": bare_train_total / rounds,
+        "bare_eval_s": bare_eval_total / rounds,
+        "train_ratio": train_s / bare_train_total,
+        "eval_ratio": eval_s / bare_eval_total,
+        "round_ratio": loop_s / (bare_train_total + bare_eval_total),
         "peak_rss_mb": peak,
         "local_bytes": local_bytes,
-        "rss_per_client_kb": peak * 1024 / case.clients,
-        "local_kb_per_client": local_bytes / 1024 / case.clients,
+        "rss_per_client_kb": peak * 1024 / config.clients,
+        "local_kb_per_client": local_bytes / 1024 / config.clients,
+        "dataset": config.dataset,
+        "model": config.model,
+        "threads": torch.get_num_threads(),
+        "train_mflop_per_sample": train_flops / 1e6,
+        "test_mflop_per_sample": test_flops / 1e6,
+        "train_samples": train_samples / rounds,
+        "test_samples": test_samples / rounds,
+        "round_gflop": round_flops / 1e9,
+        "peak_gflop_s": peak_flops / 1e9,
+        "achieved_gflop_s": round_flops / (loop_s / rounds) / 1e9,
+        "achieved_over_peak": round_flops / (loop_s / rounds) / peak_flops,
+        "bare_over_peak": round_flops / ((bare_train_total + bare_eval_total) / rounds) / peak_flops,
+        "limit_s": round_flops / peak_flops,  # the round at the machine's matmul peak
     }
 
 
-def _bare_train(ctx, participants: list[int], round_: int) -> float:
-    """The same steps as local training (same batches, fresh fused AdamW per client) on one model."""
-    model, cfg = ctx.model, ctx.config
+def count_flops(ctx) -> tuple[float, float]:
+    """FLOPs of one training sample (forward and backward of the cross-entropy loss) and of one test sample
+    (a forward), counted by torch's FlopCounterMode on a copy of the run's model at its input shape (a few of
+    the run's own images through its batch preparation; under the run's autocast, as training runs)."""
+    model = copy.deepcopy(ctx.model)
+    index = torch.arange(min(4, len(ctx.labels)), device=ctx.labels.device)
+    x, y = ctx.prepare(ctx.images[index]), ctx.labels[index]
+    model.train()
+    with _flop_counter() as training:
+        with ctx.autocast():
+            loss = F.cross_entropy(model(x).float(), y)
+        loss.backward()
+    model.eval()
+    with torch.no_grad(), _flop_counter() as testing, ctx.autocast():
+        model(x)
+    return training.get_total_flops() / len(index), testing.get_total_flops() / len(index)
+
+
+def _flop_counter():
+    """torch's FlopCounterMode, also counting attention on the CPU: torch counts the CUDA attention kernels
+    but not the CPU's (`_scaled_dot_product_flash_attention_for_cpu`), which the same formulas describe."""
+    from torch.utils import flop_counter
+
+    aten = torch.ops.aten
+
+    def forward(query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_flop_count(query, key, value)
+
+    def backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+    cpu_attention = {
+        aten._scaled_dot_product_flash_attention_for_cpu: forward,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: backward,
+    }
+    return flop_counter.FlopCounterMode(display=False, custom_mapping=cpu_attention)
+
+
+# The side of the square matrices `measure_peak_flops` multiplies: large enough to run at the matmul peak,
+# small enough to take about a second (CPU: 1024, ~2.1 GFLOP a product; CUDA: 8192, ~1.1 TFLOP).
+PEAK_SIDE = {"cpu": 1024, "cuda": 8192}
+
+
+def measure_peak_flops(device: torch.device | str, *, side: int | None = None, repeats: int = 5) -> float:
+    """The machine's matrix-product peak in FLOP/s as this process runs: fp32 on the CPU at torch's current
+    thread count, bf16 on CUDA. One warm-up product, then the best of `repeats` timed ones (2·n³ FLOPs each;
+    the best, as other work on the machine only ever slows a product down)."""
+    device = torch.device(device)
+    side = side or PEAK_SIDE.get(device.type, 2048)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(side, side, generator=generator).to(device, dtype) for _ in range(2))
+    best = float("inf")
+    for attempt in range(repeats + 1):
+        _synchronize(device)
+        started = time.perf_counter()
+        torch.mm(a, b)
+        _synchronize(device)
+        if attempt:  # the first product warms up (allocation, kernel choice)
+            best = min(best, time.perf_counter() - started)
+    return 2 * side**3 / best
+
+
+def bare_train(ctx, participants: list[int], round_: int, model: torch.nn.Module | None = None) -> tuple[float, int]:
+    """The same steps as local training (same batches, fresh fused AdamW per client) on one model (the run's,
+    or `model`: e.g. a compiled one, benchmarks/compile_step.py): seconds and samples trained."""
+    model, cfg = model if model is not None else ctx.model, ctx.config
+    samples = 0
     started = time.perf_counter()
     for c in participants:
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=True)
@@ -165,12 +266,14 @@ def _bare_train(ctx, participants: list[int], round_: int) -> float:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-    return time.perf_counter() - started
+            samples += len(y)
+    return time.perf_counter() - started, samples
 
 
 @torch.no_grad()
-def _bare_eval(ctx) -> float:
-    """One forward over every client's test samples, 512 at a time: the least evaluation costs."""
+def _bare_eval(ctx) -> tuple[float, int]:
+    """One forward over every client's test samples, 512 at a time: the least evaluation costs (seconds and
+    samples)."""
     import numpy as np
 
     model = ctx.model.eval()
@@ -179,7 +282,7 @@ def _bare_eval(ctx) -> float:
     for start in range(0, len(index), 512):
         chunk = index[start : start + 512]
         F.cross_entropy(model(ctx.prepare(ctx.images[chunk])), ctx.labels[chunk], reduction="none")
-    return time.perf_counter() - started
+    return time.perf_counter() - started, len(index)
 
 
 class _Reference:
@@ -285,6 +388,10 @@ THROUGHPUT_COLUMNS = [
     "fedsens_images_s",
     "plain_images_s",
     "ratio",
+    "train_gflop_per_image",
+    "peak_tflop_s",
+    "fedsens_mfu",
+    "plain_mfu",
 ]
 
 
@@ -340,6 +447,9 @@ def measure_throughput(
         step()
     _synchronize(ctx.device)
     plain_s = time.perf_counter() - started
+    train_flops, _ = count_flops(ctx)
+    peak = measure_peak_flops(ctx.device)
+    fedsens_images_s, plain_images_s = engine_images / engine_s, batch_size * steps / plain_s
     return {
         "model": model,
         "device": str(ctx.device)
@@ -347,9 +457,13 @@ def measure_throughput(
         "batch_size": batch_size,
         "steps": steps,
         "personalize": personalize,
-        "fedsens_images_s": engine_images / engine_s,
-        "plain_images_s": batch_size * steps / plain_s,
-        "ratio": engine_images / engine_s / (batch_size * steps / plain_s),  # 1.0: as fast as the plain step
+        "fedsens_images_s": fedsens_images_s,
+        "plain_images_s": plain_images_s,
+        "ratio": fedsens_images_s / plain_images_s,  # 1.0: as fast as the plain step
+        "train_gflop_per_image": train_flops / 1e9,
+        "peak_tflop_s": peak / 1e12,  # bf16 on CUDA, fp32 on the CPU (measure_peak_flops)
+        "fedsens_mfu": fedsens_images_s * train_flops / peak,  # model FLOPs utilisation
+        "plain_mfu": plain_images_s * train_flops / peak,
     }
 
 

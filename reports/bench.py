@@ -17,6 +17,7 @@ BENCH_FIGURE_NAMES = ("bench_ratios", "bench_memory")
 SUMMARY_COLUMNS = (
     *("config", "loop", "clients", "personalize", "s_per_round"),
     *("train_ratio", "eval_ratio", "round_ratio", "peak_rss_mb", "local_mb"),
+    *("round_gflop", "peak_gflop_s", "achieved_over_peak", "limit_s"),
 )
 
 
@@ -47,8 +48,18 @@ def bench_headline(bench: pd.DataFrame | None) -> list[Block]:
 def _fedsens_clause(setup: str, row: pd.Series) -> str:
     return (
         f"{setup}: {row['round_ratio']:.2f}× (training {row['train_ratio']:.2f}×, evaluation "
-        f"{row['eval_ratio']:.2f}×; {row['s_per_round']:.3g} s per round), peak RSS {row['peak_rss_mb']:,.0f} MB "
-        f"against {megabytes(row['local_bytes'])} MB of local tensors"
+        f"{row['eval_ratio']:.2f}×; {row['s_per_round']:.3g} s per round{_limit_clause(row)}), peak RSS "
+        f"{row['peak_rss_mb']:,.0f} MB against {megabytes(row['local_bytes'])} MB of local tensors"
+    )
+
+
+def _limit_clause(row: pd.Series) -> str:
+    """The round against the arithmetic limit, for tables that measured it (bench.csv before it did not)."""
+    if pd.isna(row.get("achieved_over_peak")):
+        return ""
+    return (
+        f"; {row['round_gflop']:.3g} GFLOP, {row['achieved_over_peak']:.2f} of a measured "
+        f"{row['peak_gflop_s']:.3g} GFLOP/s peak, {row['limit_s']:.2g} s at the peak"
     )
 
 

@@ -365,9 +365,12 @@ def bench_rows(bench: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def bench_setup_label(row: pd.Series, varying: Collection[str] = ()) -> str:
-    """A configuration as a reader names it: "1,000 clients, head local", plus the join ratio / store /
-    rounds when those differ between the table's configurations (`varying`)."""
+    """A configuration as a reader names it: "1,000 clients, head local" ("digits, vit-micro, 20 clients, ..."
+    for a dataset's run), plus the join ratio / store / rounds when those differ between the table's
+    configurations (`varying`)."""
     label = f"{int(row['clients']):,} clients"
+    if pd.notna(row.get("dataset")) and row["dataset"] != "synthetic":  # a preset's run (bench --preset)
+        label = f"{row['dataset']}, {row.get('model')}, {label}"
     if pd.notna(row.get("personalize")):
         label += f", {str(row['personalize']).replace(',', '+')} local"
     if "join_ratio" in varying:

@@ -293,12 +293,17 @@ def _run_serial(todo: Sequence[Job], driver: Driver) -> dict[str, str]:
 _worker: dict[str, Any] = {}
 
 
-def gpu_groups(gpus: int, per_cell: int) -> list[str]:
-    """CUDA_VISIBLE_DEVICES of each worker slot, round-robin over the machine's GPUs ([] without GPUs)."""
-    if gpus < 1 or per_cell < 1:
+def gpu_groups(gpus: int, per_cell: float) -> list[str]:
+    """CUDA_VISIBLE_DEVICES of each worker slot, round-robin over the machine's GPUs ([] without GPUs).
+    A fraction packs cells on a GPU: 0.25 gives each GPU four slots (a small model leaves a GPU mostly idle)."""
+    if gpus < 1 or per_cell <= 0:
         return []
-    slots = max(1, gpus // per_cell)
-    return [",".join(str((slot * per_cell + i) % gpus) for i in range(per_cell)) for slot in range(slots)]
+    if per_cell < 1:
+        shares = int(1 / per_cell + 1e-9)  # whole cells a GPU holds: 0.3 -> 3
+        return [str(slot % gpus) for slot in range(gpus * shares)]
+    whole = int(per_cell)
+    slots = max(1, gpus // whole)
+    return [",".join(str((slot * whole + i) % gpus) for i in range(whole)) for slot in range(slots)]
 
 
 def _init_worker(events, threads: int, groups: list[str], counter) -> None:
@@ -324,7 +329,7 @@ def _local_gpus(executor: ExecutorConfig) -> list[str]:
     import torch
 
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return gpu_groups(count, int(executor.gpus_per_cell or 1))
+    return gpu_groups(count, executor.gpus_per_cell or 1)
 
 
 def _drain(queue) -> list[tuple]:

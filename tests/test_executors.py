@@ -102,6 +102,13 @@ def test_gpu_groups_are_round_robin():
     assert gpu_groups(3, 2) == ["0,1"]
 
 
+def test_a_fraction_of_a_gpu_per_cell_packs_cells_on_each_gpu():
+    assert gpu_groups(1, 0.25) == ["0", "0", "0", "0"]  # four workers share the one GPU
+    assert gpu_groups(2, 0.5) == ["0", "1", "0", "1"]
+    assert gpu_groups(1, 0.3) == ["0", "0", "0"]
+    assert gpu_groups(2, 0) == []
+
+
 def test_bad_executor_options_are_one_line(tmp_path):
     with pytest.raises(UserError, match="--jobs"):
         ExecutorConfig(jobs=0)

@@ -50,17 +50,34 @@ def bench_row(config: str, loop: str, clients: int, *, s_per_round: float, ratio
     }
 
 
+def with_limit(row: dict, *, round_gflop: float, peak_gflop_s: float) -> dict:
+    """The arithmetic-limit columns benchmark.py adds (a bench.csv written before them has none)."""
+    achieved = round_gflop / row["s_per_round"]
+    return {
+        **row,
+        "round_gflop": round_gflop,
+        "peak_gflop_s": peak_gflop_s,
+        "achieved_gflop_s": achieved,
+        "achieved_over_peak": achieved / peak_gflop_s,
+        "limit_s": round_gflop / peak_gflop_s,
+    }
+
+
 def write_bench_folder(folder: Path) -> pd.DataFrame:
     folder.mkdir(parents=True, exist_ok=True)
     rows = [
-        bench_row(
-            "synthetic-20-head-fedsens",
-            "fedsens",
-            20,
-            s_per_round=0.48,
-            ratios=(1.31, 1.17, 1.38),
-            peak_mb=812.4,
-            local_mb=0.3,
+        with_limit(
+            bench_row(
+                "synthetic-20-head-fedsens",
+                "fedsens",
+                20,
+                s_per_round=0.48,
+                ratios=(1.31, 1.17, 1.38),
+                peak_mb=812.4,
+                local_mb=0.3,
+            ),
+            round_gflop=9.6,
+            peak_gflop_s=50.0,
         ),
         bench_row(
             "synthetic-20-head-pfllib",
@@ -130,6 +147,15 @@ def test_headline_gives_each_fedsens_configuration_from_the_table(bench_folder, 
     assert "20 clients, head local: 1.38×" in text and "400 clients, head local: 1.21×" in text
 
 
+def test_headline_gives_the_round_against_the_arithmetic_limit_where_measured(bench_folder, report):
+    text = lead(report)
+    # 9.6 GFLOP in 0.48 s is 20 GFLOP/s: 0.40 of the 50 GFLOP/s peak; 0.19 s at the peak
+    assert "0.48 s per round; 9.6 GFLOP, 0.40 of a measured 50 GFLOP/s peak, 0.19 s at the peak)" in text
+    assert "2.9 s per round)" in text  # the 400-client row has no limit columns: no clause
+    table = (bench_folder / "report" / "report.md").read_text()
+    assert "achieved_over_peak" in table and "limit_s" in table
+
+
 def test_headline_gives_the_speedup_where_both_loops_ran(bench_folder, report):
     bench = pd.read_csv(bench_folder / "bench.csv").set_index("config")
     fedsens, pfllib = (bench.loc[f"synthetic-20-head-{loop}", "s_per_round"] for loop in ("fedsens", "pfllib"))
@@ -172,3 +198,12 @@ def test_a_bench_whose_every_configuration_failed_still_reports(tmp_path):
     assert "No fedsens configuration was measured" in html
     assert FAILED in html and "no figure could be made" in html
     assert not list((tmp_path / "report").glob("bench_*.png"))
+
+
+def test_a_preset_run_is_named_by_its_dataset_and_model():
+    from fedsens.reports.tables import bench_setup_label
+
+    digits = pd.Series({"clients": 20, "personalize": "attn", "dataset": "digits", "model": "vit-micro"})
+    synthetic = pd.Series({"clients": 20, "personalize": "attn", "dataset": "synthetic", "model": "vit-micro"})
+    assert bench_setup_label(digits) == "digits, vit-micro, 20 clients, attn local"
+    assert bench_setup_label(synthetic) == "20 clients, attn local"

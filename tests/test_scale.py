@@ -170,6 +170,7 @@ def test_bench_smoke_writes_the_table(tmp_path):
         assert column in table
     assert set(table["loop"]) == {"fedsens", "pfllib"} and (table["local_bytes"] > 0).all()
     assert (table["train_ratio"] > 0).all() and (table["peak_rss_mb"] > 0).all()
+    assert (table["achieved_over_peak"] > 0).all() and (table["round_gflop"] > 0).all()
 
 
 def test_batched_evaluation_keeps_no_autograd_graph(tmp_path):
@@ -271,6 +272,11 @@ def test_bench_throughput_writes_images_per_second_for_both_loops(tmp_path):
     assert (table["fedsens_images_s"] > 0).all() and (table["plain_images_s"] > 0).all()
     assert table["ratio"].to_numpy() == pytest.approx((table["fedsens_images_s"] / table["plain_images_s"]).to_numpy())
     assert "images/s" in done.output
+    assert (table["train_gflop_per_image"] > 0).all() and (table["peak_tflop_s"] > 0).all()
+    assert table["fedsens_mfu"].to_numpy() == pytest.approx(
+        (table["fedsens_images_s"] * table["train_gflop_per_image"] / 1e3 / table["peak_tflop_s"]).to_numpy()
+    )
+    assert "model FLOPs utilisation" in done.output
 
 
 def test_running_mean_of_nothing_shared_and_a_run_with_every_part_local(tmp_path):

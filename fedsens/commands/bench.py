@@ -20,6 +20,12 @@ def bench(
     model: str = typer.Option("vit-micro", help="model preset"),
     per_client: int = typer.Option(8, help="synthetic samples per client (a quarter of them are test samples)"),
     client_store: str = typer.Option("memory", help="memory or disk"),
+    preset: str | None = typer.Option(
+        None,
+        help="measure a preset's own run instead of a synthetic population, e.g. embedded (digits, vit-micro, "
+        "20 clients: a quick sweep cell's round); --clients, --join-ratio, --per-client and --model are then the "
+        "preset's",
+    ),
     reference_up_to: int = typer.Option(
         1000, help="also run the PFLlib-style reference loop (a model copy per client) up to this many clients"
     ),
@@ -36,7 +42,9 @@ def bench(
     steps: int = typer.Option(20, help="with --throughput: training steps timed"),
     device: str = typer.Option("auto", help="with --throughput: auto, cpu, cuda or cuda:N"),
 ) -> None:
-    """Write OUT/bench.csv: seconds per round, training / evaluation vs bare compute, peak RSS, local bytes."""
+    """Write OUT/bench.csv: seconds per round, training / evaluation vs bare compute, peak RSS, local bytes,
+    and the arithmetic limit: model FLOPs per sample (counted), FLOPs of a round, the measured matmul peak at
+    this thread count, achieved / peak."""
     from fedsens.personalize.benchmark import BenchCase, run_bench
     from fedsens.personalize.errors import UserError
 
@@ -45,6 +53,11 @@ def bench(
         return
     if client_store not in ("memory", "disk"):
         raise UserError(f"--client-store must be memory or disk (got {client_store!r})")
+    if preset is not None:
+        from fedsens.personalize import presets
+
+        config = presets.get(preset).run_config()
+        clients, join_ratio, model = [config.clients], config.join_ratio, config.model
     cases = []
     for count in clients:
         for spec in local:
@@ -55,6 +68,7 @@ def bench(
                 rounds=rounds,
                 model=model,
                 per_client=per_client,
+                preset=preset,
             )
             cases.append(BenchCase(**common, client_store=client_store))  # type: ignore[arg-type]
             if count <= reference_up_to:
@@ -76,7 +90,9 @@ def _throughput(model: str, batch_size: int, steps: int, device: str, local: lis
         row = rows[-1]
         typer.echo(
             f"{model} batch {batch_size}, {spec} local: fedsens {row['fedsens_images_s']:.1f} images/s, plain timm "
-            f"step {row['plain_images_s']:.1f} images/s ({row['ratio']:.2f}x) on {row['device']}"
+            f"step {row['plain_images_s']:.1f} images/s ({row['ratio']:.2f}x) on {row['device']}; "
+            f"{row['train_gflop_per_image']:.3g} GFLOP an image, model FLOPs utilisation {row['fedsens_mfu']:.2f} "
+            f"(plain {row['plain_mfu']:.2f}) of a measured {row['peak_tflop_s']:.3g} TFLOP/s peak"
         )
     out.mkdir(parents=True, exist_ok=True)
     runio.write_table(out / "throughput.csv", rows, THROUGHPUT_COLUMNS)
