@@ -64,9 +64,9 @@ def groups_trained(monkeypatch):
     sizes: list[int] = []
     original = together.train_together
 
-    def counted(ctx, state, clients, trainable):
+    def counted(ctx, state, clients, trainable, hooks=()):
         sizes.append(len(clients))
-        return original(ctx, state, clients, trainable)
+        return original(ctx, state, clients, trainable, hooks)
 
     monkeypatch.setattr(together, "train_together", counted)
     return sizes
@@ -170,24 +170,40 @@ def test_methods_that_train_their_own_way_keep_the_one_at_a_time_path(tmp_path, 
         assert torch.equal(state.shared[name], alone.shared[name])
 
 
-def test_hooks_on_each_client_keep_the_one_at_a_time_path(tmp_path, groups_trained):
-    class Seen(Hook):
-        def __init__(self):
-            self.clients: list[int] = []
+class Recorder(Hook):
+    """Each client's head as it starts and ends; it also shrinks client 2's starting head (a hook may change
+    the model it is given, and the client then trains from that)."""
 
-        def on_client_start(self, round, client, model):
-            self.clients.append(client)
+    def __init__(self):
+        self.starts: dict[int, torch.Tensor] = {}
+        self.ends: dict[int, torch.Tensor] = {}
 
-    class RoundsOnly(Hook):
-        def on_round_end(self, round):
-            return []
+    def on_client_start(self, round, client, model):
+        if client == 2:
+            with torch.no_grad():
+                model.head.weight.mul_(0.5)
+        self.starts[client] = model.head.weight.detach().clone()
 
-    ctx, method, state = built(tmp_path, "hooks", client_batch=4)
-    assert together.sequential_reason(ctx, method, [RoundsOnly()]) is None
-    seen = Seen()
-    assert "on_client_start" in together.sequential_reason(ctx, method, [seen])
-    train_round(ctx, method, state, 1, [seen])
-    assert seen.clients == sample_clients(ctx.config, 1) and groups_trained == []
+    def on_client_end(self, round, client, model):
+        self.ends[client] = model.head.weight.detach().clone()
+
+
+def test_hooks_see_each_client_start_and_end_as_one_at_a_time(tmp_path, groups_trained):
+    sgd = dict(personalize="head", optimizer="sgd", lr=0.05, weight_decay=0.01)
+    recorded = []
+    for k in (1, 4):
+        ctx, method, state = built(tmp_path, f"hooks{k}", **sgd, client_batch=k)
+        assert together.sequential_reason(ctx, method) is None
+        hook = Recorder()
+        train_round(ctx, method, state, 1, [hook])
+        recorded.append((hook, state.local.tensors["head.weight"].clone()))
+    assert groups_trained == [4, 2]
+    (alone, alone_heads), (stacked, stacked_heads) = recorded
+    assert sorted(stacked.starts) == sorted(stacked.ends) == sample_clients(RunConfig(**TINY), 1)
+    for c in alone.starts:
+        assert torch.equal(stacked.starts[c], alone.starts[c])
+        torch.testing.assert_close(stacked.ends[c], alone.ends[c], **TIGHTER)
+    torch.testing.assert_close(stacked_heads, alone_heads, **TIGHTER)  # client 2 trained from the hook's head
 
 
 def test_a_model_that_drops_at_random_keeps_the_one_at_a_time_path(tmp_path):

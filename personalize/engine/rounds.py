@@ -78,15 +78,17 @@ def train_round(
     aggregation = Aggregation(method, [len(ctx.partition.train[c]) for c in participants])
     trained: dict[int, EvalResult] = {}
     size = ctx.config.client_batch
-    if size > 1 and together.sequential_reason(ctx, method, hooks) is None:
+    if size > 1 and together.sequential_reason(ctx, method) is None:
         trainable = [n for n, p in ctx.model.named_parameters() if p.requires_grad]
         for group in together.groups(participants, size):
             contexts = [client_context(ctx, c, round_, state.extra.client(c), TRAIN_STREAM) for c in group]
-            for client, result in zip(contexts, together.train_together(ctx, state, contexts, trainable)):
+            for client, result in zip(contexts, together.train_together(ctx, state, contexts, trainable, hooks)):
                 if result.nonfinite_loss is not None:
                     raise NonFiniteLoss(client.client, round_, result.nonfinite_loss)
                 assign(ctx.named, state.shared)
                 assign(ctx.named, result.tensors)  # the model as this client's training left it
+                for hook in hooks:
+                    hook.on_client_end(round_, client.client, ctx.model)
                 _finish_client(ctx, method, state, client, aggregation, trained if evaluate else None)
     else:
         for c in participants:

@@ -18,10 +18,15 @@ What keeps it equal to the one-at-a-time path (`rounds.train_round` with `client
 - a client whose stream ends leaves the stack at once (its rows, and its rows of the optimizer state,
   are dropped), so its tensors are the ones its last step left.
 
+Hooks still see each client's model: before the group trains, each client's starting tensors are loaded
+into the model for its `on_client_start` (and read back from it, so a hook that changes them is trained
+from), and `rounds.train_round` loads each one's trained tensors for its `on_client_end`; a group's
+`on_client_start` calls all come before its `on_client_end` calls.
+
 Where this cannot hold, `sequential_reason` says why and the round trains one client at a time: a
 method that trains its own way (it overrides `Method.train_client`, so `Method.trains_plainly` is
-False: FedRep, FedBABU, APFL, Per-FedAvg), hooks that look at a client's model as it starts or ends,
-and models whose training forward draws random numbers or mixes samples (dropout, batch norm).
+False: FedRep, FedBABU, APFL, Per-FedAvg), and models whose training forward draws random numbers or
+mixes samples (dropout, batch norm).
 """
 
 from __future__ import annotations
@@ -56,14 +61,10 @@ class TrainedClient:
     nonfinite_loss: float | None
 
 
-def sequential_reason(ctx: RunContext, method: Method, hooks: Sequence[Hook] = ()) -> str | None:
+def sequential_reason(ctx: RunContext, method: Method) -> str | None:
     """Why this run's clients must train one at a time, or None when they can train together."""
     if not method.trains_plainly:
         return f"method {method.name} trains its clients its own way"
-    for hook in hooks:
-        for call in ("on_client_start", "on_client_end"):
-            if getattr(type(hook), call, None) is not getattr(Hook, call):
-                return f"hook {type(hook).__name__} looks at each client's model ({call})"
     for name, module in ctx.model.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             return f"the model's {name} normalises over the batch"
@@ -81,17 +82,25 @@ def groups(participants: Sequence[int], size: int) -> Iterator[list[int]]:
 
 
 def train_together(
-    ctx: RunContext, state: RunState, clients: Sequence[ClientContext], trainable: Sequence[str]
+    ctx: RunContext,
+    state: RunState,
+    clients: Sequence[ClientContext],
+    trainable: Sequence[str],
+    hooks: Sequence[Hook] = (),
 ) -> list[TrainedClient]:
     """Train `clients` (their contexts for this round) together from `state`; each one's result in order.
 
     `trainable`: the names of the parameters the optimizer steps (the model's parameters that require
-    gradients); the run's local tensors are stacked as well, each client starting from its own.
+    gradients); the run's local tensors are stacked as well, each client starting from its own. `hooks`:
+    their `on_client_start` is called for each client, its starting tensors in the model.
     """
     names = list(dict.fromkeys([*trainable, *ctx.local_names]))
+    if hooks:
+        tensors = _started_by_hooks(ctx, state, clients, names, hooks)
+    else:
+        local = state.local.rows([client.client for client in clients])
+        tensors = {name: _start(state, local, name, len(clients)).to(ctx.device) for name in names}
     assign(ctx.named, state.shared)  # what is not stacked (frozen shared tensors) comes from the model
-    local = state.local.rows([client.client for client in clients])
-    tensors = {name: _start(state, local, name, len(clients)).to(ctx.device) for name in names}
     steps = _Stack(ctx, clients[0], tensors, set(trainable))
     streams = [client.train_batches() for client in clients]
     train_mode(ctx.model)
@@ -124,6 +133,21 @@ def _start(state: RunState, local: Mapping[str, torch.Tensor], name: str, count:
         return local[name].detach().clone()
     shared = state.shared[name].detach()
     return shared.unsqueeze(0).expand(count, *shared.shape).clone()
+
+
+def _started_by_hooks(
+    ctx: RunContext, state: RunState, clients: Sequence[ClientContext], names: Sequence[str], hooks: Sequence[Hook]
+) -> dict[str, torch.Tensor]:
+    """Each client's starting tensors loaded into the model for the hooks' `on_client_start`, then stacked
+    from the model as the hooks left them."""
+    rows: list[dict[str, torch.Tensor]] = []
+    for client in clients:
+        assign(ctx.named, state.shared)
+        assign(ctx.named, state.local.client(client.client))
+        for hook in hooks:
+            hook.on_client_start(client.round, client.client, ctx.model)
+        rows.append({name: ctx.named[name].detach().clone() for name in names})
+    return {name: torch.stack([row[name] for row in rows]) for name in names}
 
 
 class _Stack:
