@@ -206,6 +206,11 @@ def test_hooks_see_each_client_start_and_end_as_one_at_a_time(tmp_path, groups_t
     torch.testing.assert_close(stacked_heads, alone_heads, **TIGHTER)  # client 2 trained from the hook's head
 
 
+def test_a_run_says_when_its_clients_train_one_at_a_time_despite_client_batch(tmp_path, capsys):
+    federation.run(RunConfig(**TINY, method="perfedavg", rounds=1, client_batch=3, out=str(tmp_path / "p")))
+    assert "--client-batch 3: method perfedavg trains its clients its own way" in capsys.readouterr().out
+
+
 def test_a_model_that_drops_at_random_keeps_the_one_at_a_time_path(tmp_path):
     ctx, method, _ = built(tmp_path, "dropout", model_args={"drop_rate": 0.1})
     assert "drops at random" in together.sequential_reason(ctx, method)
