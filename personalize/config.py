@@ -16,7 +16,8 @@ from fedsens.personalize.errors import UserError
 
 # Settings a run may change when it is continued (resumed, or reused by a sweep or comparison):
 # none of them changes what the finished run computes (rounds is checked on its own by the grids).
-FREE_SETTINGS = ("device", "out", "rounds", "verify", "checkpoint_every")
+# client_batch trains the same clients on the same batches, equal to float tolerance: a run may change it too.
+FREE_SETTINGS = ("device", "out", "rounds", "verify", "checkpoint_every", "client_batch")
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,8 @@ class RunConfig:
     # the checkpoint is written (None: every round unless the in-memory client state is large).
     client_store: str = "memory"  # memory | disk (one file per local tensor under OUT/clients)
     checkpoint_every: int | None = None
+    # Participants trained together (personalize.engine.together), K at a time; 1: one at a time.
+    client_batch: int = 1
 
     def __post_init__(self):
         for setting in dataclasses.fields(self):  # nan passes every comparison below: refuse it first
@@ -104,6 +107,7 @@ class RunConfig:
                 self.client_store in ("memory", "disk"),
                 f"--client-store must be memory or disk (got {self.client_store!r})",
             ),
+            (self.client_batch >= 1, f"--client-batch must be at least 1 (got {self.client_batch})"),
             (
                 self.checkpoint_every is None or self.checkpoint_every >= 1,
                 f"--checkpoint-every must be at least 1 (got {self.checkpoint_every})",

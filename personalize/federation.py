@@ -25,6 +25,7 @@ from fedsens.personalize import model as model_lib
 from fedsens.personalize import runio, runlock, schema
 from fedsens.personalize.client import ClientContext, EvalResult, NonFiniteLoss, RunContext
 from fedsens.personalize.config import FREE_SETTINGS, RunConfig
+from fedsens.personalize.engine import together
 from fedsens.personalize.engine.context import build_context, load_dataset, partition_options, resolve_device
 from fedsens.personalize.engine.protocols import after_aggregation_rows, evaluate_both, previous_after_rows
 from fedsens.personalize.engine.rounds import sample_clients, train_round
@@ -91,6 +92,9 @@ def _run_locked(
     runio.write_table(out / "parts.csv", ctx.parts.to_dict("records"), parts_columns)
     if not quiet:
         tqdm.write(f"{out}: {model_lib.describe(ctx.parts)}")
+    one_at_a_time = together.sequential_reason(ctx, method) if config.client_batch > 1 else None
+    if one_at_a_time:
+        tqdm.write(f"{out}: --client-batch {config.client_batch}: {one_at_a_time}; its clients train one at a time")
     for hook in hooks:
         hook.on_run_start(ctx)
     diverged = _rounds(ctx, method, state, hooks, quiet=quiet)

@@ -72,6 +72,12 @@ KNOBS = (
         "start-of-round model).",
     ),
     Knob("eval_every", int, "Evaluate every client every N rounds (and at the last)."),
+    Knob(
+        "client_batch",
+        int,
+        "Participants of a round trained together, K at a time (1: one at a time; methods with their own "
+        "training, FedRep, FedBABU, APFL and Per-FedAvg, always train one at a time).",
+    ),
 )
 
 

@@ -4,6 +4,7 @@
 - `context`: the device, the dataset, the partition and the model of a run (`build_context`).
 - `state`: where a run stands (`RunState`): fresh, resumed from its checkpoint, checkpointed.
 - `rounds`: client sampling, one round of training and its aggregation (`train_round`).
+- `together`: a round's participants trained together, K at a time (`client_batch`).
 - `protocols`: evaluation under both protocols (after-aggregation, paper).
 - `tables`: the rows of metrics.csv and rounds.csv, the table writer and the summary.
 

@@ -11,6 +11,7 @@ import torch
 from fedsens.personalize.aggregation import RunningMean
 from fedsens.personalize.client import ClientContext, EvalResult, NonFiniteLoss, RunContext
 from fedsens.personalize.config import RunConfig
+from fedsens.personalize.engine import together
 from fedsens.personalize.engine.state import RunState
 from fedsens.personalize.engine.tensors import assign, nbytes
 from fedsens.personalize.hooks import Hook
@@ -71,27 +72,56 @@ def train_round(
     ctx: RunContext, method: Method, state: RunState, round_: int, hooks: Sequence[Hook] = (), *, evaluate: bool = False
 ) -> RoundTraining:
     """Train the round's clients from `state.shared` and aggregate into it; raises NonFiniteLoss at the first
-    participant (in client order) whose local training diverged."""
+    participant (in client order) whose local training diverged. With `client_batch` K > 1 (and nothing
+    that needs the one-at-a-time path: `together.sequential_reason`) K participants train together."""
     participants = sample_clients(ctx.config, round_)
     aggregation = Aggregation(method, [len(ctx.partition.train[c]) for c in participants])
     trained: dict[int, EvalResult] = {}
-    for c in participants:
-        assign(ctx.named, state.shared)
-        assign(ctx.named, state.local.client(c))
-        client = client_context(ctx, c, round_, state.extra.client(c), TRAIN_STREAM)
-        for hook in hooks:
-            hook.on_client_start(round_, c, ctx.model)
-        method.train_client(client)
-        if client.nonfinite:
-            raise NonFiniteLoss(c, round_, client.nonfinite_loss)
-        for hook in hooks:
-            hook.on_client_end(round_, c, ctx.model)
-        state.local.put(c, {n: ctx.named[n] for n in ctx.local_names})
-        state.extra.put(c, client.state)
-        aggregation.add({n: ctx.named[n] for n in ctx.shared_names})
-        if evaluate:  # the paper protocol: this participant as its local training left it, before aggregation
-            probe = client_context(ctx, c, round_, state.extra.client(c), EVAL_STREAM)
-            trained[c] = method.evaluate_client(probe)
+    size = ctx.config.client_batch
+    if size > 1 and together.sequential_reason(ctx, method) is None:
+        trainable = [n for n, p in ctx.model.named_parameters() if p.requires_grad]
+        for group in together.groups(participants, size):
+            contexts = [client_context(ctx, c, round_, state.extra.client(c), TRAIN_STREAM) for c in group]
+            for client, result in zip(contexts, together.train_together(ctx, state, contexts, trainable, hooks)):
+                if result.nonfinite_loss is not None:
+                    raise NonFiniteLoss(client.client, round_, result.nonfinite_loss)
+                assign(ctx.named, state.shared)
+                assign(ctx.named, result.tensors)  # the model as this client's training left it
+                for hook in hooks:
+                    hook.on_client_end(round_, client.client, ctx.model)
+                _finish_client(ctx, method, state, client, aggregation, trained if evaluate else None)
+    else:
+        for c in participants:
+            assign(ctx.named, state.shared)
+            assign(ctx.named, state.local.client(c))
+            client = client_context(ctx, c, round_, state.extra.client(c), TRAIN_STREAM)
+            for hook in hooks:
+                hook.on_client_start(round_, c, ctx.model)
+            method.train_client(client)
+            if client.nonfinite:
+                raise NonFiniteLoss(c, round_, client.nonfinite_loss)
+            for hook in hooks:
+                hook.on_client_end(round_, c, ctx.model)
+            _finish_client(ctx, method, state, client, aggregation, trained if evaluate else None)
     if ctx.shared_names:
         state.shared = aggregation.result()
     return RoundTraining(participants, nbytes(state.shared) * len(participants), trained)
+
+
+def _finish_client(
+    ctx: RunContext,
+    method: Method,
+    state: RunState,
+    client: ClientContext,
+    aggregation: Aggregation,
+    trained: dict[int, EvalResult] | None,
+) -> None:
+    """A participant whose training left its tensors in the model: its local tensors and extra state kept,
+    its shared ones aggregated, and (`trained` given: the paper protocol) its test result before aggregation."""
+    c = client.client
+    state.local.put(c, {n: ctx.named[n] for n in ctx.local_names})
+    state.extra.put(c, client.state)
+    aggregation.add({n: ctx.named[n] for n in ctx.shared_names})
+    if trained is not None:
+        probe = client_context(ctx, c, client.round, state.extra.client(c), EVAL_STREAM)
+        trained[c] = method.evaluate_client(probe)

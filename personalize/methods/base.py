@@ -46,12 +46,14 @@ class Method:
     name), `parts` (the part spec it keeps local; None = whatever `--personalize` says) and `Options`
     (a frozen dataclass).
 
-    Two capabilities say what an engine may do in place of the hooks, for speed:
+    Three capabilities say what an engine may do in place of the hooks, for speed:
     `aggregates_by_weighted_mean` (the engine folds each participant's shared tensors into a running
-    weighted mean as it arrives instead of calling `aggregate` on them all) and `evaluates_plainly` (the
-    engine evaluates many clients in one batched forward instead of calling `evaluate_client` on each).
-    Both hold for the base hooks; a subclass that overrides `aggregate` or `evaluate_client` without
-    declaring the capability in its own body loses it, so an engine never skips a hook it should call.
+    weighted mean as it arrives instead of calling `aggregate` on them all), `evaluates_plainly` (the
+    engine evaluates many clients in one batched forward instead of calling `evaluate_client` on each)
+    and `trains_plainly` (the engine may train several participants together, `engine.together`, instead
+    of calling `train_client` on each). All hold for the base hooks; a subclass that overrides `aggregate`,
+    `evaluate_client` or `train_client` without declaring the capability in its own body loses it, so an
+    engine never skips a hook it should call.
     """
 
     name: ClassVar[str] = ""
@@ -63,12 +65,14 @@ class Method:
     Options: ClassVar[type] = NoOptions
     aggregates_by_weighted_mean: ClassVar[bool] = True
     evaluates_plainly: ClassVar[bool] = True
+    trains_plainly: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         for capability, hook in (
             ("aggregates_by_weighted_mean", "aggregate"),
             ("evaluates_plainly", "evaluate_client"),
+            ("trains_plainly", "train_client"),
         ):
             if hook in vars(cls) and capability not in vars(cls):
                 setattr(cls, capability, False)
