@@ -212,3 +212,20 @@ def test_a_two_part_sweep_runs_by_domain_on_a_saved_dataset_dict(tmp_path):
     assert sorted(sensitivity["local_part"]) == ["attn", "head", "none"] and (sensitivity["scheme"] == "domain").all()
     partition = next((tmp_path / "sweep" / "cells").glob("*head*")).joinpath("partition.json").read_text()
     assert '"north"' in partition and '"south"' in partition
+
+
+def test_the_documented_example_saves_a_dataset_that_loads_by_domain(tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "models-and-data.md").read_text()
+    section = page.split("## A saved Hugging Face dataset: `huggingface`", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 1
+    monkeypatch.chdir(tmp_path)
+    exec(compile(blocks[0], "docs/models-and-data.md", "exec"), {"__name__": "docs"})
+    options = {"image_column": "img", "label_column": "animal", "domain_column": "clinic"}
+    data = data_lib.load("huggingface", tmp_path / "my-data", size=8, **options)
+    assert len(data) == 24 and data.classes == ("cat", "dog") and data.domain_names == ("north", "south")
+    test_split = data_lib.load("huggingface", tmp_path / "my-data", size=8, split="test", **options)
+    assert test_split.labels.tolist() == [0, 1] * 4
