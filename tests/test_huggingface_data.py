@@ -165,6 +165,17 @@ def test_an_undecodable_row_stops_with_its_number_or_is_skipped_and_counted(tmp_
     assert data.labels.tolist() == [1, 1]
 
 
+def test_a_row_without_a_label_is_named_with_its_split(tmp_path):
+    features = _features(datasets.ClassLabel(names=["cat", "dog"]))
+    pictures = [_picture("RGB", (1, 2, 3))] * 3
+    labelled = datasets.Dataset.from_dict({"img": pictures, "animal": [0, 1, 1]}, features=features)
+    unlabelled = datasets.Dataset.from_dict({"img": pictures, "animal": [1, -1, 0]}, features=features)
+    datasets.DatasetDict({"train": labelled, "test": unlabelled}).save_to_disk(str(tmp_path / "s"))
+    with pytest.raises(UserError, match=r"row 1 of .*s \(split test\) has animal -1, not one of its ClassLabel's 2"):
+        data_lib.load("huggingface", tmp_path / "s", size=4, **COLUMNS)
+    assert len(data_lib.load("huggingface", tmp_path / "s", size=4, split="train", **COLUMNS)) == 3
+
+
 def test_data_list_shows_it_and_a_short_train_runs_on_it(tmp_path):
     from typer.testing import CliRunner
 

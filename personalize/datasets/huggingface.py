@@ -128,15 +128,19 @@ def _ids_and_names(splits: dict[str, Any], column: str, option: str, root: Path)
     """Every row's id (splits concatenated) and the names: a ClassLabel's own, else the sorted distinct values."""
     datasets = _import_datasets()
     feature = _feature(splits, column, option, root)
-    values = [value for dataset in splits.values() for value in dataset[column]]
+    per_split = {name: list(dataset[column]) for name, dataset in splits.items()}
+    values = [value for split_values in per_split.values() for value in split_values]
     if isinstance(feature, datasets.ClassLabel):
-        unlabelled = next((row for row, value in enumerate(values) if not 0 <= value < feature.num_classes), None)
-        if unlabelled is not None:
-            raise UserError(
-                f"row {unlabelled} of {root} has {column} {values[unlabelled]}, outside its ClassLabel's "
-                f"{feature.num_classes} names; drop such rows before save_to_disk"
+        for name, split_values in per_split.items():  # -1 (or none) is datasets' "no label"
+            row = next(
+                (row for row, v in enumerate(split_values) if v is None or not 0 <= v < feature.num_classes), None
             )
-        return list(values), tuple(feature.names)
+            if row is not None:
+                raise UserError(
+                    f"{_where(root, name, row)} has {column} {split_values[row]}, not one of its ClassLabel's "
+                    f"{feature.num_classes} names; drop such rows before save_to_disk"
+                )
+        return values, tuple(feature.names)
     kind = getattr(feature, "dtype", "")
     if not isinstance(feature, datasets.Value) or not (kind.startswith(("int", "uint")) or kind.endswith("string")):
         raise UserError(
