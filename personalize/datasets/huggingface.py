@@ -15,9 +15,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,7 @@ from fedsens.personalize.datasets.imageset import (
     ImageSet,
     Undecoded,
     decode_images,
-    read_decoded_cache,
-    write_decoded_cache,
+    decoded_once,
 )
 from fedsens.personalize.datasets.registry import DatasetSpec, one_line, register
 from fedsens.personalize.errors import UserError
@@ -238,13 +237,8 @@ def load(
     splits = _load_saved(root, options.split)
     fingerprint = _fingerprint(root, splits, options, size)
     cache = root / f".fedsens_cache_huggingface_{size}.pt"
-    payload = read_decoded_cache(cache, fingerprint)
-    if payload is None:
-        payload = _decode(root, splits, options, size, quiet)
-        payload["fingerprint"] = fingerprint
-        write_decoded_cache(cache, payload)
-    if payload["skipped"] and not quiet:
-        warnings.warn(f"huggingface: left out {payload['skipped']} image(s) that could not be decoded", stacklevel=2)
+    decode = partial(_decode, root, splits, options, size, quiet)
+    payload = decoded_once(cache, fingerprint, decode, name="huggingface", quiet=quiet)
     if not len(payload["labels"]):
         raise UserError(f"the saved dataset {root} holds no image that could be decoded; {how_to_get(root)}")
     has_domains = bool(options.domain_column)

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
@@ -24,8 +24,7 @@ from fedsens.personalize.datasets.imageset import (
     ImageSet,
     Undecoded,
     decode_images,
-    read_decoded_cache,
-    write_decoded_cache,
+    decoded_once,
 )
 from fedsens.personalize.datasets.registry import DatasetSpec, register
 from fedsens.personalize.errors import UserError
@@ -113,13 +112,8 @@ def load(
     classes, samples = _samples(root, domains)
     fingerprint = _fingerprint(root, samples, size, options.skip_bad_images)
     cache = root / f".fedsens_cache_imagefolder_{size}.pt"
-    payload = read_decoded_cache(cache, fingerprint)
-    if payload is None:
-        payload = _decode(samples, classes, size, options.skip_bad_images, quiet)
-        payload["fingerprint"] = fingerprint
-        write_decoded_cache(cache, payload)
-    if payload["skipped"] and not quiet:
-        warnings.warn(f"imagefolder: left out {payload['skipped']} image(s) that could not be decoded", stacklevel=2)
+    decode = partial(_decode, samples, classes, size, options.skip_bad_images, quiet)
+    payload = decoded_once(cache, fingerprint, decode, name="imagefolder", quiet=quiet)
     if not len(payload["labels"]):
         raise UserError(f"no image in {root} could be decoded; {how_to_get(root)}")
     has_domains = list(domains) != [""]

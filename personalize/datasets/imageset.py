@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pickle
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -68,7 +68,7 @@ def _image_set_problem(data: ImageSet) -> str | None:
     return None
 
 
-def read_decoded_cache(path: Path, fingerprint: str) -> dict | None:
+def _read_decoded_cache(path: Path, fingerprint: str) -> dict | None:
     """A loader's cache of decoded images (a torch file holding a dict with its `fingerprint`), or None when
     it is missing, unreadable or made from other files (the loader then decodes again and rewrites it)."""
     if not path.is_file():
@@ -80,13 +80,26 @@ def read_decoded_cache(path: Path, fingerprint: str) -> dict | None:
     return payload if isinstance(payload, dict) and payload.get("fingerprint") == fingerprint else None
 
 
-def write_decoded_cache(path: Path, payload: dict) -> None:
+def _write_decoded_cache(path: Path, payload: dict) -> None:
     """Write a loader's cache atomically (a reader never sees half of one); a folder that cannot take it is a
     warning, not an error: the next load decodes again."""
     try:
         runio.replace_atomically(path, lambda tmp: torch.save(payload, tmp))
     except OSError as err:
         warnings.warn(f"could not write the image cache {path} ({err}); the next load decodes again", stacklevel=3)
+
+
+def decoded_once(cache: Path, fingerprint: str, decode: Callable[[], dict], *, name: str, quiet: bool) -> dict:
+    """A loader's decoded images: read from `cache` when it was made from the same files and options (its
+    `fingerprint`), else `decode()`d and written there. Images the decode left out (`skipped`) are counted in a
+    warning unless `quiet`."""
+    payload = _read_decoded_cache(cache, fingerprint)
+    if payload is None:
+        payload = {**decode(), "fingerprint": fingerprint}
+        _write_decoded_cache(cache, payload)
+    if payload.get("skipped") and not quiet:
+        warnings.warn(f"{name}: left out {payload['skipped']} image(s) that could not be decoded", stacklevel=3)
+    return payload
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -15,7 +15,7 @@ from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
 from fedsens.personalize import trees
-from fedsens.personalize.datasets.imageset import ImageSet, read_decoded_cache, write_decoded_cache
+from fedsens.personalize.datasets.imageset import ImageSet, decoded_once
 from fedsens.personalize.datasets.registry import DatasetSpec, one_line, register
 from fedsens.personalize.errors import UserError
 
@@ -56,11 +56,7 @@ def load(root: Path | None, *, size: int = DEFAULT_SIZE, quiet: bool = False) ->
     folders = _folders(root, size)
     fingerprint = _file_fingerprint(root, folders, size)
     cache = root / f".fedsens_cache_officehome_{size}.pt"
-    payload = read_decoded_cache(cache, fingerprint)
-    if payload is None:
-        payload = _decode(folders, size, quiet)
-        payload["fingerprint"] = fingerprint
-        write_decoded_cache(cache, payload)  # a reader never sees half a cache
+    payload = decoded_once(cache, fingerprint, partial(_decode, folders, size, quiet), name="officehome", quiet=quiet)
     classes, domain_names = tuple(payload["classes"]), tuple(payload["domain_names"])
     return ImageSet("officehome", payload["images"], payload["labels"], classes, payload["domains"], domain_names)
 
