@@ -31,10 +31,10 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from fedsens.personalize import datasets as dataset_lib
 from fedsens.personalize import partition as partition_lib
 from fedsens.personalize import runio
 from fedsens.personalize.config import RunConfig
+from fedsens.personalize.engine.context import load_dataset
 from fedsens.personalize.errors import UserError
 from fedsens.sensitivity import executors, runs
 
@@ -193,12 +193,14 @@ def climbing_text(verdict: Verdict) -> str:
 
 
 def client_test_labels(folder: Path, cache: dict | None = None) -> tuple[list[np.ndarray], int]:
-    """Each client's test labels and the number of classes, from a run folder's config and partition."""
-    saved = runio.read_json(folder / "config.json")["config"]
-    key = (saved["dataset"], saved.get("data_root"))
+    """Each client's test labels and the number of classes, from a run folder's config and partition. The
+    dataset is loaded as the run loaded it: with its data options (a synthetic population's classes, a saved
+    dataset's columns) and at its decode size, so a decoded-image cache the run wrote is read, not rebuilt."""
+    config = RunConfig(**RunConfig.upgrade_saved(runio.read_json(folder / "config.json")["config"]))
+    key = (config.dataset, config.data_root, tuple(sorted(config.data_options.items())))
     cache = {} if cache is None else cache
     if key not in cache:
-        dataset = dataset_lib.load(*key)
+        dataset = load_dataset(config)
         cache[key] = (dataset.labels.numpy(), dataset.num_classes)
     labels, num_classes = cache[key]
     partition = partition_lib.load(folder / "partition.json")

@@ -48,6 +48,15 @@ def test_every_dependency_has_a_lower_bound_that_ci_pins():
     assert "typer==0.16" in pins and any(pin.startswith("torch==") for pin in pins)
 
 
+def test_every_optional_dependency_has_a_lower_bound():
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for requirements in extras.values():
+        outside = [r for r in requirements if not r.startswith("fedsens[")]  # the dev extra names the others
+        assert len(lowest_constraints().lowest_pins(outside)) == len(outside)
+    assert lowest_constraints().lowest_pins(extras["hf"]) == ["datasets==2.16"]  # pyproject says why 2.16
+    assert any(r.startswith("fedsens[") and "hf" in r for r in extras["dev"])  # CI's test command installs it
+
+
 def test_a_dependency_without_a_lower_bound_is_refused():
     with pytest.raises(SystemExit, match="numpy has no lower bound"):
         lowest_constraints().lowest_pins(["typer>=0.12", "numpy"])

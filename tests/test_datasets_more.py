@@ -12,7 +12,7 @@ from PIL import Image
 
 from fedsens.personalize import datasets as data_lib
 from fedsens.personalize.config import RunConfig
-from fedsens.personalize.datasets import imagefolder, medmnist_names
+from fedsens.personalize.datasets import imageset, medmnist_names
 from fedsens.personalize.errors import UserError
 from fedsens.sensitivity.sweep import SweepConfig, run_sweep
 
@@ -106,7 +106,7 @@ def test_the_decoded_images_are_cached_and_rebuilt_when_a_file_changes(tmp_path,
     def refuse(*_):
         raise AssertionError("decoded again")
 
-    monkeypatch.setattr(imagefolder, "read_image", refuse)
+    monkeypatch.setattr(imageset, "read_image", refuse)
     assert torch.equal(data_lib.load("imagefolder", root, size=8).images, first.images)
     _save(root / "dog" / "g.png", "RGB", (1, 2, 3))
     with pytest.raises(AssertionError, match="decoded again"):

@@ -85,3 +85,39 @@ def test_the_flower_engine_runs_a_tiny_swin_with_fedperfix(tmp_path):
     assert records.config_of(records.run_config_of(config)) == config  # model args survive Flower's scalar config
     result = run_simulation(config, quiet=True)
     assert len(result.metrics) and "stage" in pd.read_csv(tmp_path / "flower" / "parts.csv").columns
+
+
+def _model_arg_flags(args: dict) -> list[str]:
+    """A tiny variant's constructor options as `fedsens train` takes them (lists comma-separated)."""
+    flags = []
+    for key, value in args.items():
+        text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+        flags += ["--model-arg", f"{key}={text}"]
+    return flags
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_fedsens_train_runs_every_family_from_a_weights_file_of_another_class_count(tmp_path, family):
+    from typer.testing import CliRunner
+
+    from fedsens.cli import app
+
+    spec = FAMILIES[family]
+    name, args = spec.examples[0], dict(spec.tiny)
+    size = model_lib.input_spec(name, data_channels=1, data_size=16, model_args=args).img_size
+    source = model_lib.build(name, 7, 3, size, model_args=args, seed=3)
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "source.safetensors"))
+    command = ["train", "--model", name, *_model_arg_flags(args), "--weights", str(tmp_path / "source.safetensors")]
+    command += ["--dataset", "synthetic", "--clients", "4", "--rounds", "1", "--local-steps", "1"]
+    result = CliRunner().invoke(app, [*command, "--out", str(tmp_path / "run"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert len(pd.read_csv(tmp_path / "run" / "rounds.csv")) == 1 and "weights sha256" in result.output
+    loaded = model_lib.build(name, 10, 3, size, model_args=args, weights=str(tmp_path / "source.safetensors"))
+    table = model_lib.parts(loaded)
+    heads = set(table.loc[table["part"] == "head", "param"])
+    assert heads
+    for key, tensor in loaded.state_dict().items():  # every tensor from the file but the classifier(s), re-seeded
+        if key in heads:
+            assert tensor.shape[0] == 10 and source.state_dict()[key].shape[0] == 7, key
+        else:
+            assert torch.equal(tensor, source.state_dict()[key]), key

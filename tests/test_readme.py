@@ -15,13 +15,15 @@ REPO = Path(__file__).resolve().parents[1]
 HEADING = re.compile(r"^(#{1,6}) +(.+?) *#*$")
 PYTHON_BLOCK = re.compile(r"```python\n(.*?)```", flags=re.S)
 
-# (page, heading) of every section whose ```python blocks a test executes: here, and "Add a method" in
-# tests/test_registry.py (it needs the method registry's clean-up).
+# (page, heading) of every section whose ```python blocks a test executes: here, "Add a method" in
+# tests/test_registry.py (it needs the method registry's clean-up), and the saved Hugging Face dataset in
+# tests/test_huggingface_data.py (it needs the optional datasets package).
 EXECUTED = {
     ("docs/api.md", "The Python API"),
     ("docs/extending.md", "Add a dataset"),
     ("docs/extending.md", "Add a method"),
     ("docs/engine.md", None),  # the whole page: tests/test_engine.py runs it
+    ("docs/models-and-data.md", "A saved Hugging Face dataset: `huggingface`"),  # tests/test_huggingface_data.py
     ("docs/validate.md", "The planted datasets (`personalize/datasets/planted.py`, dataset name `planted`)"),
 }
 

@@ -13,19 +13,20 @@ from __future__ import annotations
 
 import hashlib
 import os
-import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
-from tqdm import tqdm
 
-from fedsens.personalize import runio, trees
-from fedsens.personalize.datasets.imageset import ImageSet, read_decoded_cache
-from fedsens.personalize.datasets.registry import DatasetSpec, one_line, register
+from fedsens.personalize import trees
+from fedsens.personalize.datasets.imageset import (
+    ImageSet,
+    Undecoded,
+    decode_images,
+    decoded_once,
+)
+from fedsens.personalize.datasets.registry import DatasetSpec, register
 from fedsens.personalize.errors import UserError
 
 DEFAULT_SIZE = 64  # outside a run (`fedsens data split`); a run decodes at the model's input size
@@ -85,30 +86,6 @@ def _samples(root: Path, domains: dict[str, Path]) -> tuple[list[str], list[tupl
     return sorted(classes), found
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB: 16/32-bit scaled by their range, alpha over black, CMYK/palette/grey converted."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") else max(float(values.max()), 1.0)
-        grey = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(grey).convert("RGB")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def read_image(path: str, size: int) -> np.ndarray:
-    """size x size x 3 uint8 (aspect ignored, as Office-Home is read); OSError/ValueError when undecodable."""
-    with Image.open(path) as image:
-        image.draft("RGB", (size, size))  # JPEGs decode straight at a fraction of their size
-        image.load()
-        return np.array(to_rgb(image).resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
-
-
 def _fingerprint(root: Path, samples: list[tuple[str, str, int]], size: int, skip: bool) -> str:
     digest = hashlib.sha256(f"size={size};skip={skip}".encode())
     for path, _, _ in samples:
@@ -116,32 +93,11 @@ def _fingerprint(root: Path, samples: list[tuple[str, str, int]], size: int, ski
     return digest.hexdigest()
 
 
-def _decode(samples, classes, size: int, skip: bool, quiet: bool) -> dict:
+def _decode(samples: list[tuple[str, str, int]], classes: list[str], size: int, skip: bool, quiet: bool) -> dict:
     class_id = {name: index for index, name in enumerate(classes)}
-    images = torch.empty(len(samples), 3, size, size, dtype=torch.uint8)
-    labels, domains, kept, bad = [], [], 0, 0
-    for path, class_name, domain in tqdm(samples, desc=f"images -> {size}px (once)", disable=quiet):
-        try:
-            pixels = read_image(path, size)
-        except (OSError, ValueError, SyntaxError) as err:  # PIL raises all three on broken files
-            if not skip:
-                raise UserError(
-                    f"cannot decode image {path} ({one_line(err)}); replace or delete it, "
-                    "or pass --data-option skip_bad_images=true to leave such files out"
-                ) from None
-            bad += 1
-            continue
-        images[kept] = torch.from_numpy(pixels).permute(2, 0, 1)
-        labels.append(class_id[class_name])
-        domains.append(domain)
-        kept += 1
-    return {
-        "images": images[:kept].clone(),
-        "labels": torch.tensor(labels, dtype=torch.int64),
-        "domains": torch.tensor(domains, dtype=torch.int64),
-        "classes": list(classes),
-        "skipped": bad,
-    }
+    undecoded = (Undecoded(path, path, class_id[class_name], domain) for path, class_name, domain in samples)
+    payload = decode_images(undecoded, len(samples), size, skip_bad_images=skip, quiet=quiet, desc="images")
+    return {**payload, "classes": list(classes)}
 
 
 def load(
@@ -156,16 +112,8 @@ def load(
     classes, samples = _samples(root, domains)
     fingerprint = _fingerprint(root, samples, size, options.skip_bad_images)
     cache = root / f".fedsens_cache_imagefolder_{size}.pt"
-    payload = read_decoded_cache(cache, fingerprint)
-    if payload is None:
-        payload = _decode(samples, classes, size, options.skip_bad_images, quiet)
-        payload["fingerprint"] = fingerprint
-        try:
-            runio.replace_atomically(cache, lambda tmp: torch.save(payload, tmp))
-        except OSError as err:
-            warnings.warn(f"could not write the image cache {cache} ({err}); the next load decodes again", stacklevel=2)
-    if payload["skipped"] and not quiet:
-        warnings.warn(f"imagefolder: left out {payload['skipped']} image(s) that could not be decoded", stacklevel=2)
+    decode = partial(_decode, samples, classes, size, options.skip_bad_images, quiet)
+    payload = decoded_once(cache, fingerprint, decode, name="imagefolder", quiet=quiet)
     if not len(payload["labels"]):
         raise UserError(f"no image in {root} could be decoded; {how_to_get(root)}")
     has_domains = list(domains) != [""]

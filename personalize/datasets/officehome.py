@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import warnings
 from functools import partial
 from pathlib import Path
 
@@ -15,8 +14,8 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
-from fedsens.personalize import runio, trees
-from fedsens.personalize.datasets.imageset import ImageSet, read_decoded_cache
+from fedsens.personalize import trees
+from fedsens.personalize.datasets.imageset import ImageSet, decoded_once
 from fedsens.personalize.datasets.registry import DatasetSpec, one_line, register
 from fedsens.personalize.errors import UserError
 
@@ -57,11 +56,7 @@ def load(root: Path | None, *, size: int = DEFAULT_SIZE, quiet: bool = False) ->
     folders = _folders(root, size)
     fingerprint = _file_fingerprint(root, folders, size)
     cache = root / f".fedsens_cache_officehome_{size}.pt"
-    payload = read_decoded_cache(cache, fingerprint)
-    if payload is None:
-        payload = _decode(folders, size, quiet)
-        payload["fingerprint"] = fingerprint
-        _write_cache(cache, payload)
+    payload = decoded_once(cache, fingerprint, partial(_decode, folders, size, quiet), name="officehome", quiet=quiet)
     classes, domain_names = tuple(payload["classes"]), tuple(payload["domain_names"])
     return ImageSet("officehome", payload["images"], payload["labels"], classes, payload["domains"], domain_names)
 
@@ -150,16 +145,6 @@ def _decode(folders: dict[str, ImageFolder], size: int, quiet: bool) -> dict:
                 row += 1
                 bar.update()
     return {"images": images, "labels": labels, "domains": domains, "classes": classes, "domain_names": list(folders)}
-
-
-def _write_cache(path: Path, payload: dict) -> None:
-    try:
-        runio.replace_atomically(path, lambda tmp: torch.save(payload, tmp))  # a reader never sees half a cache
-    except OSError as err:
-        warnings.warn(
-            f"could not write the Office-Home cache {path} ({err}); the next load decodes the images again",
-            stacklevel=2,
-        )
 
 
 SPEC = register(
