@@ -72,6 +72,12 @@ KNOBS = (
         "start-of-round model).",
     ),
     Knob("eval_every", int, "Evaluate every client every N rounds (and at the last)."),
+    Knob(
+        "backbone",
+        str,
+        "train (every parameter trains) or freeze (only the mechanisms' added tensors, the local tensors and the "
+        "classifier head train: the usual set-up with a pretrained model, FedPEFT / pFedPG).",
+    ),
 )
 
 

@@ -123,7 +123,9 @@ def train(
     personalize: str | None = typer.Option(
         None,
         help="parts kept local: none (FedAvg), all (local only), "
-        "attn,head, attn@9-11, blocks.11, plugin, or auto (with --from)",
+        "attn,head, attn@9-11, blocks.11, plugin, or auto (with --from); a term may say how it is kept: "
+        "attn:lora,head, mlp:lora:r=8, attn:lora-b, norm:bias, attn:adapter, embed:prompt, attn:prompt-deep, "
+        "attn:finetune:steps=20 (docs/mechanisms.md)",
     ),
     sweep_dir: Path | None = typer.Option(None, "--from", help="sweep folder whose ranking --personalize auto uses"),
     top: int = typer.Option(2, help="with --personalize auto: how many top-ranked parts to keep local"),
