@@ -215,7 +215,9 @@ def sweep(
     if mechanisms:
         from fedsens.sensitivity.sweep import expand_mechanisms
 
-        config, skipped = expand_mechanisms(config, tuple(comma_list(mechanisms, str, "--mechanisms", "full,lora")))
+        config, skipped = expand_mechanisms(
+            config, tuple(comma_list(mechanisms, str, "--mechanisms", "full,lora") or ())
+        )
         for line in skipped:
             typer.echo(f"skipped cell {line}")
     typer.echo(protocol_text(protocol(config)))
