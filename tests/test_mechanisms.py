@@ -81,8 +81,8 @@ def test_prompts_enter_the_sequence_and_leave_before_the_head():
 def test_plain_specs_resolve_as_before_and_bad_terms_are_one_line():
     model = nano()
     assert mechanisms.install(model, "attn@1,head").local == tuple(model_lib.resolve(model, "attn@1,head"))
-    assert mechanisms.install(nano(), "mlp:bias").local == ("blocks.0.mlp.fc1.bias", "blocks.0.mlp.fc2.bias",
-                                                            "blocks.1.mlp.fc1.bias", "blocks.1.mlp.fc2.bias")  # fmt: skip
+    biases = ("blocks.0.mlp.fc1.bias", "blocks.0.mlp.fc2.bias", "blocks.1.mlp.fc1.bias", "blocks.1.mlp.fc2.bias")
+    assert mechanisms.install(nano(), "mlp:bias").local == biases
     for spec, message in [
         ("embed:lora", "no linear layer"),
         ("norm:adapter", "beside attn, mlp or head"),
