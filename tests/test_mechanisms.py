@@ -257,3 +257,24 @@ def test_sweep_with_mechanisms_runs_on_swin(tmp_path):
     table = pd.read_csv(tmp_path / "sensitivity.csv")
     assert set(table["local_part"]) == {"none", "attn", "attn:lora", "attn:bias"}
     assert (table["status"] == "done").all()
+
+
+def test_the_pareto_front_holds_the_cells_no_other_beats_on_gain_and_cost():
+    from fedsens.reports import figures
+    from fedsens.reports.tables import pareto_cells
+
+    rows = pd.DataFrame(
+        dict(
+            part=["head:bias", "head", "attn:lora", "attn", "mlp:lora"],
+            score=[0.02, 0.10, 0.08, 0.12, 0.10],
+            local_params=[10, 500, 2000, 20000, 600],
+            mechanism=["bias", "full", "lora", "full", "lora"],
+            ci_low=[0.0, 0.05, 0.02, 0.0, 0.04],
+            ci_high=[0.04, 0.15, 0.1, 0.2, 0.16],
+            metric="gain_vs_fedavg",
+        )
+    )
+    # attn:lora is beaten by head (more gain, fewer parameters), mlp:lora by head (same gain, fewer parameters)
+    assert pareto_cells(rows) == ["head:bias", "head", "attn"]
+    (ax,) = figures.plot_gain_cost(rows).axes
+    assert ax.get_xscale() == "log" and {t.get_text() for t in ax.texts} == set(rows["part"])
