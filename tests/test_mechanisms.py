@@ -278,3 +278,65 @@ def test_the_pareto_front_holds_the_cells_no_other_beats_on_gain_and_cost():
     assert pareto_cells(rows) == ["head:bias", "head", "attn"]
     (ax,) = figures.plot_gain_cost(rows).axes
     assert ax.get_xscale() == "log" and {t.get_text() for t in ax.texts} == set(rows["part"])
+
+
+def fake_sweep(folder) -> None:
+    """A sweep folder whose ranking.csv holds cells with known gains, intervals and costs."""
+    rows = [
+        ("attn", 0.25, 0.10, 18816),
+        ("head", 0.16, 0.08, 490),
+        ("attn:lora", 0.13, 0.05, 2304),
+        ("head:lora", 0.09, 0.02, 232),
+        ("mlp", 0.30, -0.01, 500),  # the largest gain, but not resolved above zero
+    ]
+    table = pd.DataFrame(
+        [
+            dict(part=p, score=g, ci_low=low, ci_high=g + 0.1, boot_low=low, boot_high=g + 0.1, rank=i + 1,
+                 metric="gain_vs_fedavg", local_params=n, dataset="synthetic", scheme="dirichlet", alpha=0.3)
+            for i, (p, g, low, n) in enumerate(rows)
+        ]
+    )  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    table.to_csv(folder / "ranking.csv", index=False)
+
+
+@pytest.mark.parametrize(
+    ("budget", "spec", "gain"),
+    [("3k", "head,attn:lora", 0.29), ("1000", "head", 0.16), ("20k", "attn,head", 0.41), ("2.4k", "head", 0.16)],
+)
+def test_the_budget_keeps_the_resolved_cells_of_highest_gain_that_fit(tmp_path, budget, spec, gain):
+    from fedsens.sensitivity.placement import parse_budget, place_within_budget
+
+    fake_sweep(tmp_path)
+    placement = place_within_budget(tmp_path, parse_budget(budget))
+    assert placement.spec == spec and placement.predicted_gain == pytest.approx(gain)
+    assert placement.local_params <= parse_budget(budget) and "mlp" not in placement.why.split("cells resolved")[1]
+
+
+def test_a_budget_nothing_fits_is_one_line(tmp_path):
+    fake_sweep(tmp_path)
+    result = CliRunner().invoke(app, ["train", "--personalize", "auto", "--from", str(tmp_path), "--budget", "100"])
+    assert result.exit_code != 0 and "no resolved cell fits --budget 100" in result.output
+    bad = CliRunner().invoke(app, ["train", "--personalize", "auto", "--from", str(tmp_path), "--budget", "lots"])
+    assert "is not a parameter count" in bad.output
+
+
+def test_train_and_compare_with_a_budget(tmp_path):
+    fake_sweep(tmp_path / "sweep")
+    tiny = ["--dataset", "synthetic", "--model", "vit-nano", "--rounds", "1", "--clients", "4", "--local-steps", "1",
+            "--device", "cpu", "--quiet"]  # fmt: skip
+    args = ["train", *tiny, "--personalize", "auto", "--from", str(tmp_path / "sweep"), "--budget", "3k"]
+    trained = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "run")])
+    assert trained.exit_code == 0, trained.output
+    placed = runio.read_json(tmp_path / "run" / "placement.json")
+    assert placed["spec"] == "head,attn:lora" and placed["predicted_gain"] == pytest.approx(0.29)
+    assert runio.read_json(tmp_path / "run" / "config.json")["config"]["personalize"] == "head,attn:lora"
+    args = ["compare", *tiny, "--from", str(tmp_path / "sweep"), "--budget", "3k", "--force", "--out"]
+    compared = CliRunner().invoke(app, [*args, str(tmp_path / "compare")])
+    assert compared.exit_code == 0, compared.output
+    table = pd.read_csv(tmp_path / "compare" / "comparison.csv")
+    assert list(table["method"]) == ["fedavg", "fedperfix", "budget-placed"]
+    measured = (
+        table.set_index("method").loc["budget-placed", "acc_mean"] - table.set_index("method").loc["fedavg", "acc_mean"]
+    )
+    assert f"predicted gain over FedAvg +0.2900 (the sweep's cells), measured {measured:+.4f}" in compared.output
