@@ -340,3 +340,26 @@ def test_train_and_compare_with_a_budget(tmp_path):
         table.set_index("method").loc["budget-placed", "acc_mean"] - table.set_index("method").loc["fedavg", "acc_mean"]
     )
     assert f"predicted gain over FedAvg +0.2900 (the sweep's cells), measured {measured:+.4f}" in compared.output
+
+
+@pytest.mark.parametrize(
+    "spec", ["attn:lora,head", "mlp:lora-b", "head:bias", "head:lora", "attn@1:adapter", "attn:prompt-deep"]
+)
+def test_batched_evaluation_agrees_with_one_client_at_a_time(tmp_path, spec):
+    """The vmapped functional path (each client's added tensors stacked) gives the per-client results; a head
+    kept as a delta or as its bias alone must not take the shared-body path, which applies whole heads only."""
+    from fedsens.personalize.engine.context import build_context
+    from fedsens.personalize.engine.rounds import train_round
+    from fedsens.personalize.engine.state import start_state
+    from fedsens.personalize.evaluation import evaluate_clients
+    from fedsens.personalize.methods import get_method
+
+    config = RunConfig(personalize=spec, out=str(tmp_path), **{**TINY, "clients": 6})
+    method = get_method(config)
+    ctx = build_context(config, method, tmp_path)
+    state = start_state(ctx, method, resume=False, overwrite=True)
+    train_round(ctx, method, state, 1)
+    args = (ctx, method, 1, [4, 0, 2, 5], state.shared, state.local, state.extra)
+    batched, alone = evaluate_clients(*args), evaluate_clients(*args, batched=False)
+    assert [r.accuracy for r in batched] == pytest.approx([r.accuracy for r in alone], abs=1e-9)
+    assert [r.loss for r in batched] == pytest.approx([r.loss for r in alone], rel=1e-4, abs=1e-5)
