@@ -54,7 +54,9 @@ class RunConfig:
     model_args: Mapping[str, Any] = field(default_factory=dict)  # timm constructor options (--model-arg KEY=VALUE)
     pretrained: bool = False  # timm's weights for the name, from the local Hugging Face cache only
     weights: str | None = None  # a local weights file (safetensors or torch state dict), through timm's loading
+    # Parts kept local and how: TERM[:MECHANISM[:KEY=VALUE]...] (personalize.mechanisms), e.g. attn:lora,head.
     personalize: str = "none"
+    backbone: str = "train"  # train | freeze (only the added, the local and the head's tensors train)
     method: str = "fedavg"
     seed: int = 0
     device: str = "auto"
@@ -103,6 +105,7 @@ class RunConfig:
             (self.momentum >= 0, f"--momentum must be >= 0 (got {self.momentum})"),
             (self.weight_decay >= 0, f"--weight-decay must be >= 0 (got {self.weight_decay})"),
             (self.eval_every >= 1, f"--eval-every must be at least 1 (got {self.eval_every})"),
+            (self.backbone in ("train", "freeze"), f"--backbone must be train or freeze (got {self.backbone!r})"),
             (
                 self.client_store in ("memory", "disk"),
                 f"--client-store must be memory or disk (got {self.client_store!r})",
@@ -129,6 +132,9 @@ class RunConfig:
                 f"--method {self.method} fixes which parts are local; drop --personalize "
                 f"{self.personalize!r} or use a method that takes it (e.g. --method fedavg)"
             )
+        from fedsens.personalize import mechanisms
+
+        mechanisms.check(self.personalize)  # the grammar, mechanism names and options, before any model exists
         options = registry.resolve_options(method, dict(self.method_options))
         object.__setattr__(self, "method_options", registry.options_dict(options))
         if self.data_options:  # checked (and typed) by the dataset's Options; none given: the loader's defaults
@@ -160,6 +166,7 @@ class RunConfig:
         upgraded.setdefault("model_args", {})
         upgraded.setdefault("pretrained", False)
         upgraded.setdefault("weights", None)
+        upgraded.setdefault("backbone", "train")  # an older file trained every parameter
         return upgraded
 
     def replace(self, **changes: Any) -> RunConfig:

@@ -5,8 +5,9 @@ any moment of a round. Evaluating clients one at a time costs one small forward 
 Python's per-module overhead dominating at thousands of clients; here:
 
 - clients that share every tensor go through the model together, in one pass over all their test data;
-- clients whose only own tensors are the classifier head share one pass through the body, and each
-  client's head is applied to its own features (one batched matrix product);
+- clients whose only own tensors are the classifier head's weight (and bias) share one pass through the body,
+  and each client's head is applied to its own features (one batched matrix product); anything else of the
+  head's kept local (a LoRA delta, an adapter, the bias alone) takes the functional path below;
 - otherwise chunks of clients run together functionally (`torch.func.vmap` over `functional_call`,
   each client's local tensors stacked along a leading dimension, test batches padded and masked).
 
@@ -57,7 +58,7 @@ def evaluate_clients(
             if not ctx.local_names:
                 return _together(ctx, clients)
             head = _head_prefix(ctx)
-            if head is not None and all(n.startswith(head) for n in ctx.local_names):
+            if head is not None and {head + "weight"} <= set(ctx.local_names) <= {head + "weight", head + "bias"}:
                 return _shared_body(ctx, clients, local, head)
             return _functional(ctx, clients, local)
     results = []

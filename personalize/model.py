@@ -11,7 +11,7 @@ attention / MLP instances, the blocks' branches), never by loose substrings, so 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -415,8 +415,13 @@ def resolve(model: nn.Module, spec: str) -> list[str]:
 
 def manifest(model: nn.Module, spec: str) -> pd.DataFrame:
     """parts(model) plus a boolean `local` column for the spec."""
+    return marked(model, resolve(model, spec))
+
+
+def marked(model: nn.Module, local: Iterable[str]) -> pd.DataFrame:
+    """parts(model) plus a boolean `local` column: the named parameters (a mechanism's placement) local."""
     table = parts(model)
-    table["local"] = table["param"].isin(set(resolve(model, spec)))
+    table["local"] = table["param"].isin(set(local))
     return table
 
 

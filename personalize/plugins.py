@@ -48,7 +48,7 @@ KINDS = ("fedperfix", "vanilla-prefix")
 INITS = ("zero", "random")
 
 
-def _default_linear_init(linear: nn.Linear, generator: torch.Generator) -> None:
+def default_linear_init(linear: nn.Linear, generator: torch.Generator) -> None:
     """PyTorch's own nn.Linear init (kaiming-uniform weight, fan-in uniform bias), seeded."""
     nn.init.kaiming_uniform_(linear.weight, a=math.sqrt(5), generator=generator)
     if linear.bias is not None:
@@ -133,8 +133,8 @@ class PrefixAdapter(KeyValueOffsets):
         super().__init__(scale)
         self.down = nn.Linear(dim, mid_dim)
         self.up = nn.Linear(mid_dim, 2 * attn_dim)
-        _default_linear_init(self.down, generator)
-        _default_linear_init(self.up, generator)
+        default_linear_init(self.down, generator)
+        default_linear_init(self.up, generator)
 
     def offsets(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(torch.tanh(self.down(x)))
@@ -150,7 +150,7 @@ class LinearPrefix(KeyValueOffsets):
             nn.init.zeros_(self.proj.weight)
             nn.init.zeros_(self.proj.bias)
         else:
-            _default_linear_init(self.proj, generator)
+            default_linear_init(self.proj, generator)
 
     def offsets(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x)

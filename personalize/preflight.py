@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from fedsens.personalize import model as model_lib
 from fedsens.personalize import partition as partition_lib
 from fedsens.personalize.config import RunConfig
 from fedsens.personalize.datasets.imageset import ImageSet
@@ -39,7 +38,7 @@ def check(configs: Iterable[RunConfig]) -> None:
         manifests.add((*built, config.dataset, config.method, spec))
         model, _ = build_model(config, dataset)  # the run's own model, patch size included
         method.prepare_model(model)
-        model_lib.manifest(model, spec)
+        method.place(model)  # resolves the spec and installs its mechanisms, as the run will
 
 
 def _check_partition(config: RunConfig, dataset: ImageSet, seen: set[tuple]) -> None:

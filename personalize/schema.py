@@ -84,6 +84,9 @@ SENSITIVITY_COLUMNS = [
     "cell",
     "rounds",
     *SANITY_COLUMNS,
+    "mechanism",  # how the cell keeps its part local (personalize.mechanisms; `full` before mechanisms)
+    "up_bytes",  # mean bytes per round, clients to server and back
+    "down_bytes",
 ]
 RANKING_COLUMNS = [
     "part",
@@ -106,6 +109,9 @@ RANKING_COLUMNS = [
     "scheme",
     "alpha",
     "trustworthy",  # every cell behind the row learned and so did its FedAvg reference (sensitivity.sanity)
+    "mechanism",  # of the cell `part` names (accuracy rows)
+    "local_params",  # per client, mean over the cell's seeds (accuracy rows)
+    "gain_per_10k",  # score per 10,000 local parameters (accuracy rows; NaN where nothing is local)
 ]
 
 # --- a probe's folder (sensitivity.probe): one FedAvg run, then each part type fine-tuned alone per client ---

@@ -19,7 +19,7 @@ from matplotlib.ticker import EngFormatter, MaxNLocator
 
 from fedsens.personalize.ranks import spearman
 from fedsens.personalize.schema import GAIN, PART_TYPES
-from fedsens.reports.tables import MIB, bench_setups, group_column
+from fedsens.reports.tables import MIB, bench_setups, group_column, pareto_cells
 
 STYLE = "whitegrid"
 PALETTE = "colorblind"
@@ -399,6 +399,42 @@ def plot_cost(table: pd.DataFrame, *, hue: str | None = None, axes: Sequence[Axe
     axes[1].set_title("Accuracy vs local parameters")
     if hue:
         axes[1].legend(title=hue, fontsize="small")
+    return fig
+
+
+def plot_gain_cost(ranking: pd.DataFrame, *, ax: Axes | None = None) -> Figure:
+    """Each (part, mechanism) cell's gain over FedAvg against the parameters it keeps on each client (log x),
+    with its interval (the hierarchical bootstrap where there is one, else the t-interval across seeds);
+    the cells no other cell beats on both (the Pareto front) are ringed and joined.
+
+    `ranking`: ranking.csv's accuracy rows (`part, score, ci_low, ci_high, mechanism, local_params`, optionally
+    `boot_low, boot_high`). A cell with no local parameter (`finetune`) is drawn at 1.
+    """
+    rows = ranking[ranking["metric"] == GAIN] if "metric" in ranking.columns else ranking
+    rows = rows.dropna(subset=["score", "local_params"]).reset_index(drop=True)
+    fig, ax = one_axes(ax, width=7.2, height=4.6)
+    boot = "boot_low" in rows and rows["boot_low"].notna().any()
+    low, high = (rows["boot_low"], rows["boot_high"]) if boot else (rows["ci_low"], rows["ci_high"])
+    x = rows["local_params"].to_numpy(float).clip(min=1)
+    score = rows["score"].to_numpy(float)
+    mechanisms = distinct_in_order(rows["mechanism"].astype(str))
+    for color, mechanism in zip(palette_colors(len(mechanisms)), mechanisms):
+        mine = (rows["mechanism"].astype(str) == mechanism).to_numpy()
+        error = np.vstack([score[mine] - low[mine].to_numpy(float), high[mine].to_numpy(float) - score[mine]])
+        ax.errorbar(x[mine], score[mine], yerr=np.nan_to_num(error), fmt="o", color=color, capsize=3, label=mechanism)
+    front = rows["part"].astype(str).isin(pareto_cells(rows)).to_numpy()
+    order = np.argsort(x[front])
+    ax.plot(x[front][order], score[front][order], "--", color="0.4", linewidth=0.8)
+    ax.scatter(x[front], score[front], s=160, facecolors="none", edgecolors="0.1", label="Pareto front")
+    for xi, yi, part in zip(x, score, rows["part"].astype(str)):
+        ax.annotate(part, (xi, yi), textcoords="offset points", xytext=(5, 4), fontsize="x-small")
+    ax.set_xscale("log")
+    ax.axhline(0, color="0.3", linewidth=0.8)
+    ax.set_xlabel("parameters kept local per client (log)")
+    interval = "bootstrap" if boot else "t-interval"
+    ax.set_ylabel(f"accuracy gain over FedAvg (95% {interval})")
+    ax.set_title("Gain against cost: where and how to personalize")
+    ax.legend(title="mechanism", fontsize="small")
     return fig
 
 

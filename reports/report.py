@@ -174,6 +174,16 @@ def _ranking_figures(frames: dict[str, pd.DataFrame], need) -> list[PlannedFigur
                     partial(figures.plot_block_gains, rows),
                 )
             )
+        if "mechanism" in gains_rows and gains_rows["mechanism"].dropna().nunique() > 1:
+            planned.append(
+                PlannedFigure(
+                    f"gain_cost{suffix}",
+                    f"Each (part, mechanism) cell's accuracy gain over FedAvg against the parameters it keeps on each "
+                    f"client, log scale{where} (`fedsens sweep --mechanisms`); bars: the bootstrap interval; ringed "
+                    "and joined: the cells no other cell beats on both gain and cost (the Pareto front).",
+                    partial(figures.plot_gain_cost, rows),
+                )
+            )
         if "mean_rank" in gains_rows and gains_rows["mean_rank"].notna().sum() >= 2:
             planned.append(
                 PlannedFigure(

@@ -298,6 +298,19 @@ def gain_ranking(ranking: pd.DataFrame) -> pd.DataFrame:
     return rows.sort_values("rank", na_position="last", kind="stable").reset_index(drop=True)
 
 
+def pareto_cells(rows: pd.DataFrame) -> list[str]:
+    """The cells (`part`) no other cell beats on both gain (`score`, higher) and cost (`local_params`, lower):
+    another cell at least as good on both and better on one dominates it. Rows without either are left out."""
+    known = rows.dropna(subset=["score", "local_params"])
+    front = []
+    for _, row in known.iterrows():
+        better = known[(known["score"] >= row["score"]) & (known["local_params"] <= row["local_params"])]
+        strictly = (better["score"] > row["score"]) | (better["local_params"] < row["local_params"])
+        if not strictly.any():
+            front.append(str(row["part"]))
+    return front
+
+
 PARTITION_COLUMNS = ("dataset", "scheme", "alpha")
 
 

@@ -32,6 +32,7 @@ from fedsens.sensitivity import executors, runs, sanity
 
 PAPER_METHODS = paper_methods()  # each method class declares its row of the paper's table
 PLACED_FEDPERFIX = "fedperfix-placed"  # compare --from SWEEP: FedPerfix placed by the sweep's ranking
+BUDGET_PLACED = "budget-placed"  # compare --from SWEEP --budget N: FedAvg keeping the sweep's budgeted cells local
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,9 @@ class CompareConfig:
     method that has that option; `method_overrides` changes the settings per method (e.g. Per-FedAvg's
     learning rate in the paper presets; a "method_options" entry there adds options for that method
     only); each run lands in `<out>/runs/<method>-s<seed>`. `variants` adds runs of a method under another
-    row name, name -> {"method": ..., "method_options": {...}} (the sweep-placed FedPerfix of
-    `compare --from SWEEP`: row "fedperfix-placed"); they run after the methods, within each seed."""
+    row name, name -> {"method": ..., "method_options": {...}, optionally "personalize": SPEC} (the sweep-placed
+    FedPerfix of `compare --from SWEEP`: row "fedperfix-placed"; the budgeted cells of `--budget`: row
+    "budget-placed"); they run after the methods, within each seed."""
 
     run: RunConfig = field(default_factory=RunConfig)
     methods: tuple[str, ...] = PAPER_METHODS
@@ -85,6 +87,14 @@ class CompareConfig:
             registry.resolve_options(method_class(method_of(self, name)), options_for(self, name))
 
 
+def measured_gain(comparison: pd.DataFrame, name: str, reference: str = "fedavg") -> float:
+    """The row `name`'s final mean client accuracy minus the reference's, paired by seed, mean over seeds."""
+    done = comparison[comparison["status"] == "done"].pivot_table(index="seed", columns="method", values="acc_mean")
+    if name not in done or reference not in done:
+        return float("nan")
+    return float((done[name] - done[reference]).mean())
+
+
 def method_of(config: CompareConfig, name: str) -> str:
     """The method a row runs: itself, or the method of a variant."""
     return str(config.variants[name]["method"]) if name in config.variants else name
@@ -120,6 +130,8 @@ def run_config(config: CompareConfig, name: str, seed: int) -> RunConfig:
     """One run: the shared settings, then the method's overrides and options, then its seed and folder."""
     method = method_of(config, name)
     changes = {k: v for k, v in config.method_overrides.get(method, {}).items() if k != "method_options"}
+    if "personalize" in config.variants.get(name, {}):  # a variant that keeps its own parts (budget-placed)
+        changes["personalize"] = config.variants[name]["personalize"]
     out = Path(config.out) / "runs" / f"{name}-s{seed}"
     options = options_for(config, name)
     return config.run.replace(**changes, method=method, method_options=options, seed=seed, out=str(out))

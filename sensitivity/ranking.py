@@ -9,6 +9,9 @@ Each divergence metric, measured in the FedAvg cells alone, gives its own rankin
 (higher drift / weight divergence, lower update cosine / CKA = more sensitive), with its Spearman
 correlation to the accuracy ranking: does one cheap FedAvg run predict the expensive sweep?
 
+A cell is a part and the mechanism that keeps it local (`attn`, `attn:lora`: personalize.mechanisms); the
+accuracy rows carry the cell's mechanism, its local parameters and its gain per 10,000 of them.
+
 What is ranked: every cell's part except `none` (the reference). `all` (everything local, no
 federation) is reported in the accuracy block with its gain and interval but not ranked (rank NaN):
 it is the no-sharing extreme, not a part one could keep local, and `top_parts` must never pick it.
@@ -24,7 +27,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from fedsens.personalize import runio
+from fedsens.personalize import mechanisms, runio
 from fedsens.personalize.errors import CorruptFileError, UserError
 from fedsens.personalize.ranks import kendall_tau, spearman
 from fedsens.personalize.schema import DIVERGENCE_METRICS, GAIN, RANKING_COLUMNS, TAIL_GAIN
@@ -52,13 +55,28 @@ def t_interval(values: np.ndarray, confidence: float = 0.95) -> tuple[float, flo
     return mean, float(low), float(high)
 
 
+def _unranked(cell: str) -> bool:
+    """FedAvg and local-only, whatever mechanism keeps `all` local."""
+    return str(cell) in UNRANKED or mechanisms.parts_of(str(cell)) in UNRANKED
+
+
+def _cost(gain: pd.DataFrame, done: pd.DataFrame) -> pd.DataFrame:
+    """The accuracy block's mechanism, local parameters and gain per 10k local parameters."""
+    gain["mechanism"] = gain["part"].map(lambda cell: mechanisms.mechanism_of(str(cell)))
+    params = done.groupby("local_part")["local_params"].mean() if "local_params" in done else pd.Series(dtype=float)
+    gain["local_params"] = gain["part"].map(params)
+    per = gain["score"] / gain["local_params"].where(gain["local_params"] > 0) * 1e4
+    gain["gain_per_10k"] = per
+    return gain
+
+
 def _block(table: pd.DataFrame, column: str, metric: str, higher_first: bool, confidence: float) -> pd.DataFrame:
     rows = []
     for part, cells in table.groupby("local_part", sort=False):
         score, low, high = t_interval(cells[column].to_numpy(), confidence)
         rows.append(dict(part=part, score=score, ci_low=low, ci_high=high, metric=metric))
     block = pd.DataFrame(rows, columns=["part", "score", "ci_low", "ci_high", "metric"])
-    rankable = block["score"].notna() & ~block["part"].isin(UNRANKED)
+    rankable = block["score"].notna() & ~block["part"].map(_unranked).astype(bool)
     block["rank"] = block["score"].where(rankable).rank(ascending=not higher_first, method="min")
     return block.sort_values(["rank", "part"], na_position="last").reset_index(drop=True)
 
@@ -91,13 +109,15 @@ def rank_partition(table: pd.DataFrame, confidence: float = 0.95, gains: pd.Data
     gain = _block(done, GAIN, GAIN, higher_first=True, confidence=confidence)
     gain["spearman_vs_gain"] = math.nan  # the accuracy ranking itself
     gain["score_last"] = gain["part"].map(done.groupby("local_part")["last"].mean())
+    gain = _cost(gain, done)
     if gains is not None and len(gains):
         gain = _client_statistics(gain, gains, confidence)
     blocks = [gain]
     accuracy_order = gain.set_index("part")["score"].where(gain.set_index("part")["rank"].notna())
     for metric in DIVERGENCE_METRICS:
         higher = HIGHER_IS_MORE_SENSITIVE[metric]
-        block = _block(parts[parts["local_part"] != "all"], f"div_{metric}", metric, higher, confidence)
+        shared = parts[parts["local_part"].map(lambda cell: mechanisms.parts_of(str(cell))) != "all"]
+        block = _block(shared, f"div_{metric}", metric, higher, confidence)
         sensitivity = block.set_index("part")["score"] * (1 if higher else -1)
         block["spearman_vs_gain"] = spearman(sensitivity, accuracy_order)
         blocks.append(block)

@@ -11,6 +11,7 @@ error in `cells/<cell>/error.txt` while the other cells go on.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import hashlib
@@ -24,8 +25,8 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
+from fedsens.personalize import mechanisms, preflight, presets, runio, runlock
 from fedsens.personalize import model as model_lib
-from fedsens.personalize import preflight, presets, runio, runlock
 from fedsens.personalize.errors import UserError
 from fedsens.personalize.federation import RunConfig
 from fedsens.personalize.methods import method_class
@@ -98,6 +99,35 @@ def per_block_parts(model: str, kinds: tuple[str, ...], model_args: Mapping[str,
         raise UserError(f"--per-block takes {', '.join(PER_BLOCK_KINDS)} (got {', '.join(unknown)})")
     depth = model_lib.block_count(model, model_args)
     return tuple(f"{kind}@{block}" for kind in kinds for block in range(depth))
+
+
+def expand_mechanisms(config: SweepConfig, names: tuple[str, ...]) -> tuple[SweepConfig, list[str]]:
+    """The grid part x mechanism: every part cell but FedAvg once per mechanism (`full` keeps the part's own
+    cell, `attn`; any other is the cell `attn:lora`), and the (part, mechanism) pairs that do not apply to the
+    model (LoRA on the convolutional embedding, prompts on Swin ...), each with its reason: `--mechanisms`."""
+    for name in names:
+        mechanisms.mechanism_class(name)
+    if not names:
+        raise UserError("--mechanisms needs at least one mechanism, e.g. full,lora,bias")
+    run = config.run
+    spec = model_lib.input_spec(run.model, data_channels=3, data_size=32, model_args=run.model_args)
+    model = model_lib.build(run.model, 2, spec.in_chans, spec.img_size, patch_size=spec.patch_size or None,
+                            model_args=run.model_args)  # fmt: skip
+    cells: list[str] = []
+    skipped: list[str] = []
+    for part in config.parts:
+        for name in names if part != "none" else (mechanisms.FULL,):
+            cell = part if name == mechanisms.FULL else f"{part}:{name}"
+            if name != mechanisms.FULL and any(t.mechanism != mechanisms.FULL for t in mechanisms.parse(part)):
+                skipped.append(f"{cell}: {part} already names its mechanism")
+                continue
+            try:
+                mechanisms.install(copy.deepcopy(model), cell)
+            except UserError as err:
+                skipped.append(f"{cell}: {err}")
+                continue
+            cells.append(cell)
+    return dataclasses.replace(config, parts=tuple(cells)), skipped
 
 
 @dataclass(frozen=True)
@@ -266,6 +296,14 @@ def _part_divergence(parts: pd.DataFrame, reference: pd.DataFrame) -> dict[str, 
     return {f"div_{m}": float(means.get(m, float("nan"))) for m in METRICS}
 
 
+def _traffic(rounds: pd.DataFrame) -> dict[str, float]:
+    """Mean bytes per round each way (NaN for a cell with no finished rounds)."""
+    return {
+        column: float(rounds[column].mean()) if column in rounds and len(rounds) else float("nan")
+        for column in ("up_bytes", "down_bytes")
+    }
+
+
 def sensitivity_table(out: Path, cells: list[Cell]) -> pd.DataFrame:
     """One row per cell, paired with the FedAvg cell of the same partition and seed."""
     rows = []
@@ -293,6 +331,8 @@ def sensitivity_table(out: Path, cells: list[Cell]) -> pd.DataFrame:
                 **_part_divergence(runs.read_csv(folder / "parts.csv"), runs.read_csv(reference / "divergence.csv")),
                 cell=cell.name,
                 rounds=summary.get("rounds", float("nan")),
+                mechanism=mechanisms.mechanism_of(cell.local_part),
+                **_traffic(rounds),
             )
         )
     derived = (GAIN, TAIL_GAIN, "comm_saved", *SANITY_COLUMNS)

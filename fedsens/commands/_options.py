@@ -78,6 +78,12 @@ KNOBS = (
         "Participants of a round trained together, K at a time (1: one at a time; methods with their own "
         "training, FedRep, FedBABU, APFL and Per-FedAvg, always train one at a time).",
     ),
+    Knob(
+        "backbone",
+        str,
+        "train (every parameter trains) or freeze (only the mechanisms' added tensors, the local tensors and the "
+        "classifier head train: the usual set-up with a pretrained model, FedPEFT / pFedPG).",
+    ),
 )
 
 

@@ -53,6 +53,27 @@ def _with_placed_fedperfix(config: CompareConfig, sweep_dir: Path | None, top_bl
     return dataclasses.replace(config, variants=variants)
 
 
+def _with_budget_placed(config: CompareConfig, sweep_dir: Path | None, budget: str | None):
+    """`--from SWEEP --budget N`: the comparison plus the row budget-placed (FedAvg keeping the sweep's cells of
+    highest predicted gain within N local parameters), its placement written to placement.json; and the placement."""
+    if budget is None:
+        return config, None
+    if sweep_dir is None:
+        raise UserError("--budget needs --from SWEEP_DIR (a folder written by `fedsens sweep --mechanisms ...`)")
+    import dataclasses
+
+    from fedsens.personalize import runio
+    from fedsens.sensitivity.compare import BUDGET_PLACED
+    from fedsens.sensitivity.placement import parse_budget, place_within_budget
+
+    placement = place_within_budget(sweep_dir, parse_budget(budget))
+    typer.echo(f"{BUDGET_PLACED} (--from {sweep_dir} --budget {budget}): {placement.spec!r}; {placement.why}")
+    variants = {**config.variants, BUDGET_PLACED: {"method": "fedavg", "personalize": placement.spec}}
+    Path(config.out).mkdir(parents=True, exist_ok=True)
+    runio.write_json(Path(config.out) / "placement.json", {**placement.as_dict(), "sweep": str(sweep_dir)})
+    return dataclasses.replace(config, variants=variants), placement
+
+
 def summary_text(result: CompareResult) -> str:
     table = result.summary.rename(
         columns={
@@ -89,6 +110,13 @@ def compare(
     alpha: float | None = typer.Option(
         None, help="Dirichlet concentration, small = strong label skew. (default: 0.3; a --preset sets its own)"
     ),
+    scheme: str | None = typer.Option(
+        None,
+        "--scheme",
+        "--partition",
+        help="Partition scheme: dirichlet, pathological, iid, domain (a sweep's, to check its --budget placement). "
+        "(default: dirichlet; a --preset sets its own)",
+    ),
     out: str | None = typer.Option(
         None,
         help="Comparison folder, finished runs in it are reused. (default: runs/compare; paper-*: runs/compare-DATA)",
@@ -112,6 +140,13 @@ def compare(
     top_blocks: int | None = typer.Option(
         None, "--top-blocks", help="With --from: adapters in the K blocks the sweep ranks most sensitive (default 1)."
     ),
+    budget: str | None = typer.Option(
+        None,
+        "--budget",
+        help="With --from: add the row budget-placed, FedAvg keeping the sweep's resolved (part, mechanism) cells of "
+        "highest predicted gain within this many local parameters (e.g. 20k), and print its predicted beside its "
+        "measured gain over FedAvg. Methods default to fedavg,fedperfix; fedperfix-placed only with --top-blocks.",
+    ),
     *,
     knobs: dict,
     execution: Execution,
@@ -131,12 +166,14 @@ def compare(
             dataset=dataset,
             data_root=data_root,
             alpha=alpha,
+            scheme=scheme,
             device=device,
             verify=False if no_verify else None,
             **knobs,
         ),
         compare=dict(
-            methods=comma_list(methods, str, "--methods", "fedavg,fedperfix"),
+            methods=comma_list(methods, str, "--methods", "fedavg,fedperfix")
+            or (("fedavg", "fedperfix") if budget is not None else None),
             seeds=comma_list(seeds, int, "--seeds", "0,1,2"),
             out=out,
             fresh=fresh,
@@ -145,7 +182,9 @@ def compare(
         ),
         options=parse_assignments(option),
     )
-    config = _with_placed_fedperfix(config, sweep_dir, top_blocks)
+    if budget is None or top_blocks is not None:
+        config = _with_placed_fedperfix(config, sweep_dir, top_blocks)
+    config, budgeted = _with_budget_placed(config, sweep_dir, budget)
     typer.echo(protocol_text(protocol(config)))
     where = execution.config(1)
     result = run_compare(config, where)
@@ -154,6 +193,15 @@ def compare(
         f"{config.run.eval_protocol} evaluation; best round chosen on the test data:"
     )
     typer.echo(summary_text(result))
+    if budgeted is not None:
+        from fedsens.sensitivity.compare import BUDGET_PLACED, measured_gain
+
+        measured = measured_gain(result.comparison, BUDGET_PLACED)
+        typer.echo(
+            f"\n{BUDGET_PLACED} = {budgeted.spec} ({budgeted.local_params:,.0f} local parameters, budget "
+            f"{budgeted.budget:,}): predicted gain over FedAvg {budgeted.predicted_gain:+.4f} (the sweep's cells), "
+            f"measured {measured:+.4f} (final-round mean client accuracy, paired by seed)"
+        )
     typer.echo(
         f"\n{len(result.ran)} runs trained, {len(result.skipped)} reused, {len(result.failed)} failed "
         f"in {result.seconds:.0f} s; tables in {result.out}"

@@ -42,6 +42,9 @@ def ranking_text(result: SweepResult) -> str:
         shown = gain.assign(rank=gain["rank"].astype("Int64"))[columns].rename(
             columns={"score": "gain_tail", "ci_low": "t95_low", "ci_high": "t95_high", "score_last": "gain_final"}
         )
+        if "local_params" in gain:  # the cost: local parameters per client and the gain per 10k of them
+            shown["local_params"] = gain["local_params"].map(lambda v: f"{v:,.0f}" if pd.notna(v) else "-")
+            shown["gain_per_10k"] = gain["gain_per_10k"].map(lambda v: f"{v:+.4f}" if pd.notna(v) else "-")
         if "trustworthy" in gain:
             shown["trust"] = ["untrusted" if pd.notna(v) and not bool(v) else "" for v in gain["trustworthy"]]
         shown["resolved_vs_next"] = gain["resolved_vs_next"].map({True: "yes", False: "no"}).fillna("-")
@@ -146,6 +149,13 @@ def sweep(
         "--per-block",
         help="Also one cell per block for these part types, e.g. attn or attn,mlp (cells attn@0, attn@1, ...).",
     ),
+    mechanisms: str | None = typer.Option(
+        None,
+        "--mechanisms",
+        help="Comma-separated mechanisms each part cell is kept local by: full (default: the whole part), lora, "
+        "lora-b, bias, adapter, prompt, prompt-deep, finetune. Cells are (part, mechanism); pairs that do not "
+        "apply to the model (LoRA on the convolutional embedding) are skipped with their reason.",
+    ),
     split_seeds: bool = typer.Option(
         False,
         "--split-seeds",
@@ -202,6 +212,14 @@ def sweep(
         config = dataclasses.replace(
             config, parts=(*config.parts, *per_block_parts(config.run.model, kinds, config.run.model_args))
         )
+    if mechanisms:
+        from fedsens.sensitivity.sweep import expand_mechanisms
+
+        config, skipped = expand_mechanisms(
+            config, tuple(comma_list(mechanisms, str, "--mechanisms", "full,lora") or ())
+        )
+        for line in skipped:
+            typer.echo(f"skipped cell {line}")
     typer.echo(protocol_text(protocol(config)))
     if calibrate:
         from fedsens.sensitivity import sanity

@@ -15,17 +15,26 @@ from fedsens.personalize.errors import UserError
 from fedsens.personalize.schema import SCHEMES
 
 
-def _resolve_auto(personalize: str | None, sweep_dir: Path | None, top: int) -> str | None:
-    """`--personalize auto --from SWEEP --top K` -> the K parts the sweep ranked most sensitive."""
+def _resolve_auto(personalize: str | None, sweep_dir: Path | None, top: int, budget: str | None):
+    """`--personalize auto --from SWEEP --top K` -> the K parts the sweep ranked most sensitive; with `--budget N`
+    the resolved cells of highest predicted gain within N local parameters (and that placement, else None)."""
+    if budget is not None and personalize != "auto":
+        raise UserError("--budget only makes sense with --personalize auto --from SWEEP_DIR")
     if personalize != "auto":
-        return personalize
+        return personalize, None
     if sweep_dir is None:
         raise UserError("--personalize auto needs --from SWEEP_DIR (a folder written by `fedsens sweep`)")
+    if budget is not None:
+        from fedsens.sensitivity.placement import parse_budget, place_within_budget
+
+        placement = place_within_budget(sweep_dir, parse_budget(budget))
+        typer.echo(f"--personalize auto --budget {budget}: {placement.spec!r}; {placement.why}")
+        return placement.spec, placement
     from fedsens.sensitivity.ranking import top_parts
 
     spec = top_parts(sweep_dir, top)
     typer.echo(f"--personalize auto: the sweep in {sweep_dir} ranks {spec!r} as the top {top}")
-    return spec
+    return spec, None
 
 
 def _place_fedperfix(method: str | None, sweep_dir: Path | None, top_blocks: int | None):
@@ -54,6 +63,7 @@ def run_config(
     personalize: str | None,
     sweep_dir: Path | None,
     top: int,
+    budget: str | None,
     seed: int | None,
     device: str | None,
     out: Path,
@@ -74,12 +84,13 @@ def run_config(
     if sweep_dir is not None and personalize != "auto" and method != "fedperfix":
         raise UserError("--from only makes sense with --personalize auto or --method fedperfix")
     placement = _place_fedperfix(method, sweep_dir, top_blocks)
+    spec, budgeted = _resolve_auto(personalize, sweep_dir, top, budget)
     given = {
         "dataset": dataset,
         "data_root": data_root,
         "scheme": partition,
         "alpha": alpha,
-        "personalize": _resolve_auto(personalize, sweep_dir, top),
+        "personalize": spec,
         "method": method,
         "seed": seed,
         "device": device,
@@ -99,7 +110,7 @@ def run_config(
         placed = {"blocks": ",".join(map(str, placement.blocks)), "local": placement.local}
         options = {**options, **{k: v for k, v in placed.items() if k not in given_options}}
     config = presets.overlay(chosen.run_config(**own), out=str(out), method_options=options or None, **given, **knobs)
-    return config, placement
+    return config, placement or budgeted
 
 
 @clean_errors
@@ -123,10 +134,18 @@ def train(
     personalize: str | None = typer.Option(
         None,
         help="parts kept local: none (FedAvg), all (local only), "
-        "attn,head, attn@9-11, blocks.11, plugin, or auto (with --from)",
+        "attn,head, attn@9-11, blocks.11, plugin, or auto (with --from); a term may say how it is kept: "
+        "attn:lora,head, mlp:lora:r=8, attn:lora-b, norm:bias, attn:adapter, embed:prompt, attn:prompt-deep, "
+        "attn:finetune:steps=20 (docs/mechanisms.md)",
     ),
     sweep_dir: Path | None = typer.Option(None, "--from", help="sweep folder whose ranking --personalize auto uses"),
     top: int = typer.Option(2, help="with --personalize auto: how many top-ranked parts to keep local"),
+    budget: str | None = typer.Option(
+        None,
+        "--budget",
+        help="with --personalize auto --from SWEEP: keep the sweep's resolved (part, mechanism) cells of highest "
+        "predicted gain within this many local parameters per client, e.g. 20k (reasoning in placement.json)",
+    ),
     seed: int | None = typer.Option(None, help="seed of the partition, sampling, init and batches (default: 0)"),
     device: str | None = typer.Option(None, help="auto (CUDA when present), cpu, cuda, cuda:1 (default: auto)"),
     out: Path = typer.Option(Path("runs/train"), help="run folder"),

@@ -109,7 +109,7 @@ def build_model(config: RunConfig, dataset: ImageSet) -> tuple[nn.Module, model_
 
 def build_context(config: RunConfig, method: Method, out: Path) -> RunContext:
     """Everything a run builds once: device, data (on the device), partition, the model with the method's
-    changes, the parts manifest and the local/shared split of the tensors."""
+    and the part spec's mechanisms' changes, the parts manifest and the local/shared split of the tensors."""
     device = resolve_device(config.device)
     dataset = load_dataset(config)
     part = load_partition(config, dataset, out)
@@ -117,9 +117,10 @@ def build_context(config: RunConfig, method: Method, out: Path) -> RunContext:
     with torch.random.fork_rng(devices=[]):  # plugins are initialised from the run's seed too
         torch.manual_seed(config.seed + 1)
         method.prepare_model(model)
+        placement = method.place(model)  # the spec's mechanisms: what each client keeps
     model.to(device)
-    table = model_lib.manifest(model, method.local_spec())
-    local, shared = split_names(model, table.loc[table["local"], "param"].tolist())
+    table = model_lib.marked(model, placement.local)
+    local, shared = split_names(model, list(placement.local))
     prepare = BatchPreparer(spec, config.augment_shift, config.augment_scale)
     return RunContext(
         config,

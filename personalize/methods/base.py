@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from fedsens.personalize import mechanisms
 from fedsens.personalize.aggregation import weighted_mean
 from fedsens.personalize.methods.registry import resolve_options
 
@@ -80,12 +81,23 @@ class Method:
     def __init__(self, config: RunConfig):
         self.config = config
         self.options: Any = resolve_options(type(self), config.method_options)
+        self.placement = mechanisms.Placement()
 
     def prepare_model(self, model: nn.Module) -> None:
         """Change the freshly built model once (install plugins, freeze parts); default: nothing."""
 
     def local_spec(self) -> str:
         return self.config.personalize if self.parts is None else self.parts
+
+    def place(self, model: nn.Module) -> mechanisms.Placement:
+        """Install the local spec's mechanisms (after `prepare_model`) and remember what each client keeps.
+        A mechanism that fine-tunes before evaluation makes the engine evaluate client by client."""
+        self.placement = mechanisms.install(
+            model, self.local_spec(), seed=self.config.seed + 2, backbone=self.config.backbone
+        )
+        if self.placement.adapt:
+            self.evaluates_plainly = False  # type: ignore[misc]  # this run's method adapts per client
+        return self.placement
 
     def init_client(self, client: int, model: nn.Module) -> dict[str, torch.Tensor]:
         """Extra per-client state beyond its local parameters (kept in the checkpoint); default none."""
@@ -104,7 +116,14 @@ class Method:
             ctx.step(optimizer, x, y)
 
     def evaluate_client(self, ctx: ClientContext) -> EvalResult:
+        if self.placement.adapt:  # the `finetune` mechanism: adapt the part, evaluate, put the weights back
+            return evaluate_adapted(ctx, self.fine_tune)
         return ctx.evaluate()
+
+    def fine_tune(self, ctx: ClientContext) -> None:
+        """The placement's fine-tuned parameters alone, for its steps, on the client's train split."""
+        with only_trainable(ctx.model, set(self.placement.adapt)) as params:
+            train_steps(ctx, params, steps=self.placement.adapt_steps)
 
     def aggregate(
         self, states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]
