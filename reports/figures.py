@@ -180,7 +180,9 @@ def _divergence_table(divergence: pd.DataFrame, metric: str, rounds: str) -> pd.
     if rounds == "last":
         rows = rows[rows["round"] == rows["round"].max()]
     table = rows.pivot_table(index="block", columns="part", values="value", aggfunc="mean")
-    return table[_part_order(rows["part"])].sort_index()
+    # reindex, not []: a part whose metric is undefined everywhere (pivot_table drops all-NaN columns: Swin's
+    # embed, split between patch_embed and the stages' patch merging, has no one module for CKA) stays blank
+    return table.reindex(columns=_part_order(rows["part"])).sort_index()
 
 
 def plot_divergence_heatmap(

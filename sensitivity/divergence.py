@@ -20,6 +20,7 @@ summarised by the mean over its groups, in rows with `group` = the part name and
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
@@ -151,18 +152,33 @@ def _plugin_roots(model: nn.Module) -> list[str]:
     return [name for name in marked if not any(name.startswith(other + ".") for other in marked)]
 
 
-def _group_of(param: str, part: str, block: int, plugin_roots: Sequence[str], part_names: set[str]) -> str:
+def block_paths(parts: pd.DataFrame) -> dict[int, str]:
+    """Each block's module path, read from a whole parts table: the dotted prefix its parameters share (a
+    block holds several branches, so the prefix ends at the block: ViT's blocks.3, Swin's layers.1.blocks.0,
+    CaiT's blocks_token_only.0)."""
+    paths: dict[int, str] = {}
+    for block, names in parts.groupby(parts["block"].astype(int))["param"]:
+        if block >= 0:  # commonprefix compares lists element by element: the shared module path pieces
+            paths[int(block)] = ".".join(os.path.commonprefix([name.split(".")[:-1] for name in names]))
+    return paths
+
+
+def _group_of(
+    param: str, part: str, block: int, plugin_roots: Sequence[str], part_names: set[str], blocks: Mapping[int, str]
+) -> str:
     if part == "plugin":
         root = next((r for r in plugin_roots if param.startswith(r + ".")), None)
         return root if root is not None else param.rsplit(".", 1)[0]
     if part in ("embed", "head"):
         return part
-    path = param.split(".")[:-1]
+    module = param.rsplit(".", 1)[0] if "." in param else ""
     if block >= 0:
-        # The block's module is the first ancestor named by the block index; the group is its child.
-        at = next(i for i, name in enumerate(path) if name == str(block))
-        return ".".join(path[: at + 2])
-    top = path[0] if path else param
+        # The group is the block's child that holds the parameter (the block itself for its own parameters).
+        path = blocks[block]
+        if module == path:
+            return path
+        return f"{path}.{module[len(path) + 1 :].split('.')[0]}"
+    top = param.split(".")[0] if module else param
     return f"final_{top}" if top in part_names else top
 
 
@@ -177,16 +193,22 @@ def _group_module(names: Sequence[str], group: str, part: str, block: int, modul
 
 
 def group_names(
-    parts: pd.DataFrame, *, part_names: set[str] | None = None, plugin_roots: Sequence[str] = ()
+    parts: pd.DataFrame,
+    *,
+    part_names: set[str] | None = None,
+    plugin_roots: Sequence[str] = (),
+    blocks: Mapping[int, str] | None = None,
 ) -> list[str]:
     """The group of each row of a parts table (columns param, part, block).
 
     Without `plugin_roots` (the plugin modules' paths, which only the model knows) a plugin
-    parameter's group is its parent module.
+    parameter's group is its parent module. `blocks`: each block's module path (`block_paths` of the whole
+    table; by default of `parts` itself, which must then hold every parameter of its blocks).
     """
     part_names = set(parts["part"]) if part_names is None else part_names
+    blocks = block_paths(parts) if blocks is None else blocks
     return [
-        _group_of(p, part, int(block), plugin_roots, part_names)
+        _group_of(p, part, int(block), plugin_roots, part_names, blocks)
         for p, part, block in zip(parts["param"], parts["part"], parts["block"])
     ]
 

@@ -34,7 +34,7 @@ from fedsens.personalize.schema import CELL_COLUMNS, GAIN, SANITY_COLUMNS, SENSI
 from fedsens.sensitivity import executors, runs, sanity
 from fedsens.sensitivity import ranking as ranking_lib
 from fedsens.sensitivity import stats as stats_lib
-from fedsens.sensitivity.divergence import METRICS, DivergenceRecorder, group_names
+from fedsens.sensitivity.divergence import METRICS, DivergenceRecorder, block_paths, group_names
 
 DEFAULT_PARTS = ("none", "embed", "attn", "mlp", "norm", "head", "all")
 
@@ -290,7 +290,7 @@ def _part_divergence(parts: pd.DataFrame, reference: pd.DataFrame) -> dict[str, 
     if not len(parts) or not len(reference) or "local" not in parts:
         return nan
     local = parts[parts["local"].astype(bool)]
-    groups = set(group_names(local, part_names=set(parts["part"])))
+    groups = set(group_names(local, part_names=set(parts["part"]), blocks=block_paths(parts)))
     rows = reference[reference["group"].isin(groups)]
     means = rows.groupby("metric")["value"].mean()
     return {f"div_{m}": float(means.get(m, float("nan"))) for m in METRICS}

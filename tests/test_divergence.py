@@ -14,7 +14,9 @@ from torch import nn
 from fedsens.personalize import model as M
 from fedsens.sensitivity.divergence import (
     DivergenceRecorder,
+    block_paths,
     divergence_rows,
+    group_names,
     linear_cka,
     mean_pairwise_cka,
     parameter_groups,
@@ -157,6 +159,26 @@ def test_parameter_groups_name_modules_and_parts():
     assert modules["final_norm"] == "norm"
     assert modules["blocks.1.attn.prefix"] == "blocks.1.attn.prefix"
     assert set(groups["param"]) == {n for n, _ in model.named_parameters()}
+
+
+def test_parameter_groups_follow_the_blocks_of_every_stage():
+    # Swin counts blocks over stages (layers.1.blocks.1 is block 2): a group is the block's child, found from
+    # the block's module path, not from the block number written in the name.
+    from test_families import tiny
+
+    model = tiny("swin")  # depths (1, 2)
+    table = M.parts(model)
+    by_param = parameter_groups(model, table).set_index("param")
+    assert by_param.loc["layers.1.blocks.1.attn.qkv.weight", "group"] == "layers.1.blocks.1.attn"
+    assert by_param.loc["layers.1.blocks.0.mlp.fc1.weight", "group"] == "layers.1.blocks.0.mlp"
+    assert by_param.loc["layers.0.blocks.0.norm1.weight", "group"] == "layers.0.blocks.0.norm1"
+    assert block_paths(table) == {0: "layers.0.blocks.0", 1: "layers.1.blocks.0", 2: "layers.1.blocks.1"}
+    local = table[table["part"] == "attn"]  # a cell's local rows: their groups need the whole table's blocks
+    assert set(group_names(local, blocks=block_paths(table))) == {
+        "layers.0.blocks.0.attn",
+        "layers.1.blocks.0.attn",
+        "layers.1.blocks.1.attn",
+    }
 
 
 def test_divergence_rows_summarise_each_part_over_its_blocks():
