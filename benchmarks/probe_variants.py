@@ -20,20 +20,39 @@ from pathlib import Path
 import pandas as pd
 
 from fedsens.commands.probe import build_config
-from fedsens.sensitivity.probe import run_probe
+from fedsens.sensitivity.probe import distinguishable, probe_ranking, run_probe, sweep_agreement
 
-# label -> (variant, seeds, probe steps, fork rounds)
+# label -> (variant, seeds, probe steps, fork rounds). A run on every seed also gives, from its seed-0 rows
+# alone, the same variant on the first seed (its probe is the same computation): the `-s0` row beside it.
 VARIANTS: dict[str, tuple[str, str | None, int, int]] = {
-    "finetune-20-s0": ("finetune", None, 20, 3),
-    "finetune-20-all": ("finetune", "all", 20, 3),
-    "finetune-100-all": ("finetune", "all", 100, 3),
-    "disagreement-20-all": ("disagreement", "all", 20, 3),
-    "fork-3-s0": ("fork", None, 20, 3),
-    "fork-3-all": ("fork", "all", 20, 3),
+    "finetune-20": ("finetune", "all", 20, 3),
+    "finetune-100-s0": ("finetune", None, 100, 3),
+    "disagreement-20": ("disagreement", "all", 20, 3),
+    "fork-3": ("fork", "all", 20, 3),
 }
 
 
-def measure(sweep: Path, out: Path, label: str) -> dict:
+def row(sweep: Path, label: str, summary: dict, ranking: pd.DataFrame, fedavg_s: float, probe_s: float) -> dict:
+    agreement = sweep_agreement(sweep, ranking)
+    verdict = distinguishable(ranking)
+    total = agreement["sweep_seconds"]
+    return dict(
+        sweep=sweep.name,
+        variant=label,
+        sweep_order=" > ".join(agreement["sweep_order"]),
+        probe_order=" > ".join(ranking["part"]),
+        spearman=round(agreement["spearman_vs_sweep"], 2),
+        same_top=agreement["same_top_part"],
+        friedman_p=float(f"{verdict['friedman_p']:.2g}"),
+        distinguishable=verdict["distinguishable"],
+        cost_fraction=round((fedavg_s + probe_s) / total, 4),
+        probe_only_fraction=round(probe_s / total, 4),
+        probe_seconds=round(probe_s, 1),
+        sweep_seconds=round(total, 1),
+    )
+
+
+def measure(sweep: Path, out: Path, label: str) -> list[dict]:
     variant, seeds, steps, fork_rounds = VARIANTS[label]
     config = build_config(
         sweep=str(sweep),
@@ -47,22 +66,20 @@ def measure(sweep: Path, out: Path, label: str) -> dict:
         fresh=False,
         quiet=True,
     )
-    summary = run_probe(config).summary
-    return dict(
-        sweep=sweep.name,
-        variant=label,
-        seeds=len(summary["seeds"]),
-        sweep_order=" > ".join(summary["sweep_order"]),
-        probe_order=" > ".join(summary["probe_order"]),
-        spearman=round(summary["spearman_vs_sweep"], 2),
-        same_top=summary["same_top_part"],
-        friedman_p=summary["friedman_p"],
-        distinguishable=summary["distinguishable"],
-        cost_fraction=round(summary["cost_fraction"], 4),
-        probe_only_fraction=round(summary["probe_only_fraction"], 4),
-        probe_seconds=summary["probe_seconds"],
-        sweep_seconds=round(summary["sweep_seconds"], 1),
-    )
+    result = run_probe(config)
+    summary, seeds = result.summary, result.summary["seeds"]
+    name = f"{label}-all({len(seeds)})" if seeds_all(label) and len(seeds) > 1 else label.removesuffix("-s0") + "-s0"
+    rows = [row(sweep, name, summary, result.ranking, summary["fedavg_seconds"], summary["probe_seconds"])]
+    if seeds_all(label) and len(seeds) > 1:
+        first = seeds[0]
+        ranking = probe_ranking(result.probe[result.probe["seed"] == first])
+        cost = summary["seed_seconds"][str(first)]
+        rows.append(row(sweep, f"{label}-s0", summary, ranking, cost["fedavg"], cost["probe"]))
+    return rows
+
+
+def seeds_all(label: str) -> bool:
+    return VARIANTS[label][1] == "all"
 
 
 def main() -> None:
@@ -76,8 +93,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     for sweep in args.sweeps:
         for label in args.variants.split(","):
-            rows.append(measure(sweep, args.out, label))
-            print(pd.DataFrame(rows[-1:]).to_string(index=False, header=len(rows) == 1), flush=True)
+            rows.extend(measure(sweep, args.out, label))
+            print(pd.DataFrame(rows).to_string(index=False), flush=True)
             pd.DataFrame(rows).to_csv(table_path, index=False)
     print(f"table in {table_path}")
 

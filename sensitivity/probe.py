@@ -252,21 +252,22 @@ def run_probe(config: ProbeConfig) -> ProbeResult:
     probe.json in `config.out`."""
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    folders, fedavg_seconds, reused = {}, 0.0, []
+    folders, seed_fedavg_seconds, seed_probe_seconds, reused = {}, {}, {}, []
     for seed in config.seeds:
         folder, was_reused = fedavg_run(config, seed)
         folders[seed] = folder
-        fedavg_seconds += float(runio.read_json(folder / "summary.json").get("seconds", math.nan))
+        seed_fedavg_seconds[seed] = float(runio.read_json(folder / "summary.json").get("seconds", math.nan))
         if was_reused:
             reused.append(str(folder))
-    started = time.perf_counter()
     rows: list[dict] = []
     per_seed = variants.progress_total(config.variant, config.run.clients, len(config.parts))
     bar = tqdm(total=len(config.seeds) * per_seed, desc=f"probe ({config.variant})", disable=config.quiet)
     for seed, folder in folders.items():
+        started = time.perf_counter()
         rows.extend(probe_seed(config, seed, folder, bar))
+        seed_probe_seconds[seed] = time.perf_counter() - started
     bar.close()
-    probe_seconds = time.perf_counter() - started
+    fedavg_seconds, probe_seconds = sum(seed_fedavg_seconds.values()), sum(seed_probe_seconds.values())
     probe = runio.write_table(out / "probe.csv", rows, PROBE_COLUMNS)
     ranking = probe_ranking(probe)
     summary: dict = dict(
@@ -281,6 +282,10 @@ def run_probe(config: ProbeConfig) -> ProbeResult:
         fedavg_reused=reused,
         fedavg_seconds=round(fedavg_seconds, 2),
         probe_seconds=round(probe_seconds, 2),
+        seed_seconds={
+            str(s): dict(fedavg=round(seed_fedavg_seconds[s], 2), probe=round(seed_probe_seconds[s], 2))
+            for s in folders
+        },
         seconds=round(fedavg_seconds + probe_seconds, 2),
         run=dataclasses.asdict(config.run),
     )

@@ -160,7 +160,7 @@ def fork_rows(probe: SeedProbe, bar: tqdm | None = None) -> list[dict]:
     fedavg = continued_accuracy(probe, "none").mean(axis=1)
     if bar is not None:
         bar.update(1)
-    rows = []
+    rows: list[dict] = []
     for part in probe.parts:
         mine = continued_accuracy(probe, part).mean(axis=1)
         rows.extend(probe.row(c, part, float(fedavg[c]), float(mine[c])) for c in range(probe.run.clients))
@@ -196,7 +196,7 @@ def disagreement_rows(probe: SeedProbe, bar: tqdm | None = None) -> list[dict]:
         if bar is not None:
             bar.update(1)
     ctx.model.zero_grad(set_to_none=True)
-    rows = []
+    rows: list[dict] = []
     for part in probe.parts:
         stacked = torch.stack(per_part[part]).double()
         if stacked.shape[1] == 0:
