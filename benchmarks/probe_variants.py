@@ -27,6 +27,8 @@ from fedsens.sensitivity.probe import distinguishable, probe_ranking, run_probe,
 VARIANTS: dict[str, tuple[str, str | None, int, int]] = {
     "finetune-20": ("finetune", "all", 20, 3),
     "finetune-100-s0": ("finetune", None, 100, 3),
+    "finetune-100": ("finetune", "all", 100, 3),
+    "finetune-300-s0": ("finetune", None, 300, 3),
     "disagreement-20": ("disagreement", "all", 20, 3),
     "fork-3": ("fork", "all", 20, 3),
 }

@@ -1,11 +1,13 @@
-"""The cheap probe: one FedAvg run, then a short local fine-tuning of one part type at a time.
+"""The cheap probe: one FedAvg run per seed, then a cheap per-part estimate of "keep this part local".
 
-The sweep trains one federated run per part kept local; the probe asks the same question far more cheaply.
-From the federated model of a finished FedAvg run, each client fine-tunes ONLY one part type (embed, attn,
-mlp, norm, head) for a few local steps with the run's optimizer settings, and its test accuracy is measured
-before and after. The per-client gain is the probe's sensitivity score of that part: a part whose local
-fine-tuning helps the clients most is the one personalization should keep local. Every part of a client
-sees the same batches (one generator seed per client), so the parts' gains are paired per client.
+The sweep trains one federated run per part kept local; the probe asks the same question far more cheaply,
+from the federated model of a finished FedAvg run, in one of the variants of sensitivity/probe_variants.py:
+each part alone fine-tuned on each client (`finetune`, the default), the run forked for a few rounds with
+the part kept local (`fork`), or the clients' gradient disagreement on the part (`disagreement`). Each
+gives one score per client and part, paired per client across the parts.
+
+The probe's order is claimed only when its parts are distinguishable (`distinguishable`: Friedman p < 0.05
+and the top part's paired difference with the next excludes zero); otherwise the command prints no order.
 
 With `sweep` set (`fedsens probe --from SWEEP`), the run settings are the sweep's, the sweep's finished
 FedAvg cells are reused instead of trained again, and the probe's ranking is set against the sweep's
@@ -53,7 +55,7 @@ class ProbeConfig:
     seeds: tuple[int, ...] = (0,)
     parts: tuple[str, ...] = PROBE_PARTS
     variant: str = "finetune"
-    probe_steps: int = 20
+    probe_steps: int = 100  # measured: 100 steps predict the sweep better than 20 (docs/sweep.md)
     fork_rounds: int = 3
     sweep: str | None = None
     out: str = "runs/probe"

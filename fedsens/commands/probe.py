@@ -136,7 +136,7 @@ def probe(
         "1 - cosine of each client's gradient of the part with the clients' mean, over --probe-steps batches.",
     ),
     probe_steps: int = typer.Option(
-        20, "--probe-steps", "--steps", help="Local steps (finetune) or gradient batches (disagreement) per client."
+        100, "--probe-steps", "--steps", help="Local steps (finetune) or gradient batches (disagreement) per client."
     ),
     fork_rounds: int = typer.Option(3, "--fork-rounds", help="Federated rounds of each fork (--variant fork)."),
     parts: str | None = typer.Option(None, help="Part types to probe (default: embed,attn,mlp,norm,head)."),
