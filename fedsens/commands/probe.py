@@ -80,7 +80,9 @@ def ranking_text(result: ProbeResult) -> str:
         resolved_vs_next=ranking["resolved_vs_next"].map(lambda v: {"True": "yes", "False": "no"}.get(str(v), "-")),
     )[columns]
     if not summary["distinguishable"]:  # no order: the parts in the order they were probed
-        shown = shown.drop(columns="rank").set_index("part").reindex(summary["parts"]).reset_index()
+        shown = (
+            shown.drop(columns=["rank", "resolved_vs_next"]).set_index("part").reindex(summary["parts"]).reset_index()
+        )
     lines = [
         f"probe ({summary['variant']}): {what} (seeds {','.join(map(str, seeds))}; 95% bootstrap over {unit}; "
         "resolved_vs_next: the paired difference with the next part excludes zero):",
