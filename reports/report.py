@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from fedsens.personalize import runio
+from fedsens.personalize.schema import PROBE_METRIC
 from fedsens.reports import figures
 from fedsens.reports import validation as validation_report
 from fedsens.reports.bench import BENCH_FIGURE_NAMES, bench_failures, bench_headline, bench_tables
@@ -421,7 +422,35 @@ def _sweep_headline(frames: dict[str, pd.DataFrame]) -> list[Block]:
                     f"Spearman correlation of each divergence (or probe) ranking with the accuracy ranking: {pairs}."
                 )
             )
+        probe = rows[rows["metric"] == PROBE_METRIC]
+        if len(probe):
+            blocks.append(Paragraph(probe_agreement_text(probe, ranked)))
     return blocks
+
+
+def probe_agreement_text(probe: pd.DataFrame, ranked: pd.DataFrame) -> str:
+    """What the probe (`fedsens probe --from` this sweep) measured against the sweep, and whether its own
+    parts are distinguishable: an order only when Friedman's p < 0.05 and its top part is resolved."""
+    probe = probe.sort_values("rank")
+    top = probe.iloc[0]
+    rho = probe["spearman_vs_gain"].dropna()
+    same = str(top["part"]) == str(ranked.iloc[0]["part"])
+    text = (
+        f"The probe against this sweep: Spearman {rho.iloc[0]:+.2f} with the accuracy ranking"
+        if len(rho)
+        else "The probe against this sweep: no Spearman (fewer than three common parts)"
+    )
+    sweep_top = str(ranked.iloc[0]["part"])
+    text += f"; its top part {top['part']} is " + ("the sweep's." if same else f"not the sweep's ({sweep_top}).")
+    friedman_p = probe["friedman_p"].dropna()
+    p = float(friedman_p.iloc[0]) if len(friedman_p) else float("nan")
+    resolved = str(top.get("resolved_vs_next")) == "True"
+    if p < 0.05 and resolved:
+        return text + f" Its own parts are distinguishable (Friedman p = {p:.2g}, top part resolved from the next)."
+    return text + (
+        f" Its own parts are NOT distinguishable (Friedman p = {p:.2g}"
+        f"{'' if resolved else ', top part not resolved from the next'}): read no order from it."
+    )
 
 
 def _comparison_headline(comparison: pd.DataFrame) -> list[Block]:

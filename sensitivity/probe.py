@@ -1,11 +1,13 @@
-"""The cheap probe: one FedAvg run, then a short local fine-tuning of one part type at a time.
+"""The cheap probe: one FedAvg run per seed, then a cheap per-part estimate of "keep this part local".
 
-The sweep trains one federated run per part kept local; the probe asks the same question far more cheaply.
-From the federated model of a finished FedAvg run, each client fine-tunes ONLY one part type (embed, attn,
-mlp, norm, head) for a few local steps with the run's optimizer settings, and its test accuracy is measured
-before and after. The per-client gain is the probe's sensitivity score of that part: a part whose local
-fine-tuning helps the clients most is the one personalization should keep local. Every part of a client
-sees the same batches (one generator seed per client), so the parts' gains are paired per client.
+The sweep trains one federated run per part kept local; the probe asks the same question far more cheaply,
+from the federated model of a finished FedAvg run, in one of the variants of sensitivity/probe_variants.py:
+each part alone fine-tuned on each client (`finetune`, the default), the run forked for a few rounds with
+the part kept local (`fork`), or the clients' gradient disagreement on the part (`disagreement`). Each
+gives one score per client and part, paired per client across the parts.
+
+The probe's order is claimed only when its parts are distinguishable (`distinguishable`: Friedman p < 0.05
+and the top part's paired difference with the next excludes zero); otherwise the command prints no order.
 
 With `sweep` set (`fedsens probe --from SWEEP`), the run settings are the sweep's, the sweep's finished
 FedAvg cells are reused instead of trained again, and the probe's ranking is set against the sweep's
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,22 +32,18 @@ import pandas as pd
 from tqdm import tqdm
 
 from fedsens.personalize import runio
-from fedsens.personalize.client import ClientContext
 from fedsens.personalize.config import FREE_SETTINGS, RunConfig
-from fedsens.personalize.engine.context import build_context
-from fedsens.personalize.engine.tensors import assign
 from fedsens.personalize.errors import UserError
-from fedsens.personalize.inputs import seeded_generator
-from fedsens.personalize.methods import get_method, only_trainable, train_steps
 from fedsens.personalize.ranks import spearman
 from fedsens.personalize.schema import GAIN, PROBE_COLUMNS, PROBE_METRIC, PROBE_RANKING_COLUMNS
+from fedsens.sensitivity import probe_variants as variants
 from fedsens.sensitivity import runs
 from fedsens.sensitivity import stats as stats_lib
 from fedsens.sensitivity.ranking import accuracy_order
 from fedsens.sensitivity.sweep import Cell
 
 PROBE_PARTS = ("embed", "attn", "mlp", "norm", "head")
-PROBE_STREAM = 3  # seeded_generator's stream for the probe's batches (1: local training, 2: evaluation)
+SIGNIFICANCE = 0.05  # the probe prints an order only when Friedman's p is below this and its top part is resolved
 
 
 @dataclass(frozen=True)
@@ -57,13 +54,19 @@ class ProbeConfig:
     run: RunConfig = field(default_factory=RunConfig)
     seeds: tuple[int, ...] = (0,)
     parts: tuple[str, ...] = PROBE_PARTS
-    probe_steps: int = 20
+    variant: str = "finetune"
+    probe_steps: int = 100  # measured: 100 steps predict the sweep better than 20 (docs/sweep.md)
+    fork_rounds: int = 3
     sweep: str | None = None
     out: str = "runs/probe"
     fresh: bool = False
     quiet: bool = False
 
     def __post_init__(self):
+        if self.variant not in variants.VARIANTS:
+            raise UserError(f"--variant takes one of {', '.join(variants.VARIANTS)} (got {self.variant})")
+        if self.fork_rounds < 1:
+            raise UserError(f"--fork-rounds must be at least 1 (got {self.fork_rounds})")
         if self.probe_steps < 1:
             raise UserError(f"--probe-steps must be at least 1 (got {self.probe_steps})")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -129,51 +132,18 @@ def fedavg_run(config: ProbeConfig, seed: int) -> tuple[Path, bool]:
 
 
 def probe_seed(config: ProbeConfig, seed: int, folder: Path, bar: tqdm | None = None) -> list[dict]:
-    """probe.csv's rows of one seed: every client's test accuracy with the federated model of `folder`, and
-    after `probe_steps` local steps of each part type alone from it."""
-    # The run's own partition, read from a copy (the sweep's folder is only read).
-    clients_dir = Path(config.out) / f"clients-s{seed}"
-    clients_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(folder / "partition.json", clients_dir / "partition.json")
-    run = config.run.replace(seed=seed, scheme=str(clients_dir / "partition.json"), out=str(clients_dir))
-    method = get_method(run)
-    ctx = build_context(run, method, clients_dir)  # the loop's own context: same model, data, device
-    state = runio.load_checkpoint(folder / "checkpoint.pt")
-    if state["round"] < run.rounds:
-        raise UserError(f"{folder} stopped at round {state['round']} of {run.rounds}; finish it before probing")
-    shared = {n: t.to(ctx.device) for n, t in state["shared"].items()}
-    names = {part: set(ctx.parts.loc[ctx.parts["part"] == part, "param"]) for part in config.parts}
-    after_round = run.rounds + 1
-    rows = []
-    for c in range(run.clients):
-        assign(ctx.named, shared)
-        client = ClientContext(ctx, c, after_round, {}, seeded_generator(seed, after_round, c, 2))
-        before = method.evaluate_client(client).accuracy
-        for part in config.parts:
-            assign(ctx.named, shared)
-            client = ClientContext(ctx, c, after_round, {}, seeded_generator(seed, after_round, c, PROBE_STREAM))
-            after = math.nan
-            if names[part]:
-                with only_trainable(ctx.model, names[part]) as params:
-                    train_steps(client, params, steps=config.probe_steps)
-                after = client.evaluate().accuracy if not client.nonfinite else math.nan
-            rows.append(
-                dict(
-                    dataset=run.dataset,
-                    scheme=config.run.scheme,
-                    alpha=run.alpha,
-                    seed=seed,
-                    client=c,
-                    part=part,
-                    before=before,
-                    after=after,
-                    gain=after - before,
-                    steps=config.probe_steps,
-                )
-            )
-        if bar is not None:
-            bar.update(1)
-    return rows
+    """probe.csv's rows of one seed: the variant's score of every client and part from the FedAvg run in
+    `folder` (sensitivity/probe_variants.py)."""
+    probe = variants.seed_probe(
+        config.run.replace(seed=seed),
+        folder,
+        Path(config.out),
+        variant=config.variant,
+        parts=config.parts,
+        steps=config.probe_steps,
+        fork_rounds=config.fork_rounds,
+    )
+    return variants.ROWS[config.variant](probe, bar)
 
 
 def client_bootstrap(
@@ -190,30 +160,68 @@ def client_bootstrap(
     return float(low), float(high)
 
 
+def _interval(matrix: np.ndarray, confidence: float) -> tuple[float, float]:
+    """The bootstrap interval of a seeds x clients array's mean: seeds then clients with two or more seeds,
+    clients alone with one."""
+    if matrix.shape[0] >= 2:
+        return stats_lib.hierarchical_bootstrap(matrix, confidence=confidence)
+    return client_bootstrap(matrix.ravel(), confidence=confidence)
+
+
 def probe_ranking(probe: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
-    """probe_ranking.csv: per part, the mean gain over seeds and clients, its bootstrap interval (seeds then
-    clients with two or more seeds, clients alone with one), its rank (1 = gains most), and Friedman's mean
-    rank and p over the parts (blocks: seed x client)."""
+    """probe_ranking.csv: per part, the mean score over seeds and clients, its bootstrap interval, its rank
+    (1 = the strongest case for keeping it local), Friedman's mean rank and p over the parts (blocks: seed x
+    client), and against the next-ranked part the interval of their paired difference and whether it
+    excludes zero (`resolved_vs_next`)."""
     gains = probe.rename(columns={"part": "local_part"})
     wide = stats_lib.blocks_by_parts(gains, list(dict.fromkeys(gains["local_part"])))
     friedman_p, mean_rank = stats_lib.friedman(wide)
     rows = []
     for part, part_rows in gains.groupby("local_part", sort=False):
-        matrix = stats_lib.seed_client_matrix(gains, str(part))
-        if matrix.shape[0] >= 2:
-            low, high = stats_lib.hierarchical_bootstrap(matrix, confidence=confidence)
-        else:
-            low, high = client_bootstrap(part_rows["gain"].to_numpy(), confidence=confidence)
+        low, high = _interval(stats_lib.seed_client_matrix(gains, str(part)), confidence)
         rows.append(dict(part=part, score=float(part_rows["gain"].mean()), ci_low=low, ci_high=high))
     table = pd.DataFrame(rows)
     table["rank"] = table["score"].rank(ascending=False, method="first")
+    table = table.sort_values("rank").reset_index(drop=True)
+    order = list(table["part"])
+    resolution = {}
+    for upper, lower in zip(order, order[1:]):
+        low, high = _interval(stats_lib.seed_client_difference(gains, upper, lower), confidence)
+        resolution[upper] = (low, high, bool(low > 0 or high < 0) if np.isfinite(low) else False)
+    table["diff_low"] = table["part"].map(lambda p: resolution.get(p, (math.nan,) * 3)[0])
+    table["diff_high"] = table["part"].map(lambda p: resolution.get(p, (math.nan,) * 3)[1])
+    table["resolved_vs_next"] = table["part"].map(lambda p: resolution[p][2] if p in resolution else None)
     table["metric"] = PROBE_METRIC
     table["spearman_vs_gain"] = math.nan
     table["mean_rank"] = table["part"].map(mean_rank)
     table["friedman_p"] = friedman_p
     first = probe.iloc[0]
     table["dataset"], table["scheme"], table["alpha"] = first["dataset"], first["scheme"], first["alpha"]
-    return table.sort_values("rank").reindex(columns=PROBE_RANKING_COLUMNS).reset_index(drop=True)
+    return table.reindex(columns=PROBE_RANKING_COLUMNS)
+
+
+def distinguishable(ranking: pd.DataFrame, alpha: float = SIGNIFICANCE) -> dict:
+    """Whether the probe's parts differ at all (Friedman p < alpha) and its top part is resolved from the
+    next (their paired difference's interval excludes zero): only then does its order mean something."""
+    p = ranking["friedman_p"].dropna()
+    friedman_p = float(p.iloc[0]) if len(p) else math.nan
+    top = ranking.iloc[0] if len(ranking) else None
+    top_resolved = top is not None and str(top["resolved_vs_next"]) == "True"
+    reasons = []
+    if not friedman_p < alpha:
+        reasons.append(f"Friedman p = {friedman_p:.2g} >= {alpha:g}" if np.isfinite(friedman_p) else "no Friedman p")
+    if not top_resolved:
+        reasons.append(
+            "its top part is not resolved from the next"
+            + (
+                f" ({top['part']} - {ranking.iloc[1]['part']}: [{top['diff_low']:+.4f}, {top['diff_high']:+.4f}])"
+                if top is not None and len(ranking) > 1 and np.isfinite(top["diff_low"])
+                else ""
+            )
+        )
+    return dict(
+        distinguishable=not reasons, friedman_p=friedman_p, top_resolved=top_resolved, why_not="; ".join(reasons)
+    )
 
 
 # ---- against the sweep -------------------------------------------------------------------------------
@@ -235,6 +243,7 @@ def sweep_agreement(sweep_dir: Path, ranking: pd.DataFrame) -> dict:
         sweep=str(sweep_dir),
         sweep_order=list(map(str, order.index)),
         spearman_vs_sweep=spearman(probe_score, order),
+        same_top_part=bool(len(order) and len(ranking) and str(ranking.iloc[0]["part"]) == str(order.index[0])),
         divergence_spearman={str(k): (None if pd.isna(v) else float(v)) for k, v in divergence.items()},
         sweep_seconds=float(rounds["seconds"].sum()) if "seconds" in rounds else math.nan,
     )
@@ -245,31 +254,40 @@ def run_probe(config: ProbeConfig) -> ProbeResult:
     probe.json in `config.out`."""
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    folders, fedavg_seconds, reused = {}, 0.0, []
+    folders, seed_fedavg_seconds, seed_probe_seconds, reused = {}, {}, {}, []
     for seed in config.seeds:
         folder, was_reused = fedavg_run(config, seed)
         folders[seed] = folder
-        fedavg_seconds += float(runio.read_json(folder / "summary.json").get("seconds", math.nan))
+        seed_fedavg_seconds[seed] = float(runio.read_json(folder / "summary.json").get("seconds", math.nan))
         if was_reused:
             reused.append(str(folder))
-    started = time.perf_counter()
     rows: list[dict] = []
-    bar = tqdm(total=len(config.seeds) * config.run.clients, desc="probe", unit="client", disable=config.quiet)
+    per_seed = variants.progress_total(config.variant, config.run.clients, len(config.parts))
+    bar = tqdm(total=len(config.seeds) * per_seed, desc=f"probe ({config.variant})", disable=config.quiet)
     for seed, folder in folders.items():
+        started = time.perf_counter()
         rows.extend(probe_seed(config, seed, folder, bar))
+        seed_probe_seconds[seed] = time.perf_counter() - started
     bar.close()
-    probe_seconds = time.perf_counter() - started
+    fedavg_seconds, probe_seconds = sum(seed_fedavg_seconds.values()), sum(seed_probe_seconds.values())
     probe = runio.write_table(out / "probe.csv", rows, PROBE_COLUMNS)
     ranking = probe_ranking(probe)
     summary: dict = dict(
+        variant=config.variant,
         seeds=list(config.seeds),
         parts=list(config.parts),
         probe_steps=config.probe_steps,
+        fork_rounds=config.fork_rounds,
         probe_order=list(ranking["part"]),
+        **distinguishable(ranking),
         fedavg_runs=[str(f) for f in folders.values()],
         fedavg_reused=reused,
         fedavg_seconds=round(fedavg_seconds, 2),
         probe_seconds=round(probe_seconds, 2),
+        seed_seconds={
+            str(s): dict(fedavg=round(seed_fedavg_seconds[s], 2), probe=round(seed_probe_seconds[s], 2))
+            for s in folders
+        },
         seconds=round(fedavg_seconds + probe_seconds, 2),
         run=dataclasses.asdict(config.run),
     )
