@@ -285,6 +285,7 @@ def test_the_users_options_win_over_a_preset_in_train_sweep_and_compare():
         personalize=None,
         sweep_dir=None,
         top=2,
+        budget=None,
         seed=None,
         device=None,
         out=Path("runs/x"),
