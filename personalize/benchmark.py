@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedsens.personalize.client import build_optimizer
 from fedsens.personalize.config import RunConfig
 from fedsens.personalize.engine.context import build_context
 from fedsens.personalize.engine.protocols import evaluate_after_aggregation
@@ -249,13 +250,14 @@ def measure_peak_flops(device: torch.device | str, *, side: int | None = None, r
 
 
 def bare_train(ctx, participants: list[int], round_: int, model: torch.nn.Module | None = None) -> tuple[float, int]:
-    """The same steps as local training (same batches, fresh fused AdamW per client) on one model (the run's,
-    or `model`: e.g. a compiled one, benchmarks/compile_step.py): seconds and samples trained."""
+    """The same steps as local training (same batches, a fresh optimizer per client built as the engine builds
+    it) on one model (the run's, or `model`: e.g. a compiled one, benchmarks/compile_step.py): seconds and
+    samples trained."""
     model, cfg = model if model is not None else ctx.model, ctx.config
     samples = 0
     started = time.perf_counter()
     for c in participants:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=True)
+        optimizer = build_optimizer(cfg, model.parameters())
         model.train()
         generator = seeded_generator(cfg.seed, round_, c, TRAIN_STREAM)
         for x, y in batches(

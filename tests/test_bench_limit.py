@@ -102,3 +102,33 @@ def test_bench_rejects_an_unknown_preset(tmp_path):
 
     done = CliRunner().invoke(app, ["bench", "--preset", "nope", "--out", str(tmp_path)])
     assert done.exit_code != 0 and "unknown preset 'nope'" in done.output
+
+
+def test_bare_loop_does_the_engines_steps_bit_for_bit(tmp_path):
+    """The bare loop's optimizer is the engine's (`client.build_optimizer`): the same participant from the same
+    start ends with the same tensors. (It once built AdamW with torch's default weight decay, 0.01, where the
+    run's is 0.0: other steps than the ones it was timed against.)"""
+    from fedsens.personalize.engine.rounds import train_round
+    from fedsens.personalize.engine.state import start_state
+    from fedsens.personalize.hooks import Hook
+
+    config = RunConfig(model="vit-nano", clients=4, join_ratio=0.25, out=str(tmp_path))
+    method = get_method(config)
+    ctx = build_context(config, method, tmp_path)
+    state = start_state(ctx, method, resume=False, overwrite=True)
+    start = {n: t.detach().clone() for n, t in ctx.model.state_dict().items()}
+
+    class Trained(Hook):
+        tensors: dict[str, torch.Tensor] = {}
+
+        def on_client_end(self, round: int, client: int, model: torch.nn.Module) -> None:
+            self.tensors = {n: t.detach().clone() for n, t in model.state_dict().items()}
+
+    trained = Trained()
+    participants = sample_clients(config, 1)
+    train_round(ctx, method, state, 1, [trained])
+    ctx.model.load_state_dict(start)
+    _, samples = benchmark.bare_train(ctx, participants, 1)
+    assert samples > 0
+    for name, tensor in ctx.model.state_dict().items():
+        assert torch.equal(tensor, trained.tensors[name]), name
