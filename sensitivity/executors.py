@@ -306,9 +306,16 @@ def gpu_groups(gpus: int, per_cell: float) -> list[str]:
     return [",".join(str((slot * whole + i) % gpus) for i in range(whole)) for slot in range(slots)]
 
 
+def _note_interrupt(signum, frame) -> None:
+    """A worker's Ctrl-C: the run it trains goes on until the driver ends the worker, but it starts no other."""
+    _worker["interrupted"] = True
+
+
 def _init_worker(events, threads: int, groups: list[str], counter) -> None:
-    # Ctrl-C reaches the whole process group: the driver alone answers it (cancels the queue, ends the workers).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Ctrl-C reaches the whole process group: the driver answers it (cancels the queue, ends the workers). A
+    # worker only notes it: a run the pool had already handed to the worker (its call queue cannot be
+    # cancelled) could otherwise start before the driver, slowed by a loaded machine, ends the worker.
+    signal.signal(signal.SIGINT, _note_interrupt)
     with counter.get_lock():
         slot = counter.value
         counter.value += 1
@@ -318,6 +325,8 @@ def _init_worker(events, threads: int, groups: list[str], counter) -> None:
 
 
 def _pool_job(job: Job) -> str:
+    if _worker.get("interrupted"):
+        raise KeyboardInterrupt(f"Ctrl-C reached the worker before {job.name} started")
     events = _worker["events"]
     events.put(("start", job.name, worker_location()))
     return train_job(job, events.put, _worker["threads"])

@@ -138,6 +138,18 @@ def test_a_worker_without_the_drivers_folder_sends_back_the_same_run(serial, tmp
 # ---- a pool of worker processes ----------------------------------------------------------------
 
 
+def test_a_worker_that_saw_ctrl_c_starts_no_other_run(tmp_path, monkeypatch):
+    """A run the pool already handed to a worker cannot be cancelled: once the worker has seen Ctrl-C (which
+    reaches the whole process group) it refuses it, even before the driver, slowed by load, ends the worker."""
+    config = tiny(tmp_path / "sweep")
+    job = cell_job(config, grid(config)[0])
+    monkeypatch.setattr(executors, "_worker", {})
+    executors._note_interrupt(signal.SIGINT, None)  # what the worker's SIGINT handler does: note, not raise
+    with pytest.raises(KeyboardInterrupt, match="before .* started"):
+        executors._pool_job(job)
+    assert not (Path(job.config.out) / "config.json").exists()  # the run never started
+
+
 def test_the_pool_writes_the_same_tables_and_resubmits_a_killed_worker(serial, tmp_path):
     out = tmp_path / "sweep"
     killer = WorkerKiller(out, timeout=240)
