@@ -111,17 +111,20 @@ INTERRUPTED = {
     "sweep --jobs 2": (
         [
             *("sweep", *TINY, "--rounds", "2", "--seeds", "0", "--jobs", "2", "--only-parts"),
-            *(x for part in ("head", "attn", "mlp", "norm") for x in ("--parts", part)),
+            *(x for part in ("head", "attn", "mlp", "norm", "embed", "all") for x in ("--parts", part)),
         ],
         ["sensitivity.csv", "rounds.csv", "metrics.csv"],
     ),
     "compare": (
-        ["compare", *TINY, "--rounds", "2", "--seeds", "0", "--methods", "fedavg,fedper,fedbn,local"],
+        ["compare", *TINY, "--rounds", "2", "--seeds", "0", "--methods", "fedavg,fedper,fedbn,local,fedrep,fedbabu"],
         ["comparison.csv", "rounds.csv", "metrics.csv"],
     ),
 }
-# A run a worker took just before the signal may write its config.json after the test looked.
-LATE_ALLOWED = 1
+# A run a worker took just before the signal may write its config.json after the test looked (it writes it
+# once its data and model are built, seconds later on a loaded machine), one per worker: the two workers
+# finish their equal first runs together (seen once in the whole suite: two late starts). Six runs leave four
+# queued behind the two running, so a pool that went on with its queue is still caught.
+LATE_ALLOWED = 2
 # Seconds from Ctrl-C to exit: 6-9 s measured alone on the busy 2-core machine (load ~9), past 20 s inside the
 # whole suite there; before the fix the pool went on to train every queued cell (the late-start check below).
 STOP_WITHIN = 60.0
