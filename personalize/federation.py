@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from fedsens.personalize import interrupts, runio, runlock, schema
 from fedsens.personalize import model as model_lib
-from fedsens.personalize import runio, runlock, schema
 from fedsens.personalize.client import ClientContext, EvalResult, NonFiniteLoss, RunContext
 from fedsens.personalize.config import FREE_SETTINGS, RunConfig
 from fedsens.personalize.engine import together
@@ -119,6 +119,7 @@ def _rounds(ctx: RunContext, method: Method, state: RunState, hooks: Sequence[Ho
     bar = tqdm(total=config.rounds, initial=state.round, desc=ctx.out.name, disable=quiet, unit="round")
     try:
         for round_ in range(state.round + 1, config.rounds + 1):
+            interrupts.check()  # a Ctrl-C swallowed in the previous round (e.g. in a finalizer) stops here
             started = time.perf_counter()
             start_shared = state.shared
             evaluated = round_ % config.eval_every == 0 or round_ == config.rounds

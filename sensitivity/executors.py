@@ -27,7 +27,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from fedsens.personalize import runio
+from fedsens.personalize import interrupts, runio
 from fedsens.personalize.errors import UserError
 from fedsens.personalize.federation import RunConfig
 from fedsens.sensitivity import runs
@@ -281,6 +281,7 @@ def _run_serial(todo: Sequence[Job], driver: Driver) -> dict[str, str]:
     """Today's behaviour: one run after another in this process (the CLI has set torch's threads)."""
     outcome = {}
     for job in todo:
+        interrupts.check()  # a Ctrl-C swallowed inside the previous run starts no other
         driver.event(("start", job.name, worker_location()))
         outcome[job.name] = train_job(job, driver.event)
         driver.finish(job.name, outcome[job.name])
@@ -384,6 +385,7 @@ def _run_pool(todo: Sequence[Job], executor: ExecutorConfig, driver: Driver) -> 
             futures = {pool.submit(_pool_job, job): job for job in pending}
             try:
                 while futures:
+                    interrupts.check()  # a Ctrl-C swallowed on its way still stops the pool
                     done, _ = wait(futures, timeout=0.3, return_when=FIRST_COMPLETED)
                     driver.events(_drain(events))
                     for future in done:

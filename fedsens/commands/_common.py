@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
-import signal
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TypeVar
 
 import typer
 
+from fedsens.personalize import interrupts
 from fedsens.personalize.errors import ENVIRONMENT_ERRNOS, WITH_OUT, WITHOUT_OUT, UserError, describe_os_error
 
 F = TypeVar("F", bound=Callable)
@@ -31,7 +29,7 @@ def clean_errors(command: F) -> F:
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            with _terminate_as_interrupt():
+            with interrupts.handled():  # SIGTERM stops a command as Ctrl-C does; neither can be lost
                 return command(*args, **kwargs)
         except KeyboardInterrupt:
             typer.echo(
@@ -50,24 +48,6 @@ def clean_errors(command: F) -> F:
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
-
-
-@contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM (a scheduler, `kill`) stops a command as Ctrl-C does: queued runs are cancelled, workers
-    ended, locks released, temporaries removed, instead of the process vanishing mid-step."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def comma_list(text: str | None, kind: type, option: str, example: str) -> tuple | None:
