@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedsens.personalize import runio
+from fedsens.personalize import interrupts, runio
 from fedsens.personalize.errors import UserError
 from fedsens.sensitivity.executors import (
     Driver,
@@ -148,6 +148,7 @@ def run_ray(todo: Sequence[Job], executor: ExecutorConfig, driver: Driver) -> di
 def _wait_all(ray, refs: dict, events, driver: Driver, outcome: dict[str, str]) -> None:
     """Collect each task's outcome as it finishes (`refs` shrinks as they do)."""
     while refs:
+        interrupts.check()  # a Ctrl-C swallowed on its way still cancels the queued tasks (run_ray)
         ready, _ = ray.wait(list(refs), num_returns=1, timeout=0.3)
         driver.events(ray.get(events.drain.remote()))
         for ref in ready:

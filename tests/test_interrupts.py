@@ -34,3 +34,20 @@ def test_sigterm_stops_a_command_as_ctrl_c_does():
         os.kill(os.getpid(), signal.SIGTERM)
         for _ in range(1000):  # the handler runs between bytecodes
             pass
+
+
+class _RayThatMustNotWait:
+    """Stands in for the ray module: any wait means the loop went on past a pending Ctrl-C."""
+
+    def wait(self, refs, **kwargs):
+        raise AssertionError("the Ray loop waited for a task after Ctrl-C")
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_the_ray_loop_raises_a_swallowed_ctrl_c_before_it_waits_again():
+    from fedsens.sensitivity.ray_executor import _wait_all
+
+    with interrupts.handled():
+        _InterruptedWhileCollected()
+        with pytest.raises(KeyboardInterrupt):  # run_ray then cancels every task still queued
+            _wait_all(_RayThatMustNotWait(), {"ref": "job"}, events=None, driver=None, outcome={})
