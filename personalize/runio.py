@@ -238,11 +238,26 @@ def previous_checkpoint(path: Path) -> Path:
     return path.with_name(f"{path.stem}.prev{path.suffix}")
 
 
+def checkpoint_files(path: Path) -> tuple[Path, ...]:
+    """Every file a checkpoint at `path` may leave: the latest, the previous one and their digests."""
+    path = Path(path)
+    previous = previous_checkpoint(path)
+    return path, _digest_path(path), previous, _digest_path(previous)
+
+
+def has_checkpoint(path: Path) -> bool:
+    """A run saved a checkpoint here: the latest, or only the previous one (a save killed while it moved the
+    latest aside leaves that alone)."""
+    return Path(path).exists() or previous_checkpoint(Path(path)).exists()
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write the checkpoint atomically with its SHA-256 beside it, keeping the previous good one.
 
     Order matters for a kill at any moment: the new file is complete (and hashed) before the old pair is
-    moved aside, and the new digest is written last, so there is always one checkpoint whose digest matches.
+    moved aside, and its digest lands before the file itself, so the name `path` never holds a file without
+    a digest: a killed first save leaves no checkpoint (the run starts over), a later one leaves a file that
+    matches one of the two recorded digests (`load_checkpoint` accepts either).
     """
     import torch  # here, not at the top: the partition and dataset writers use this module without torch
 
@@ -264,31 +279,39 @@ def save_checkpoint(path: Path, state: dict) -> None:
             if path.exists() and _digest_path(path).exists():
                 os.replace(path, previous)
                 os.replace(_digest_path(path), _digest_path(previous))
+            write_text(_digest_path(path), writer.digest.hexdigest() + "\n")
             os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    write_text(_digest_path(path), writer.digest.hexdigest() + "\n")
 
 
-def _verified_load(path: Path) -> dict:
-    """Load a checkpoint whose content matches its recorded SHA-256; ValueError says what is wrong."""
-    digest_file = _digest_path(path)
-    if not path.exists():
+def _recorded_digests(path: Path) -> set[str]:
+    """The digests recorded beside the latest and the previous checkpoint (a file matching either is whole)."""
+    recorded = set()
+    for digest_file in (_digest_path(path), _digest_path(previous_checkpoint(path))):
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            recorded.add(digest_file.read_text().strip())
+    return recorded
+
+
+def _verified_load(candidate: Path, recorded: set[str]) -> dict:
+    """Load a checkpoint whose content matches a recorded SHA-256; ValueError says what is wrong."""
+    if not candidate.exists():
         raise ValueError("missing")
-    if not digest_file.exists():
-        raise ValueError("no recorded checksum (killed while being written)")
+    if not recorded:
+        raise ValueError("no recorded checksum")
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open(candidate, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
-    if digest.hexdigest() != digest_file.read_text().strip():
+    if digest.hexdigest() not in recorded:
         raise ValueError("checksum mismatch: truncated or overwritten")
     import torch
 
     try:
         # weights_only: the checkpoint holds only tensors and plain containers, so nothing runs on load.
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(candidate, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing here
         raise ValueError(f"unreadable: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
 
@@ -299,18 +322,24 @@ def load_checkpoint(path: Path, notify=None) -> dict:
     If neither is good the run cannot be resumed: a CorruptFileError says to start over with --overwrite.
     """
     path = Path(path)
+    recorded = _recorded_digests(path)
     try:
-        return _verified_load(path)
+        return _verified_load(path, recorded)
     except ValueError as latest_problem:
         previous = previous_checkpoint(path)
         try:
-            state = _verified_load(previous)
+            state = _verified_load(previous, recorded)
         except ValueError:
             raise CorruptFileError(
                 path, str(latest_problem), "no earlier good checkpoint is left: start over with --overwrite"
             ) from None
         if notify is not None:
-            notify(f"{path} is damaged ({latest_problem}); resuming from the previous checkpoint ({previous.name})")
+            what = (
+                "is missing (a save was cut short)"
+                if str(latest_problem) == "missing"
+                else f"is damaged ({latest_problem})"
+            )
+            notify(f"{path} {what}; resuming from the previous checkpoint ({previous.name})")
         return state
 
 

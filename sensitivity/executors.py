@@ -33,8 +33,8 @@ from fedsens.personalize.federation import RunConfig
 from fedsens.sensitivity import runs
 
 KINDS = ("local", "ray")
-# Files a worker without the driver's folder sends back: everything but the (large) checkpoint.
-NOT_RETURNED = ("checkpoint.pt",)
+# Files a worker without the driver's folder sends back: everything but the (large) checkpoints.
+NOT_RETURNED = ("checkpoint.pt", "checkpoint.prev.pt")
 
 
 def _no_hooks() -> tuple:

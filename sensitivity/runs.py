@@ -67,7 +67,7 @@ def check_same_settings(folder: Path, wanted: RunConfig) -> None:
     try:
         saved = RunConfig.upgrade_saved(runio.read_json(folder / "config.json")["config"])
     except CorruptFileError:
-        if (folder / "checkpoint.pt").exists():
+        if runio.has_checkpoint(folder / "checkpoint.pt"):
             return  # the checkpoint keeps the run's settings: resuming compares with those and rewrites config.json
         raise
     differ = sorted(k for k, v in dataclasses.asdict(wanted).items() if k not in FREE_SETTINGS and saved.get(k) != v)

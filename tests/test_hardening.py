@@ -1,5 +1,6 @@
 """Faults a user meets: a folder in use, a corrupt checkpoint, an unwritable path, a garbled table."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -109,6 +110,30 @@ def test_resume_over_a_corrupt_checkpoint_ends_like_an_uninterrupted_run(tmp_pat
     pd.testing.assert_frame_equal(
         pd.read_csv(cut / "rounds.csv")[columns], pd.read_csv(whole / "rounds.csv")[columns], check_exact=False
     )
+
+
+def test_resume_after_a_kill_that_left_only_the_previous_checkpoint_ends_like_an_uninterrupted_run(tmp_path):
+    runner = CliRunner()
+    whole = tmp_path / "whole"
+    assert runner.invoke(app, ["train", *TINY, "--rounds", "3", "--out", str(whole)]).exit_code == 0
+    cut = tmp_path / "cut"
+    assert runner.invoke(app, ["train", *TINY, "--rounds", "2", "--out", str(cut)]).exit_code == 0
+    # a third save killed right after it moved round 2's file aside: its digest still has the latest's name
+    os.replace(cut / "checkpoint.pt", cut / "checkpoint.prev.pt")
+    result = runner.invoke(app, ["train", *TINY, "--rounds", "3", "--out", str(cut), "--resume"])
+    assert result.exit_code == 0, result.output
+    assert "resuming from the previous checkpoint" in result.output  # round 2, not a start over
+    columns = ["round", "acc_mean", "acc_std", "up_bytes"]
+    pd.testing.assert_frame_equal(pd.read_csv(cut / "rounds.csv")[columns], pd.read_csv(whole / "rounds.csv")[columns])
+
+
+def test_overwrite_leaves_no_checkpoint_of_the_old_run_to_fall_back_to(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "run"
+    assert runner.invoke(app, ["train", *TINY, "--rounds", "2", "--out", str(out)]).exit_code == 0
+    assert (out / "checkpoint.prev.pt").exists()
+    assert runner.invoke(app, ["train", *TINY, "--rounds", "1", "--out", str(out), "--overwrite"]).exit_code == 0
+    assert not (out / "checkpoint.prev.pt").exists()  # the old run's round 2 would have been kept there
 
 
 def test_resume_with_both_checkpoints_corrupt_is_one_line(tmp_path):
@@ -285,3 +310,47 @@ def test_personalize_auto_from_a_run_folder_says_it_is_a_run(tmp_path):
     args = ["train", *TINY, "--rounds", "1", "--personalize", "auto", "--from", str(out), "--out", str(tmp_path / "r")]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2 and "is a run folder" in result.output and "fedsens sweep" in result.output
+
+
+class _Killed(BaseException):
+    """A kill at one of save_checkpoint's renames (a SIGKILL runs no cleanup; the temporaries left then are
+    never read, so removing them as this exception does changes nothing that matters)."""
+
+
+@pytest.mark.parametrize("saved_before", [0, 1, 2])
+def test_a_save_killed_at_any_rename_leaves_a_checkpoint_to_resume_from_or_none_to_start_over(
+    tmp_path, monkeypatch, saved_before
+):
+    real_replace = os.replace
+    renames = [0]
+
+    def counted(a, b):
+        renames[0] += 1
+        real_replace(a, b)
+
+    monkeypatch.setattr(os, "replace", counted)
+    (tmp_path / "count").mkdir()
+    _save_rounds(tmp_path / "count" / "checkpoint.pt", range(1, saved_before + 2))
+    assert renames[0] >= 2 * (saved_before + 1)  # the digest's and the file's, at least, per save
+    for kill_at in range(renames[0] + 1):  # every rename of every save in turn, and none
+        path = tmp_path / f"kill{kill_at}" / "checkpoint.pt"
+        path.parent.mkdir()
+        left = [kill_at]
+
+        def killing(a, b, left=left):
+            if left[0] == 0:
+                raise _Killed
+            left[0] -= 1
+            real_replace(a, b)
+
+        monkeypatch.setattr(os, "replace", killing)
+        done = 0
+        with contextlib.suppress(_Killed):
+            for r in range(1, saved_before + 2):
+                runio.save_checkpoint(path, {"round": r})
+                done = r
+        monkeypatch.setattr(os, "replace", real_replace)
+        if not runio.has_checkpoint(path):
+            assert done == 0, f"killed at rename {kill_at} after {done} saves: no checkpoint is left"
+            continue
+        assert runio.load_checkpoint(path)["round"] in (done, done + 1), f"killed at rename {kill_at}"

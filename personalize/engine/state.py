@@ -72,10 +72,12 @@ def start_state(ctx: RunContext, method: Method, *, resume: bool, overwrite: boo
     """A fresh state (the folder's old tables removed), or, with `resume`, the state of the folder's
     checkpoint, its tables cut back to the rows it recorded."""
     checkpoint = ctx.out / "checkpoint.pt"
-    if not checkpoint.exists() or overwrite:
+    if not runio.has_checkpoint(checkpoint) or overwrite:
         for table in ctx.out.glob("*.csv"):
             if table.name != "parts.csv":
                 table.unlink()
+        for stale in runio.checkpoint_files(checkpoint):  # a start over must never fall back to them
+            stale.unlink(missing_ok=True)
         return fresh_state(ctx, method)
     if not resume:
         raise UserError(f"{ctx.out} already holds a run; pass --resume to continue it or --overwrite to start over")
