@@ -96,35 +96,30 @@ def test_no_good_checkpoint_says_start_over(tmp_path):
         runio.load_checkpoint(path)
 
 
-def test_resume_over_a_corrupt_checkpoint_ends_like_an_uninterrupted_run(tmp_path):
+def _garbage_latest(out):
+    (out / "checkpoint.pt").write_bytes(b"garbage")  # round 2's checkpoint is lost; round 1's remains
+
+
+def _latest_moved_aside(out):
+    # a third save killed right after it moved round 2's file aside: its digest still has the latest's name
+    os.replace(out / "checkpoint.pt", out / "checkpoint.prev.pt")
+
+
+@pytest.mark.parametrize("damage", [_garbage_latest, _latest_moved_aside], ids=["corrupt", "moved-aside"])
+def test_resume_from_the_previous_checkpoint_ends_like_an_uninterrupted_run(tmp_path, damage):
     runner = CliRunner()
     whole = tmp_path / "whole"
     assert runner.invoke(app, ["train", *TINY, "--rounds", "3", "--out", str(whole)]).exit_code == 0
     cut = tmp_path / "cut"
     assert runner.invoke(app, ["train", *TINY, "--rounds", "2", "--out", str(cut)]).exit_code == 0
-    (cut / "checkpoint.pt").write_bytes(b"garbage")  # round 2's checkpoint is lost; round 1's remains
+    damage(cut)
     result = runner.invoke(app, ["train", *TINY, "--rounds", "3", "--out", str(cut), "--resume"])
     assert result.exit_code == 0, result.output
-    assert "previous checkpoint" in result.output
+    assert "resuming from the previous checkpoint" in result.output  # not a start over
     columns = ["round", "acc_mean", "acc_std", "up_bytes"]
     pd.testing.assert_frame_equal(
         pd.read_csv(cut / "rounds.csv")[columns], pd.read_csv(whole / "rounds.csv")[columns], check_exact=False
     )
-
-
-def test_resume_after_a_kill_that_left_only_the_previous_checkpoint_ends_like_an_uninterrupted_run(tmp_path):
-    runner = CliRunner()
-    whole = tmp_path / "whole"
-    assert runner.invoke(app, ["train", *TINY, "--rounds", "3", "--out", str(whole)]).exit_code == 0
-    cut = tmp_path / "cut"
-    assert runner.invoke(app, ["train", *TINY, "--rounds", "2", "--out", str(cut)]).exit_code == 0
-    # a third save killed right after it moved round 2's file aside: its digest still has the latest's name
-    os.replace(cut / "checkpoint.pt", cut / "checkpoint.prev.pt")
-    result = runner.invoke(app, ["train", *TINY, "--rounds", "3", "--out", str(cut), "--resume"])
-    assert result.exit_code == 0, result.output
-    assert "resuming from the previous checkpoint" in result.output  # round 2, not a start over
-    columns = ["round", "acc_mean", "acc_std", "up_bytes"]
-    pd.testing.assert_frame_equal(pd.read_csv(cut / "rounds.csv")[columns], pd.read_csv(whole / "rounds.csv")[columns])
 
 
 def test_overwrite_leaves_no_checkpoint_of_the_old_run_to_fall_back_to(tmp_path):
