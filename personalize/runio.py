@@ -334,11 +334,7 @@ def load_checkpoint(path: Path, notify=None) -> dict:
                 path, str(latest_problem), "no earlier good checkpoint is left: start over with --overwrite"
             ) from None
         if notify is not None:
-            what = (
-                "is missing (a save was cut short)"
-                if str(latest_problem) == "missing"
-                else f"is damaged ({latest_problem})"
-            )
+            what = "is missing (a save was cut short)" if not path.exists() else f"is damaged ({latest_problem})"
             notify(f"{path} {what}; resuming from the previous checkpoint ({previous.name})")
         return state
 
